@@ -1,0 +1,158 @@
+"""The facade's Prometheus metrics: one object per server, with its own registry.
+
+gRPC server metrics follow go-grpc-prometheus exactly (names, label names, Go-spelled codes), so the
+dashboards and alerts operators already have keep working. Upstream and limiter metrics are ours
+(`tiw_` prefix). Series for the five actions are created at start-up, so dashboards have no gaps.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# go-grpc-prometheus spells codes as Go's codes.Code.String() does.
+GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
+    grpc.StatusCode.ABORTED: "Aborted",
+    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
+    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DATA_LOSS: "DataLoss",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
+}
+
+# go-grpc-prometheus's default buckets (prometheus.DefBuckets).
+HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Waiting for a rate-limit slot is measured in fractions of the 1-second window, up to the max wait.
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+
+class Metrics:
+    """Every metric the facade exports, registered in ``self.registry``."""
+
+    def __init__(self, version: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+
+        # --- gRPC server (go-grpc-prometheus) ---
+        self.grpc_started = Counter(
+            "grpc_server_started_total", "Total number of RPCs started on the server.", GRPC_LABELS, registry=r
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled_total",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            (*GRPC_LABELS, "grpc_code"),
+            registry=r,
+        )
+        self.grpc_msg_received = Counter(
+            "grpc_server_msg_received_total", "Total number of RPC stream messages received on the server.",
+            GRPC_LABELS, registry=r,
+        )
+        self.grpc_msg_sent = Counter(
+            "grpc_server_msg_sent_total", "Total number of gRPC stream messages sent by the server.",
+            GRPC_LABELS, registry=r,
+        )
+        self.grpc_handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            GRPC_LABELS,
+            buckets=HANDLING_BUCKETS,
+            registry=r,
+        )
+
+        # --- upstream (TIW) ---
+        self.upstream_requests = Counter(
+            "tiw_upstream_requests_total",
+            "Requests sent to TIW, by action and outcome (the TIW error code, OK, or a transport failure).",
+            ("action", "code"),
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "tiw_upstream_request_duration_seconds",
+            "Duration of one request to TIW (one attempt), by action.",
+            ("action",),
+            buckets=HANDLING_BUCKETS,
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "tiw_upstream_retries_total", "Attempts re-sent to TIW, by action and reason.", ("action", "reason"),
+            registry=r,
+        )
+
+        # --- limiter ---
+        self.limiter_admitted = Counter(
+            "tiw_limiter_admitted_total", "Upstream attempts admitted by the rate limiter.", ("action",), registry=r
+        )
+        self.limiter_rejected = Counter(
+            "tiw_limiter_rejected_total",
+            "Calls refused by the rate limiter, by reason (deadline, max_wait, queue_full).",
+            ("action", "reason"),
+            registry=r,
+        )
+        self.limiter_wait_seconds = Histogram(
+            "tiw_limiter_wait_seconds", "Time a call waited for its rate-limit slot.", ("action",),
+            buckets=WAIT_BUCKETS, registry=r,
+        )
+        self.limiter_queue_depth = Gauge(
+            "tiw_limiter_queue_depth", "Calls waiting for a rate-limit slot in this replica.", ("action",), registry=r
+        )
+        self.limiter_limit = Gauge(
+            "tiw_limiter_limit", "Configured upstream requests per second per action (all replicas).", ("action",),
+            registry=r,
+        )
+        self.limiter_paused = Counter(
+            "tiw_limiter_pauses_total", "Admissions paused because TIW itself answered RequestLimitExceeded.",
+            ("action",), registry=r,
+        )
+        self.limiter_backend = Gauge(
+            "tiw_limiter_backend_info", "The rate limiter's backend (memory or redis); value 1.", ("backend",),
+            registry=r,
+        )
+        self.limiter_degraded = Gauge(
+            "tiw_limiter_degraded",
+            "1 while the shared (Redis) limiter is unreachable and this replica uses its local share of the limit.",
+            registry=r,
+        )
+        self.limiter_backend_errors = Counter(
+            "tiw_limiter_backend_errors_total", "Errors talking to the limiter's shared backend (Redis).", registry=r
+        )
+
+        self.build_info = Gauge(
+            "tiw_facade_build_info", "Build information; value 1.", ("version", "python_version"), registry=r
+        )
+        self.build_info.labels(version=version, python_version=platform.python_version()).set(1)
+
+    def prime(self, service: str, methods: Iterable[str], limit: int, backend: str) -> None:
+        """Create every series that dashboards and alerts rely on, before the first call."""
+        for method in methods:
+            labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": method}
+            self.grpc_started.labels(**labels)
+            self.grpc_msg_received.labels(**labels)
+            self.grpc_msg_sent.labels(**labels)
+            self.grpc_handling_seconds.labels(**labels)
+            self.grpc_handled.labels(**labels, grpc_code="OK")
+            action = method  # RPCs are named exactly as the TIW actions
+            self.upstream_requests.labels(action=action, code="OK")
+            self.upstream_duration.labels(action=action)
+            self.limiter_admitted.labels(action=action)
+            self.limiter_wait_seconds.labels(action=action)
+            self.limiter_queue_depth.labels(action=action).set(0)
+            self.limiter_limit.labels(action=action).set(limit)
+            self.limiter_paused.labels(action=action)
+        self.limiter_backend.labels(backend=backend).set(1)
+        self.limiter_degraded.set(0)
