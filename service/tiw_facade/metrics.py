@@ -7,8 +7,16 @@ dashboards and alerts operators already have keep working. Upstream and limiter 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import logging
 import platform
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -156,3 +164,143 @@ class Metrics:
             self.limiter_paused.labels(action=action)
         self.limiter_backend.labels(backend=backend).set(1)
         self.limiter_degraded.set(0)
+
+
+@dataclasses.dataclass(slots=True)
+class CallRecord:
+    """What the handler learns about a call that the log line reports (set through CURRENT_CALL)."""
+
+    action: str = ""
+    request_id: str = ""
+
+
+CURRENT_CALL: contextvars.ContextVar[CallRecord] = contextvars.ContextVar("tiw_facade_call")
+
+
+class _MethodSeries:
+    """The metric children of one method, bound once: labels() on every call is avoidable work."""
+
+    def __init__(self, metrics: Metrics, grpc_type: str, service: str, method: str) -> None:
+        labels = {"grpc_type": grpc_type, "grpc_service": service, "grpc_method": method}
+        self.started = metrics.grpc_started.labels(**labels)
+        self.received = metrics.grpc_msg_received.labels(**labels)
+        self.sent = metrics.grpc_msg_sent.labels(**labels)
+        self.seconds = metrics.grpc_handling_seconds.labels(**labels)
+        self.handled = {code: metrics.grpc_handled.labels(**labels, grpc_code=name) for code, name in GO_CODE_NAMES.items()}
+
+
+class RpcObserver(grpc.aio.ServerInterceptor):
+    """go-grpc-prometheus metrics and one structured log line for every RPC.
+
+    Written by hand because py-grpc-prometheus is sync-only and spells its labels differently.
+    """
+
+    def __init__(self, metrics: Metrics, log: logging.Logger, quiet_services: frozenset[str] = frozenset()) -> None:
+        self._metrics = metrics
+        self._log = log
+        self._quiet = quiet_services  # health and reflection: logged at DEBUG, probes are frequent
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return handler
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        return wrapped
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        level = logging.DEBUG if service in self._quiet else logging.INFO
+        if handler.unary_unary is not None:
+            series = _MethodSeries(self._metrics, "unary", service, method)
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                async with self._observe(series, context, full_method, level):
+                    response = await inner(request, context)
+                    series.sent.inc()
+                    return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        # Streaming RPCs here are only health Watch and reflection: count and log them, pass through.
+        kind = "server_stream" if handler.unary_stream is not None else "bidi_stream"
+        stream_inner = handler.unary_stream or handler.stream_stream
+        if stream_inner is None or handler.stream_unary is not None:
+            return handler
+        series = _MethodSeries(self._metrics, kind, service, method)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async with self._observe(series, context, full_method, level):
+                result = stream_inner(request, context)
+                if inspect.isawaitable(result):
+                    await result
+                else:
+                    async for item in result:
+                        series.sent.inc()
+                        yield item
+
+        factory = grpc.unary_stream_rpc_method_handler if kind == "server_stream" else grpc.stream_stream_rpc_method_handler
+        return factory(
+            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+    @contextlib.asynccontextmanager
+    async def _observe(
+        self, series: _MethodSeries, context: grpc.aio.ServicerContext[Any, Any], method: str, level: int
+    ) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        record = CallRecord()
+        token = CURRENT_CALL.set(record)
+        series.started.inc()
+        series.received.inc()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            code = _status_code(context.code()) or grpc.StatusCode.UNKNOWN
+            raise
+        else:
+            code = _status_code(context.code()) or grpc.StatusCode.OK
+        finally:
+            CURRENT_CALL.reset(token)
+            elapsed = time.perf_counter() - started
+            series.handled[code].inc()
+            series.seconds.observe(elapsed)
+            if self._log.isEnabledFor(level):
+                self._log.log(
+                    level,
+                    "rpc",
+                    extra={
+                        "grpc_method": method,
+                        "grpc_code": code.name,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "tiw_action": record.action or None,
+                        "tiw_request_id": record.request_id or None,
+                    },
+                )
+
+
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _status_code(value: object) -> grpc.StatusCode | None:
+    """context.code() gives a StatusCode, a raw int, or None depending on how the call ended."""
+    if isinstance(value, grpc.StatusCode):
+        return value
+    if isinstance(value, int):
+        return _CODES_BY_VALUE.get(value)
+    return None

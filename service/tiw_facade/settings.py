@@ -52,7 +52,7 @@ class Settings:
     max_attempts: int = 3
     rate_limit: int = 20
     rate_limit_account: str = ""
-    redis_url: str = ""
+    redis_url: str = dataclasses.field(default="", repr=False)  # may hold a password
     redis_timeout: float = 0.05
     expected_replicas: int = 1
     max_queue_wait: float = 5.0

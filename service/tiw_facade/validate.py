@@ -1,0 +1,139 @@
+"""Request validation, as data: checked before any upstream call, so bad input costs no quota.
+
+``RULES`` maps a message type and a TIW field name to the checks that field must pass. Nested
+messages (Whiteboard, COS) are checked by their own rows. Violations name each field by its TIW
+path (``Whiteboard.Width``), as callers see it in TIW's docs and in the proto's json_names.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
+
+# A check gets a field's value (only when the field is present) and returns a problem, or None.
+Check = Callable[[Any], str | None]
+
+MAX_TASK_ID_LENGTH = 128
+MAX_DIMENSION = 2560  # TIW's documented bound for SnapshotWhiteboard Width and Height
+SNAPSHOT_MODES = ("AllMarks", "LatestMarksOnly")
+
+
+class Violation(NamedTuple):
+    field: str  # the TIW path, e.g. "COS.Uin"
+    description: str
+
+
+REQUIRED = "required"  # a marker, not a check: the field must be present (non-zero for plain scalars)
+
+
+def positive(value: int) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def at_most(bound: int) -> Check:
+    def check(value: int) -> str | None:
+        return None if 0 <= value <= bound else f"must be between 0 and {bound}"
+
+    return check
+
+
+def not_blank(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def task_id(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_TASK_ID_LENGTH:
+        return f"must be at most {MAX_TASK_ID_LENGTH} characters"
+    if not value.isprintable() or any(c.isspace() for c in value):
+        return "must not contain spaces or control characters"
+    return None
+
+
+def json_text(value: str) -> str | None:
+    try:
+        json.loads(value)
+    except ValueError as exc:
+        return f"must be JSON text ({exc.msg} at position {exc.pos})"
+    return None
+
+
+def http_url(value: str) -> str | None:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http or https URL"
+    return None
+
+
+def one_of(*allowed: str) -> Check:
+    def check(value: str) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(allowed)}"
+
+    return check
+
+
+RULES: dict[str, dict[str, tuple[Check | str, ...]]] = {
+    pb.CreateSnapshotTaskRequest.DESCRIPTOR.full_name: {
+        "Whiteboard": (REQUIRED,),
+        "SdkAppId": (REQUIRED, positive),
+        "RoomId": (REQUIRED, positive),
+        "CallbackURL": (http_url,),
+        "SnapshotMode": (one_of(*SNAPSHOT_MODES),),
+    },
+    pb.SnapshotWhiteboard.DESCRIPTOR.full_name: {
+        "Width": (at_most(MAX_DIMENSION),),
+        "Height": (at_most(MAX_DIMENSION),),
+        "InitParams": (json_text,),
+    },
+    pb.SnapshotCOS.DESCRIPTOR.full_name: {
+        "Uin": (REQUIRED, positive),
+        "Region": (REQUIRED, not_blank),
+        "Bucket": (REQUIRED, not_blank),
+    },
+    pb.DescribeSnapshotTaskRequest.DESCRIPTOR.full_name: {
+        "TaskID": (REQUIRED, task_id),
+        "SdkAppId": (REQUIRED, positive),
+    },
+    **{
+        message.DESCRIPTOR.full_name: {"SdkAppId": (REQUIRED, positive), "TaskId": (REQUIRED, task_id)}
+        for message in (pb.DescribeWhiteboardPushRequest, pb.StopWhiteboardPushRequest, pb.DescribeVideoGenerationTaskRequest)
+    },
+}
+
+
+def violations(message: Message, path: str = "") -> list[Violation]:
+    """Every rule ``message`` breaks, nested messages included; empty when it is valid."""
+    found: list[Violation] = []
+    rules = RULES.get(message.DESCRIPTOR.full_name, {})
+    for field in message.DESCRIPTOR.fields:
+        where = f"{path}.{field.json_name}" if path else field.json_name
+        checks = rules.get(field.json_name, ())
+        if not _is_present(message, field):
+            if REQUIRED in checks:
+                found.append(Violation(where, "is required"))
+            continue
+        value = getattr(message, field.name)
+        if field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated:
+            found.extend(violations(value, where))
+        for check in checks:
+            if check is not REQUIRED and callable(check) and (problem := check(value)) is not None:
+                found.append(Violation(where, problem))
+                break  # one clear problem per field
+    return found
+
+
+def _is_present(message: Message, field: FieldDescriptor) -> bool:
+    if field.has_presence:
+        return message.HasField(field.name)
+    if field.is_repeated:
+        return len(getattr(message, field.name)) > 0
+    # proto3 scalars without presence: the zero value is indistinguishable from "not given".
+    return bool(getattr(message, field.name))
