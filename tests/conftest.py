@@ -1,0 +1,76 @@
+"""Fixtures for end-to-end tests: a real emulator over HTTP, a real facade over a real gRPC channel."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+
+from tiw_facade import settings
+from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
+from tiw_facade.emulator import Emulator, EmulatorConfig
+from tiw_facade.server import FacadeServer
+
+
+@dataclasses.dataclass
+class Facade:
+    server: FacadeServer
+    emulator: Emulator
+    channel: grpc.aio.Channel
+    stub: tiw_pb2_grpc.TiwServiceStub
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+
+def facade_environment(endpoint: str, **extra: str) -> dict[str, str]:
+    return {
+        "TENCENTCLOUD_SECRET_ID": settings.DEMO_SECRET_ID,
+        "TENCENTCLOUD_SECRET_KEY": settings.DEMO_SECRET_KEY,
+        "TENCENTCLOUD_REGION": settings.DEMO_REGION,
+        "TIW_ENDPOINT": endpoint,
+        "TIW_GRPC_PORT": "0",
+        "TIW_HTTP_PORT": "0",
+        "TIW_BIND_HOST": "127.0.0.1",
+        **extra,
+    }
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    # Short state durations so tests can watch tasks move without waiting long.
+    instance = Emulator(EmulatorConfig(snapshot_seconds=0.3, push_prepare_seconds=0.3, video_queue_seconds=0.2, video_process_seconds=0.3))
+    await instance.start("127.0.0.1", 0)
+    yield instance
+    await instance.stop()
+
+
+StartFacade = Callable[..., Awaitable[Facade]]
+
+
+@pytest.fixture
+async def start_facade(emulator: Emulator) -> AsyncIterator[StartFacade]:
+    """Start facades against the emulator, with extra environment settings; all stopped at the end."""
+    started: list[Facade] = []
+
+    async def start(endpoint: str | None = None, **extra: str) -> Facade:
+        config = settings.load(facade_environment(endpoint or emulator.url, **extra))
+        server = FacadeServer(config)
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        facade = Facade(server, emulator, channel, tiw_pb2_grpc.TiwServiceStub(channel))
+        started.append(facade)
+        return facade
+
+    yield start
+    for facade in started:
+        await facade.channel.close()
+        await facade.server.stop(0)
+
+
+@pytest.fixture
+async def facade(start_facade: StartFacade) -> Facade:
+    return await start_facade()
