@@ -1,0 +1,33 @@
+"""An independent TIW server (API version 2019-09-19) over HTTP: the facade's test double.
+
+It reuses nothing of the facade but ``tiw_facade.signing`` (and the demo credentials), so a
+facade that got TIW wrong fails against it the way it would fail against Tencent. Tencent's
+official Python SDK pointed at it succeeds on all five actions; that is its proof.
+
+    emulator = Emulator(EmulatorConfig(snapshot_seconds=0.1))
+    url = await emulator.start()            # http://127.0.0.1:PORT
+    emulator.add_fault(Fault(FaultKind.DROP, action="CreateSnapshotTask", count=1))
+    ...
+    await emulator.stop()
+"""
+
+from tiw_facade.emulator.config import EmulatorConfig
+from tiw_facade.emulator.protocol import REQUESTS, VERSION
+from tiw_facade.emulator.server import ADMIN_PREFIX, Emulator
+from tiw_facade.emulator.tasks import SEED_SDK_APP_ID
+from tiw_facade.emulator.traffic import ActionStats, Fault, FaultKind, max_in_any_window
+
+ACTIONS = tuple(REQUESTS)
+
+__all__ = [
+    "ACTIONS",
+    "ADMIN_PREFIX",
+    "SEED_SDK_APP_ID",
+    "VERSION",
+    "ActionStats",
+    "Emulator",
+    "EmulatorConfig",
+    "Fault",
+    "FaultKind",
+    "max_in_any_window",
+]

@@ -1,0 +1,51 @@
+"""The emulator's knobs: who may call, how fast, and how long tasks take to move on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from tiw_facade.settings import DEMO_SECRET_ID, DEMO_SECRET_KEY
+
+
+def _demo_credentials() -> Mapping[str, str]:
+    return {DEMO_SECRET_ID: DEMO_SECRET_KEY}
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """``clock`` (Unix seconds) drives everything that depends on time: the signature window,
+    the rate window and the tasks' states, so a test can move all three by moving one clock."""
+
+    # SecretId -> SecretKey of the keys the emulator accepts.
+    credentials: Mapping[str, str] = field(default_factory=_demo_credentials, repr=False)
+    # Requests per action accepted in any `rate_window` seconds (TIW documents 20 per second).
+    rate_limit: int = 20
+    rate_window: float = 1.0
+    # A created snapshot task is Running for this long, then Finished.
+    snapshot_seconds: float = 5.0
+    snapshot_images: int = 3
+    # A whiteboard push task is PREPARED for this long, then PUSHING until stopped.
+    push_prepare_seconds: float = 2.0
+    # A video generation task is QUEUED, then PROCESSING, then FINISHED.
+    video_queue_seconds: float = 3.0
+    video_process_seconds: float = 10.0
+    # SdkAppIds answered UnauthorizedOperation.SdkAppId, as for an app of another account.
+    unauthorized_sdk_app_ids: frozenset[int] = frozenset()
+    max_clock_skew: int = 300
+    # Accepted arrival times kept per action for `Emulator.arrivals` (the counters are exact anyway).
+    arrival_history: int = 100_000
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        if self.rate_limit < 1 or self.rate_window <= 0:
+            raise ValueError("rate_limit must be >= 1 and rate_window > 0")
+        durations = (
+            self.snapshot_seconds,
+            self.push_prepare_seconds,
+            self.video_queue_seconds,
+            self.video_process_seconds,
+        )
+        if min(durations) < 0:
+            raise ValueError("task durations must not be negative")

@@ -1,0 +1,311 @@
+"""The emulated tasks: what each action does and how a task's state moves with time.
+
+States are computed from the request's instant and the times fixed when a task was created, so
+nothing runs in the background and a fake clock moves every task at once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from tiw_facade.emulator import protocol
+from tiw_facade.emulator.config import EmulatorConfig
+from tiw_facade.emulator.protocol import TiwError
+
+# The SdkAppId of the documentation's push and video examples.
+SEED_SDK_APP_ID: Final = 1400000001
+_TASK_ID_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuv"
+_PUBLIC_BUCKET: Final = "http://tiw-snapshot-1259648581.cos.ap-guangzhou.myqcloud.com"
+
+Fields = dict[str, Any]
+
+
+def _new_task_id() -> str:
+    """An ID shaped like TIW's push and video task IDs (20 characters of base32hex)."""
+    return "".join(random.choices(_TASK_ID_ALPHABET, k=20))
+
+
+def _not_found(task_id: str) -> TiwError:
+    return TiwError("InvalidParameter.TaskNotFound", f"The task `{task_id}` does not exist.")
+
+
+@dataclass
+class SnapshotTask:
+    task_id: str
+    created: float
+    finishes: float
+    snapshots: list[str]
+
+    def describe(self, now: float) -> Fields:
+        if now < self.finishes:
+            # TIW documents these as "may be null": a running task has no finish time or result yet.
+            return {
+                "TaskID": self.task_id,
+                "Status": "Running",
+                "CreateTime": int(self.created),
+                "FinishTime": None,
+                "Result": None,
+            }
+        return {
+            "TaskID": self.task_id,
+            "Status": "Finished",
+            "CreateTime": int(self.created),
+            "FinishTime": int(self.finishes),
+            "Result": {
+                "ErrorCode": "OK",
+                "ErrorMessage": "",
+                "Total": len(self.snapshots),
+                "Snapshots": list(self.snapshots),
+            },
+        }
+
+
+@dataclass
+class PushTask:
+    task_id: str
+    room_id: int
+    starts: float
+    group_id: str = ""
+    push_user_id: str = ""
+    stopped: float | None = None
+    finish_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.group_id = self.group_id or str(self.room_id)
+        self.push_user_id = self.push_user_id or f"tic_push_user_{self.room_id}_{self.task_id[:5]}"
+
+    def describe(self, now: float) -> Fields:
+        # A task stopped while still PREPARED never started pushing.
+        started = now >= self.starts and (self.stopped is None or self.stopped >= self.starts)
+        status = "STOPPED" if self.stopped is not None else "PUSHING" if started else "PREPARED"
+        return {
+            "FinishReason": self.finish_reason,
+            "TaskId": self.task_id,
+            "Status": status,
+            "RoomId": self.room_id,
+            "GroupId": self.group_id,
+            "PushUserId": self.push_user_id,
+            "PushStartTime": int(self.starts) if started else 0,
+            "PushStopTime": int(self.stopped) if self.stopped is not None else 0,
+            "ExceptionCnt": 0,
+            "IMSyncTime": int(self.starts) if started else 0,
+            "Backup": "",
+        }
+
+
+@dataclass
+class VideoTask:
+    task_id: str
+    room_id: int
+    processing_from: float
+    finishes: float
+    videos: list[Fields]
+    group_id: str = ""
+
+    def describe(self, now: float) -> Fields:
+        if now >= self.finishes:
+            status, progress = "FINISHED", 100
+        elif now >= self.processing_from:
+            span = self.finishes - self.processing_from
+            status, progress = "PROCESSING", min(99, int(100 * (now - self.processing_from) / span))
+        else:
+            status, progress = "QUEUED", 0
+        done = status == "FINISHED"
+        return {
+            "GroupId": self.group_id or str(self.room_id),
+            "RoomId": self.room_id,
+            "TaskId": self.task_id,
+            "Progress": progress,
+            "Status": status,
+            "TotalTime": max((v["VideoPlayTime"] + v["VideoDuration"] for v in self.videos), default=0)
+            if done
+            else 0,
+            "VideoInfos": _video_info(),
+            "VideoInfoList": [dict(v) for v in self.videos] if done else [],
+        }
+
+
+def _video_info(**values: Any) -> Fields:
+    """A VideoInfo with every field present; the zero value is what TIW puts in the disused one."""
+    info: Fields = {
+        "VideoPlayTime": 0,
+        "VideoSize": 0,
+        "VideoFormat": "",
+        "VideoDuration": 0,
+        "VideoUrl": "",
+        "VideoId": "",
+        "VideoType": 0,
+        "UserId": "",
+        "Width": 0,
+        "Height": 0,
+    }
+    info.update(values)
+    return info
+
+
+@dataclass
+class TaskStore:
+    """Every task, keyed by (SdkAppId, task ID): another app's task is not found, as in TIW."""
+
+    config: EmulatorConfig
+    snapshots: dict[tuple[int, str], SnapshotTask] = field(default_factory=dict)
+    pushes: dict[tuple[int, str], PushTask] = field(default_factory=dict)
+    videos: dict[tuple[int, str], VideoTask] = field(default_factory=dict)
+
+    @property
+    def handlers(self) -> Mapping[str, Callable[[Fields, float], Fields]]:
+        return {
+            protocol.CREATE_SNAPSHOT_TASK: self.create_snapshot,
+            protocol.DESCRIBE_SNAPSHOT_TASK: self.describe_snapshot,
+            protocol.DESCRIBE_WHITEBOARD_PUSH: self.describe_push,
+            protocol.STOP_WHITEBOARD_PUSH: self.stop_push,
+            protocol.DESCRIBE_VIDEO_GENERATION_TASK: self.describe_video,
+        }
+
+    # --- the five actions (parameters already checked against protocol.REQUESTS) ---
+
+    def create_snapshot(self, params: Fields, now: float) -> Fields:
+        task_id = str(uuid.uuid4())
+        sdk_app_id: int = params["SdkAppId"]
+        cos: Fields | None = params.get("COS")
+        if cos is None:
+            base = f"{_PUBLIC_BUCKET}/{sdk_app_id}/"
+        else:
+            host = cos.get("Domain") or f"{cos['Bucket']}.cos.{cos['Region']}.myqcloud.com"
+            base = f"https://{host}/{cos.get('TargetDir', '')}"
+        images = [f"{base}{task_id}/{index}.png" for index in range(1, self.config.snapshot_images + 1)]
+        self.snapshots[sdk_app_id, task_id] = SnapshotTask(
+            task_id, created=now, finishes=now + self.config.snapshot_seconds, snapshots=images
+        )
+        return {"TaskID": task_id}
+
+    def describe_snapshot(self, params: Fields, now: float) -> Fields:
+        task = self.snapshots.get((params["SdkAppId"], params["TaskID"]))
+        if task is None:
+            raise _not_found(params["TaskID"])
+        return task.describe(now)
+
+    def describe_push(self, params: Fields, now: float) -> Fields:
+        return self._push(params).describe(now)
+
+    def stop_push(self, params: Fields, now: float) -> Fields:
+        task = self._push(params)
+        if task.stopped is not None:
+            raise TiwError(
+                "UnsupportedOperation.TaskHasAlreadyStopped",
+                f"The task `{task.task_id}` has already stopped.",
+            )
+        task.stopped, task.finish_reason = now, "USER_CALL"
+        # TIW answers with the JSON text of the backup push task's own stop call.
+        return {"Backup": json.dumps({"RequestId": str(uuid.uuid4())}, separators=(",", ":"))}
+
+    def describe_video(self, params: Fields, now: float) -> Fields:
+        task = self.videos.get((params["SdkAppId"], params["TaskId"]))
+        if task is None:
+            raise _not_found(params["TaskId"])
+        return task.describe(now)
+
+    def _push(self, params: Fields) -> PushTask:
+        task = self.pushes.get((params["SdkAppId"], params["TaskId"]))
+        if task is None:
+            raise _not_found(params["TaskId"])
+        return task
+
+    # --- tasks the five actions cannot create: added by tests, the admin endpoint and the seed ---
+
+    def add_push(
+        self,
+        now: float,
+        *,
+        task_id: str | None = None,
+        sdk_app_id: int = SEED_SDK_APP_ID,
+        room_id: int = 880528,
+    ) -> str:
+        task_id = task_id or _new_task_id()
+        self.pushes[sdk_app_id, task_id] = PushTask(
+            task_id, room_id, starts=now + self.config.push_prepare_seconds
+        )
+        return task_id
+
+    def add_video(
+        self,
+        now: float,
+        *,
+        task_id: str | None = None,
+        sdk_app_id: int = SEED_SDK_APP_ID,
+        room_id: int = 900822,
+        videos: list[Fields] | None = None,
+    ) -> str:
+        task_id = task_id or _new_task_id()
+        if videos is None:
+            videos = [
+                _video_info(
+                    VideoDuration=156750,
+                    VideoFormat="mp4",
+                    VideoSize=318384,
+                    VideoType=2,
+                    VideoId=str(random.randrange(10**18, 10**19)),
+                    Width=1280,
+                    Height=720,
+                    VideoUrl=f"http://1257240443.vod2.myqcloud.com/emulator/{task_id}.mp4",
+                )
+            ]
+        processing_from = now + self.config.video_queue_seconds
+        self.videos[sdk_app_id, task_id] = VideoTask(
+            task_id,
+            room_id,
+            processing_from,
+            processing_from + self.config.video_process_seconds,
+            [_video_info(**video) for video in videos],
+        )
+        return task_id
+
+    def reset(self, now: float) -> None:
+        """Forget every task and seed the documentation's examples again."""
+        self.snapshots.clear()
+        self.pushes.clear()
+        self.videos.clear()
+        self._seed(now)
+
+    def _seed(self, now: float) -> None:
+        # DescribeSnapshotTask's example: a task finished long ago, answered as documented.
+        example = "f2e1728c-6e87-4481-abe1-cde8542a5a10"
+        self.snapshots[1400127230, example] = SnapshotTask(
+            example,
+            created=1626249427,
+            finishes=1626250455,
+            snapshots=[
+                f"{_PUBLIC_BUCKET}/880520/{example}/{n}.png"
+                for n in ("53255368873480", "53255373174978", "53255375472670")
+            ],
+        )
+        # The push examples' inputs start fresh, so a client sees PREPARED -> PUSHING -> STOPPED;
+        # the STOPPED output example is kept as documented.
+        for task_id in ("ghucnligqtgtvk2624mb", "07b4c70bpafm1b4majmb"):
+            self.add_push(now, task_id=task_id)
+        self.pushes[SEED_SDK_APP_ID, "g42lfmu5uc3lpoqrqvvb"] = PushTask(
+            "g42lfmu5uc3lpoqrqvvb",
+            880528,
+            starts=1610591726,
+            push_user_id="tic_push_user_880528_test1",
+            stopped=1610591759,
+            finish_reason="USER_CALL",
+        )
+        # The video example asks for `ghucnligqtgtvk2624mb` and answers `00e1jv8ve0jcqk7da9lb`: seed both.
+        example_video = _video_info(
+            VideoDuration=156750,
+            VideoFormat="mp4",
+            VideoId="5285890792776509100",
+            VideoSize=318384,
+            VideoType=2,
+            Width=1024,
+            Height=768,
+            VideoUrl="http://1257240443.vod2.myqcloud.com/cc35b442vodcq1257240443/video.mp4",
+        )
+        for task_id in ("00e1jv8ve0jcqk7da9lb", "ghucnligqtgtvk2624mb"):
+            self.add_video(now, task_id=task_id, videos=[example_video])
