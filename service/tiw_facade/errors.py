@@ -17,7 +17,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tiw_facade.limiter import QuotaExceeded
+from tiw_facade.limiter import LimiterClosed, QuotaExceeded
 from tiw_facade.upstream import TiwError, TransportError, UpstreamTimeout
 from tiw_facade.validate import Violation
 
@@ -97,6 +97,9 @@ def status_for(exc: Exception, *, action: str, host: str) -> grpc.Status:
         return build_status(code, exc.message or exc.code, [info])
     if isinstance(exc, QuotaExceeded):
         return _quota_exceeded(exc)
+    if isinstance(exc, LimiterClosed):
+        info = error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain=FACADE_DOMAIN, metadata={"action": action})
+        return build_status(grpc.StatusCode.UNAVAILABLE, "the facade is shutting down; retry on another replica", [info])
     if isinstance(exc, UpstreamTimeout):
         info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=host, metadata={"action": action})
         return build_status(TIMEOUT_CODE, str(exc), [info])

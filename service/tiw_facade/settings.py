@@ -89,7 +89,7 @@ ENVIRONMENT: tuple[Setting, ...] = (
     Setting("TIW_REFLECTION", "true", "Serve gRPC server reflection."),
     Setting("TIW_SHUTDOWN_GRACE", "20", "Seconds in-flight RPCs may take to finish after SIGTERM."),
     Setting("TIW_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
-    Setting("TIW_UPSTREAM_TIMEOUT", "10", "Seconds an upstream call may take when the caller set no deadline."),
+    Setting("TIW_UPSTREAM_TIMEOUT", "10", "Seconds one upstream attempt may take; without a caller deadline, the whole call."),
     Setting("TIW_MAX_ATTEMPTS", "3", "Upper bound on attempts per call, where retrying is safe."),
     Setting("TIW_RATE_LIMIT", "20", "Requests per second per action, for all replicas together."),
     Setting("TIW_RATE_LIMIT_ACCOUNT", "(the SecretId)", "Whose quota: replicas with the same value share it."),

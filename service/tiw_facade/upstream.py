@@ -165,11 +165,15 @@ class TiwClient:
         remaining = budget_end - time.monotonic()
         if remaining < MIN_ATTEMPT_TIME:
             raise UpstreamTimeout("deadline exhausted before the request was sent", delivered=False)
-        lease = await self._limiter.acquire(action, deadline=budget_end, hold=remaining)
+        lease = await self._limiter.acquire(
+            action, deadline=budget_end, hold=min(remaining, self._settings.upstream_timeout)
+        )
         code = "OK"
         started = time.perf_counter()
         try:
-            remaining = budget_end - time.monotonic()
+            # One attempt may take TIW_UPSTREAM_TIMEOUT at most, so a lost request on a long caller
+            # deadline still leaves time to try again where that is safe.
+            remaining = min(budget_end - time.monotonic(), self._settings.upstream_timeout)
             if remaining < MIN_ATTEMPT_TIME:
                 code = "Timeout"
                 raise UpstreamTimeout("deadline exhausted while waiting for a rate-limit slot", delivered=False)
