@@ -1,0 +1,179 @@
+"""The facade as a process, as Kubernetes and a newcomer meet it: signals, drain, exit codes, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import facade_environment
+from test_rpcs import PUSH_TASK, SDK_APP_ID
+from tiw_facade import settings
+from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
+from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
+from tiw_facade.emulator import Emulator, Fault, FaultKind
+
+
+class FacadeProcess:
+    def __init__(self, args: list[str], env: dict[str, str], grpc_port: int) -> None:
+        self.grpc_port = grpc_port
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tiw_facade.cli", *args],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+        self.stub = tiw_pb2_grpc.TiwServiceStub(self.channel)
+
+    async def wait_serving(self, timeout: float = 20.0) -> None:
+        health = health_pb2_grpc.HealthStub(self.channel)
+        end = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            try:
+                answer = await health.Check(health_pb2.HealthCheckRequest(service="tiw.v20190919.TiwService"), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            assert time.monotonic() < end, "the facade did not become SERVING"
+            await asyncio.sleep(0.1)
+
+    def finish(self, timeout: float = 30.0) -> tuple[int, str]:
+        _, stderr = self.process.communicate(timeout=timeout)
+        return self.process.returncode, stderr
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+@pytest.fixture
+def free_ports(unused_tcp_port_factory: object) -> Iterator[tuple[int, int]]:
+    factory = unused_tcp_port_factory
+    yield factory(), factory()  # type: ignore[operator]
+
+
+@pytest.fixture
+async def process_factory() -> AsyncIterator[list[FacadeProcess]]:
+    started: list[FacadeProcess] = []
+    yield started
+    for process in started:
+        await process.channel.close()
+        process.kill()
+
+
+async def test_sigterm_drains_in_flight_calls_and_exits_0(
+    emulator: Emulator, free_ports: tuple[int, int], process_factory: list[FacadeProcess]
+) -> None:
+    grpc_port, http_port = free_ports
+    env = facade_environment(emulator.url, TIW_GRPC_PORT=str(grpc_port), TIW_HTTP_PORT=str(http_port))
+    facade = FacadeProcess(["serve"], env, grpc_port)
+    process_factory.append(facade)
+    await facade.wait_serving()
+    emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=1.5))
+    in_flight = asyncio.ensure_future(
+        facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=10)
+    )
+    while emulator.stats()["DescribeWhiteboardPush"].accepted == 0:  # the call has reached TIW
+        await asyncio.sleep(0.02)
+    facade.process.send_signal(signal.SIGTERM)
+    answer = await in_flight
+    assert answer.task_id == PUSH_TASK, "the in-flight call was answered"
+    code, stderr = await asyncio.to_thread(facade.finish)
+    assert code == 0, stderr
+    messages = [json.loads(line)["msg"] for line in stderr.splitlines()]
+    assert messages.index("signal received: stopping") < messages.index("draining") < messages.index("stopped")
+
+
+async def test_new_calls_are_refused_while_draining(
+    emulator: Emulator, free_ports: tuple[int, int], process_factory: list[FacadeProcess]
+) -> None:
+    grpc_port, http_port = free_ports
+    env = facade_environment(emulator.url, TIW_GRPC_PORT=str(grpc_port), TIW_HTTP_PORT=str(http_port))
+    facade = FacadeProcess(["serve"], env, grpc_port)
+    process_factory.append(facade)
+    await facade.wait_serving()
+    emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=1.5))
+    in_flight = asyncio.ensure_future(
+        facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=10)
+    )
+    while emulator.stats()["DescribeWhiteboardPush"].accepted == 0:
+        await asyncio.sleep(0.02)
+    facade.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    fresh = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await tiw_pb2_grpc.TiwServiceStub(fresh).DescribeWhiteboardPush(
+                pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=2
+            )
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await fresh.close()
+    assert (await in_flight).task_id == PUSH_TASK
+    assert (await asyncio.to_thread(facade.finish))[0] == 0
+
+
+async def test_no_secret_in_any_log_line(
+    emulator: Emulator, free_ports: tuple[int, int], process_factory: list[FacadeProcess], unused_tcp_port: int
+) -> None:
+    grpc_port, http_port = free_ports
+    token = "session-token-that-must-never-be-logged"
+    redis_password = "redis-password-that-must-never-be-logged"
+    env = facade_environment(
+        emulator.url,
+        TIW_GRPC_PORT=str(grpc_port),
+        TIW_HTTP_PORT=str(http_port),
+        TIW_LOG_LEVEL="DEBUG",
+        TENCENTCLOUD_SESSION_TOKEN=token,
+        # Unreachable on purpose: the degraded-mode log lines mention the Redis URL.
+        TIW_REDIS_URL=f"redis://:{redis_password}@127.0.0.1:{unused_tcp_port}/0",
+    )
+    facade = FacadeProcess(["serve"], env, grpc_port)
+    process_factory.append(facade)
+    await facade.wait_serving()
+    request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
+    await facade.stub.DescribeWhiteboardPush(request, timeout=5)
+    emulator.add_fault(Fault(FaultKind.ERROR_CODE, code="AuthFailure.SignatureFailure", count=1))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await facade.stub.DescribeWhiteboardPush(request, timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(), timeout=5)
+    facade.process.send_signal(signal.SIGTERM)
+    code, stderr = await asyncio.to_thread(facade.finish)
+    assert code == 0
+    lines = stderr.splitlines()
+    assert any(json.loads(line).get("level") == "DEBUG" for line in lines), "DEBUG was on"
+    assert any("unreachable" in line for line in lines), "the Redis URL went through the logs (degraded mode)"
+    for secret in (settings.DEMO_SECRET_KEY, token, redis_password):
+        assert secret not in stderr
+    for line in lines:
+        json.loads(line)  # every line is one JSON object
+
+
+async def test_serve_with_the_embedded_emulator(free_ports: tuple[int, int], process_factory: list[FacadeProcess]) -> None:
+    grpc_port, http_port = free_ports
+    # What `make serve` runs, with no credentials in the environment at all.
+    facade = FacadeProcess(["serve", "--emulator", "--grpc-port", str(grpc_port), "--http-port", str(http_port)], {}, grpc_port)
+    process_factory.append(facade)
+    await facade.wait_serving()
+    created = await facade.stub.CreateSnapshotTask(
+        pb.CreateSnapshotTaskRequest(whiteboard=pb.SnapshotWhiteboard(), sdk_app_id=1400123480, room_id=1), timeout=5
+    )
+    assert created.task_id
+    facade.process.send_signal(signal.SIGINT)
+    code, stderr = await asyncio.to_thread(facade.finish)
+    assert code == 0, stderr
