@@ -57,7 +57,9 @@ def main() -> int:
                 or not filecmp.cmp(fresh / name, OUT / name, shallow=False)
             )
             if stale:
-                print("generated stubs differ from protos/; run: python scripts/gen_protos.py", file=sys.stderr)
+                print(
+                    "generated stubs differ from protos/; run: python scripts/gen_protos.py", file=sys.stderr
+                )
                 print("\n".join(f"  {name}" for name in stale), file=sys.stderr)
                 return 1
             print("generated stubs are current")

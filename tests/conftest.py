@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
-
 from tiw_facade import settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 from tiw_facade.emulator import Emulator, EmulatorConfig
 from tiw_facade.server import FacadeServer
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``condition`` (state of another component, e.g. the emulator's counters) until true."""
+    end = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
 
 
 @dataclasses.dataclass
@@ -42,7 +52,11 @@ def facade_environment(endpoint: str, **extra: str) -> dict[str, str]:
 @pytest.fixture
 async def emulator() -> AsyncIterator[Emulator]:
     # Short state durations so tests can watch tasks move without waiting long.
-    instance = Emulator(EmulatorConfig(snapshot_seconds=0.3, push_prepare_seconds=0.3, video_queue_seconds=0.2, video_process_seconds=0.3))
+    instance = Emulator(
+        EmulatorConfig(
+            snapshot_seconds=0.3, push_prepare_seconds=0.3, video_queue_seconds=0.2, video_process_seconds=0.3
+        )
+    )
     await instance.start("127.0.0.1", 0)
     yield instance
     await instance.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-
 from tiw_facade.errors import ERROR_TABLE, grpc_code_for, invalid_argument, status_for
 from tiw_facade.limiter import QuotaExceeded
 from tiw_facade.upstream import TiwError, TransportError, UpstreamTimeout
@@ -52,13 +51,17 @@ def test_table(tiw_code: str, expected: grpc.StatusCode) -> None:
 
 
 def details(status: grpc.Status) -> tuple[status_pb2.Status, list[object]]:
-    (key, value), = status.trailing_metadata
+    ((key, value),) = status.trailing_metadata
     assert key == "grpc-status-details-bin"
     proto = status_pb2.Status.FromString(value)
     unpacked: list[object] = []
     for item in proto.details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo, error_details_pb2.QuotaFailure,
-                     error_details_pb2.BadRequest):
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.QuotaFailure,
+            error_details_pb2.BadRequest,
+        ):
             if item.Is(kind.DESCRIPTOR):
                 message = kind()
                 item.Unpack(message)
@@ -68,7 +71,8 @@ def details(status: grpc.Status) -> tuple[status_pb2.Status, list[object]]:
 
 def test_tiw_error_carries_error_info() -> None:
     status = status_for(
-        TiwError("InvalidParameter.TaskNotFound", "task not found", "req-1"), action="DescribeWhiteboardPush",
+        TiwError("InvalidParameter.TaskNotFound", "task not found", "req-1"),
+        action="DescribeWhiteboardPush",
         host="tiw.tencentcloudapi.com",
     )
     assert status.code is C.NOT_FOUND
@@ -92,7 +96,11 @@ def test_unknown_tiw_code_is_unknown_with_error_info() -> None:
     ("exc", "code", "reason"),
     [
         (TransportError("HTTP_502", "TIW answered HTTP 502", delivered=True), C.UNAVAILABLE, "HTTP_502"),
-        (TransportError("MalformedResponse", "not an envelope", delivered=True), C.UNAVAILABLE, "MalformedResponse"),
+        (
+            TransportError("MalformedResponse", "not an envelope", delivered=True),
+            C.UNAVAILABLE,
+            "MalformedResponse",
+        ),
         (TransportError("ConnectionError", "refused", delivered=False), C.UNAVAILABLE, "ConnectionError"),
         (UpstreamTimeout("slow"), C.DEADLINE_EXCEEDED, "Timeout"),
     ],
@@ -105,7 +113,9 @@ def test_transport_failures(exc: Exception, code: grpc.StatusCode, reason: str) 
 
 
 def test_quota_exceeded_has_retry_info_and_quota_failure() -> None:
-    status = status_for(QuotaExceeded("CreateSnapshotTask", "deadline", 0.75), action="CreateSnapshotTask", host="h")
+    status = status_for(
+        QuotaExceeded("CreateSnapshotTask", "deadline", 0.75), action="CreateSnapshotTask", host="h"
+    )
     assert status.code is C.RESOURCE_EXHAUSTED
     _, found = details(status)
     retry = next(d for d in found if isinstance(d, error_details_pb2.RetryInfo))
@@ -115,7 +125,9 @@ def test_quota_exceeded_has_retry_info_and_quota_failure() -> None:
 
 
 def test_invalid_argument_has_bad_request() -> None:
-    status = invalid_argument([Violation("COS.Uin", "is required"), Violation("RoomId", "must be greater than 0")])
+    status = invalid_argument(
+        [Violation("COS.Uin", "is required"), Violation("RoomId", "must be greater than 0")]
+    )
     assert status.code is C.INVALID_ARGUMENT
     _, (bad,) = details(status)
     assert isinstance(bad, error_details_pb2.BadRequest)
@@ -130,6 +142,6 @@ def test_the_table_has_no_shadowed_rows() -> None:
     for index, (pattern, _) in enumerate(ERROR_TABLE):
         sample = pattern.rstrip("*")
         earlier = ERROR_TABLE[:index]
-        assert not any(
-            p.endswith("*") and sample.startswith(p[:-1]) or p == sample for p, _ in earlier
-        ), f"{pattern} is shadowed"
+        assert not any((p.endswith("*") and sample.startswith(p[:-1])) or p == sample for p, _ in earlier), (
+            f"{pattern} is shadowed"
+        )

@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+from conftest import facade_environment, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from conftest import facade_environment
 from test_rpcs import PUSH_TASK, SDK_APP_ID
 from tiw_facade import settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
@@ -36,13 +35,15 @@ class FacadeProcess:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
         self.stub = tiw_pb2_grpc.TiwServiceStub(self.channel)
 
-    async def wait_serving(self, timeout: float = 20.0) -> None:
+    async def wait_serving(self, within: float = 20.0) -> None:
         health = health_pb2_grpc.HealthStub(self.channel)
-        end = time.monotonic() + timeout
+        end = time.monotonic() + within
         while True:
             assert self.process.poll() is None, self.process.communicate()[1]
             try:
-                answer = await health.Check(health_pb2.HealthCheckRequest(service="tiw.v20190919.TiwService"), timeout=1)
+                answer = await health.Check(
+                    health_pb2.HealthCheckRequest(service="tiw.v20190919.TiwService"), timeout=1
+                )
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:
@@ -85,17 +86,20 @@ async def test_sigterm_drains_in_flight_calls_and_exits_0(
     await facade.wait_serving()
     emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=1.5))
     in_flight = asyncio.ensure_future(
-        facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=10)
+        facade.stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=10
+        )
     )
-    while emulator.stats()["DescribeWhiteboardPush"].accepted == 0:  # the call has reached TIW
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: emulator.stats()["DescribeWhiteboardPush"].accepted > 0)  # it reached TIW
     facade.process.send_signal(signal.SIGTERM)
     answer = await in_flight
     assert answer.task_id == PUSH_TASK, "the in-flight call was answered"
     code, stderr = await asyncio.to_thread(facade.finish)
     assert code == 0, stderr
     messages = [json.loads(line)["msg"] for line in stderr.splitlines()]
-    assert messages.index("signal received: stopping") < messages.index("draining") < messages.index("stopped")
+    assert (
+        messages.index("signal received: stopping") < messages.index("draining") < messages.index("stopped")
+    )
 
 
 async def test_new_calls_are_refused_while_draining(
@@ -108,10 +112,11 @@ async def test_new_calls_are_refused_while_draining(
     await facade.wait_serving()
     emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=1.5))
     in_flight = asyncio.ensure_future(
-        facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=10)
+        facade.stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=10
+        )
     )
-    while emulator.stats()["DescribeWhiteboardPush"].accepted == 0:
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: emulator.stats()["DescribeWhiteboardPush"].accepted > 0)
     facade.process.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
     fresh = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -128,7 +133,10 @@ async def test_new_calls_are_refused_while_draining(
 
 
 async def test_no_secret_in_any_log_line(
-    emulator: Emulator, free_ports: tuple[int, int], process_factory: list[FacadeProcess], unused_tcp_port: int
+    emulator: Emulator,
+    free_ports: tuple[int, int],
+    process_factory: list[FacadeProcess],
+    unused_tcp_port: int,
 ) -> None:
     grpc_port, http_port = free_ports
     token = "session-token-that-must-never-be-logged"
@@ -164,14 +172,19 @@ async def test_no_secret_in_any_log_line(
         json.loads(line)  # every line is one JSON object
 
 
-async def test_serve_with_the_embedded_emulator(free_ports: tuple[int, int], process_factory: list[FacadeProcess]) -> None:
+async def test_serve_with_the_embedded_emulator(
+    free_ports: tuple[int, int], process_factory: list[FacadeProcess]
+) -> None:
     grpc_port, http_port = free_ports
     # What `make serve` runs, with no credentials in the environment at all.
-    facade = FacadeProcess(["serve", "--emulator", "--grpc-port", str(grpc_port), "--http-port", str(http_port)], {}, grpc_port)
+    facade = FacadeProcess(
+        ["serve", "--emulator", "--grpc-port", str(grpc_port), "--http-port", str(http_port)], {}, grpc_port
+    )
     process_factory.append(facade)
     await facade.wait_serving()
     created = await facade.stub.CreateSnapshotTask(
-        pb.CreateSnapshotTaskRequest(whiteboard=pb.SnapshotWhiteboard(), sdk_app_id=1400123480, room_id=1), timeout=5
+        pb.CreateSnapshotTaskRequest(whiteboard=pb.SnapshotWhiteboard(), sdk_app_id=1400123480, room_id=1),
+        timeout=5,
     )
     assert created.task_id
     facade.process.send_signal(signal.SIGINT)

@@ -10,9 +10,8 @@ from collections.abc import Iterator
 import aiohttp
 import grpc
 import pytest
+from conftest import Facade, StartFacade, wait_until
 from google.rpc import error_details_pb2
-
-from conftest import Facade, StartFacade
 from support.redis_server import RedisServer
 from test_rpcs import PUSH_TASK, SDK_APP_ID, VIDEO_TASK, rich
 from test_server import samples, scrape
@@ -53,10 +52,13 @@ async def test_a_burst_of_three_times_the_limit_is_spread_not_throttled(facade: 
 
 async def hold_tokens(facade: Facade, count: int, seconds: float) -> list[asyncio.Future[object]]:
     """Start ``count`` calls that hold their tokens for ``seconds`` at TIW."""
-    facade.emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=seconds, count=count))
-    held = [asyncio.ensure_future(facade.stub.DescribeWhiteboardPush(push(), timeout=10)) for _ in range(count)]
-    while facade.emulator.stats()["DescribeWhiteboardPush"].accepted < count:
-        await asyncio.sleep(0.01)
+    facade.emulator.add_fault(
+        Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=seconds, count=count)
+    )
+    held = [
+        asyncio.ensure_future(facade.stub.DescribeWhiteboardPush(push(), timeout=10)) for _ in range(count)
+    ]
+    await wait_until(lambda: facade.emulator.stats()["DescribeWhiteboardPush"].accepted >= count)
     return held  # type: ignore[return-value]
 
 
@@ -71,7 +73,9 @@ async def test_a_slot_beyond_the_deadline_fails_at_once(start_facade: StartFacad
     details = rich(caught.value)
     retry = details["RetryInfo"]
     quota = details["QuotaFailure"]
-    assert isinstance(retry, error_details_pb2.RetryInfo) and isinstance(quota, error_details_pb2.QuotaFailure)
+    assert isinstance(retry, error_details_pb2.RetryInfo) and isinstance(
+        quota, error_details_pb2.QuotaFailure
+    )
     assert retry.retry_delay.ToTimedelta().total_seconds() >= 0.9  # no token is back before answer + 1 s
     assert quota.violations[0].subject == "action:DescribeWhiteboardPush"
     await asyncio.gather(*held)
@@ -125,13 +129,20 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 async def healthz(facade: Facade) -> dict[str, object]:
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{facade.server.http_port}/healthz") as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{facade.server.http_port}/healthz") as r,
+    ):
         body: dict[str, object] = await r.json()
         return body
 
 
-async def test_replicas_share_one_quota_through_redis(start_facade: StartFacade, redis_server: RedisServer) -> None:
-    replicas = [await start_facade(TIW_REDIS_URL=redis_server.url, TIW_EXPECTED_REPLICAS="3") for _ in range(3)]
+async def test_replicas_share_one_quota_through_redis(
+    start_facade: StartFacade, redis_server: RedisServer
+) -> None:
+    replicas = [
+        await start_facade(TIW_REDIS_URL=redis_server.url, TIW_EXPECTED_REPLICAS="3") for _ in range(3)
+    ]
     calls = [replicas[i % 3].stub.DescribeWhiteboardPush(push(), timeout=10) for i in range(3 * LIMIT)]
     answers = await asyncio.gather(*calls)
     assert len(answers) == 3 * LIMIT
@@ -143,7 +154,9 @@ async def test_replicas_share_one_quota_through_redis(start_facade: StartFacade,
 async def test_a_redis_outage_degrades_to_a_local_share_and_recovers(
     start_facade: StartFacade, redis_server: RedisServer
 ) -> None:
-    replicas = [await start_facade(TIW_REDIS_URL=redis_server.url, TIW_EXPECTED_REPLICAS="2") for _ in range(2)]
+    replicas = [
+        await start_facade(TIW_REDIS_URL=redis_server.url, TIW_EXPECTED_REPLICAS="2") for _ in range(2)
+    ]
     await asyncio.gather(*(r.stub.DescribeWhiteboardPush(push(), timeout=5) for r in replicas))
     redis_server.kill()
     # Every call is still answered, each replica keeping to its share (20 / 2) of the limit.

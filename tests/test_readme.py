@@ -38,6 +38,8 @@ def test_error_table_is_the_code_table() -> None:
 def test_the_two_commands_exist() -> None:
     makefile = (ROOT / "Makefile").read_text()
     for command in re.findall(r"^make (\w+)", README, flags=re.MULTILINE):
-        assert re.search(rf"^{command}:", makefile, flags=re.MULTILINE), f"make {command} is not in the Makefile"
+        assert re.search(rf"^{command}:", makefile, flags=re.MULTILINE), (
+            f"make {command} is not in the Makefile"
+        )
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci, "CI runs the README's test command"

@@ -6,7 +6,6 @@ import time
 
 import grpc
 import pytest
-
 from conftest import Facade, StartFacade
 from test_rpcs import PUSH_TASK, SDK_APP_ID, VIDEO_TASK, create_request
 from test_server import samples, scrape
@@ -20,7 +19,9 @@ def describe_video() -> pb.DescribeVideoGenerationTaskRequest:
 
 async def retries(facade: Facade, action: str) -> dict[str, float]:
     found = samples(await scrape(facade), "tiw_upstream_retries_total")
-    return {dict(labels)["reason"]: value for labels, value in found.items() if dict(labels)["action"] == action}
+    return {
+        dict(labels)["reason"]: value for labels, value in found.items() if dict(labels)["action"] == action
+    }
 
 
 @pytest.mark.parametrize(
@@ -57,7 +58,9 @@ async def test_retries_stop_at_the_attempt_cap(start_facade: StartFacade) -> Non
         (Fault(FaultKind.DROP, count=1), grpc.StatusCode.UNAVAILABLE),
     ],
 )
-async def test_create_is_never_resent_once_tiw_may_have_it(start_facade: StartFacade, fault: Fault, code: grpc.StatusCode) -> None:
+async def test_create_is_never_resent_once_tiw_may_have_it(
+    start_facade: StartFacade, fault: Fault, code: grpc.StatusCode
+) -> None:
     facade = await start_facade(TIW_UPSTREAM_TIMEOUT="0.5")
     facade.emulator.add_fault(fault)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -68,7 +71,13 @@ async def test_create_is_never_resent_once_tiw_may_have_it(start_facade: StartFa
     assert await retries(facade, "CreateSnapshotTask") == {}
 
 
-@pytest.mark.parametrize("fault", [Fault(FaultKind.HTTP_STATUS, status=502, count=1), Fault(FaultKind.ERROR_CODE, code="InternalError", count=1)])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(FaultKind.HTTP_STATUS, status=502, count=1),
+        Fault(FaultKind.ERROR_CODE, code="InternalError", count=1),
+    ],
+)
 async def test_create_is_not_resent_after_an_ambiguous_failure(facade: Facade, fault: Fault) -> None:
     facade.emulator.add_fault(fault)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -86,7 +95,9 @@ async def test_create_is_resent_when_tiw_provably_did_not_execute_it(facade: Fac
     assert (await retries(facade, "CreateSnapshotTask")) == {code: 1}
 
 
-async def test_create_is_resent_when_the_connection_was_never_made(start_facade: StartFacade, unused_tcp_port: int) -> None:
+async def test_create_is_resent_when_the_connection_was_never_made(
+    start_facade: StartFacade, unused_tcp_port: int
+) -> None:
     facade = await start_facade(endpoint=f"http://127.0.0.1:{unused_tcp_port}", TIW_MAX_ATTEMPTS="3")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.CreateSnapshotTask(create_request(), timeout=5)
@@ -97,29 +108,50 @@ async def test_create_is_resent_when_the_connection_was_never_made(start_facade:
 async def test_stop_whose_answer_was_lost_succeeds(facade: Facade, emulator: Emulator) -> None:
     task = emulator.add_push_task(sdk_app_id=SDK_APP_ID)
     emulator.add_fault(Fault(FaultKind.DROP, action="StopWhiteboardPush", count=1))  # stops it, answer lost
-    answer = await facade.stub.StopWhiteboardPush(pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=task), timeout=5)
+    answer = await facade.stub.StopWhiteboardPush(
+        pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=task), timeout=5
+    )
     assert answer.request_id
     assert emulator.stats()["StopWhiteboardPush"].accepted == 2
     # Without a lost answer, stopping a stopped task is the caller's error, as TIW says.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.StopWhiteboardPush(pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=task), timeout=5)
+        await facade.stub.StopWhiteboardPush(
+            pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=task), timeout=5
+        )
     assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def test_tencent_throttling_pauses_the_action_and_retries(facade: Facade) -> None:
-    facade.emulator.add_fault(Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code="RequestLimitExceeded", count=1))
+    facade.emulator.add_fault(
+        Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code="RequestLimitExceeded", count=1)
+    )
     started = time.monotonic()
-    answer = await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5)
+    answer = await facade.stub.DescribeWhiteboardPush(
+        pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+    )
     assert answer.task_id == PUSH_TASK
     # The retry waited out the window in which Tencent had no quota left for us.
     assert time.monotonic() - started >= 0.9
     text = await scrape(facade)
     assert samples(text, "tiw_limiter_pauses_total")[(("action", "DescribeWhiteboardPush"),)] == 1
-    assert samples(text, "tiw_upstream_requests_total")[(("action", "DescribeWhiteboardPush"), ("code", "RequestLimitExceeded"))] == 1
+    assert (
+        samples(text, "tiw_upstream_requests_total")[
+            (("action", "DescribeWhiteboardPush"), ("code", "RequestLimitExceeded"))
+        ]
+        == 1
+    )
 
 
 async def test_throttled_without_time_to_wait_is_resource_exhausted(facade: Facade) -> None:
-    facade.emulator.add_fault(Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code="RequestLimitExceeded.UinLimitExceeded"))
+    facade.emulator.add_fault(
+        Fault(
+            FaultKind.ERROR_CODE,
+            action="DescribeWhiteboardPush",
+            code="RequestLimitExceeded.UinLimitExceeded",
+        )
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=0.5)
+        await facade.stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=0.5
+        )
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

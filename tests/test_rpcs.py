@@ -7,10 +7,9 @@ import time
 
 import grpc
 import pytest
+from conftest import Facade, StartFacade
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
-from conftest import Facade, StartFacade
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 
@@ -22,7 +21,13 @@ VIDEO_TASK = "00e1jv8ve0jcqk7da9lb"
 def create_request() -> pb.CreateSnapshotTaskRequest:
     """The seed's example input."""
     return pb.CreateSnapshotTaskRequest(
-        cos=pb.SnapshotCOS(target_dir="snapshot/", region="ap-guangzhou", bucket="test-123070000", domain="xxx.file.com", uin=130001358),
+        cos=pb.SnapshotCOS(
+            target_dir="snapshot/",
+            region="ap-guangzhou",
+            bucket="test-123070000",
+            domain="xxx.file.com",
+            uin=130001358,
+        ),
         whiteboard=pb.SnapshotWhiteboard(width=1280, init_params='{"ratio":"16:9"}', height=720),
         room_id=12345,
         sdk_app_id=1400123480,
@@ -36,8 +41,12 @@ def rich(error: grpc.aio.AioRpcError) -> dict[str, object]:
     assert status is not None, "the status carries google.rpc.Status details"
     found: dict[str, object] = {}
     for item in status.details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
-                     error_details_pb2.QuotaFailure):
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.QuotaFailure,
+        ):
             if item.Is(kind.DESCRIPTOR):
                 message = kind()
                 item.Unpack(message)
@@ -74,14 +83,18 @@ async def test_whiteboard_push_lifecycle(facade: Facade) -> None:
     await asyncio.sleep(0.4)
     pushing = await facade.stub.DescribeWhiteboardPush(request, timeout=5)
     assert pushing.status == "PUSHING" and pushing.push_start_time > 0 and not pushing.finish_reason
-    stopped = await facade.stub.StopWhiteboardPush(pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5)
+    stopped = await facade.stub.StopWhiteboardPush(
+        pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+    )
     assert stopped.request_id
     after = await facade.stub.DescribeWhiteboardPush(request, timeout=5)
     assert after.status == "STOPPED"
     assert after.finish_reason == "USER_CALL"
     assert after.push_stop_time >= after.push_start_time > 0
     with pytest.raises(grpc.aio.AioRpcError) as again:
-        await facade.stub.StopWhiteboardPush(pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5)
+        await facade.stub.StopWhiteboardPush(
+            pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+        )
     assert again.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     info = rich(again.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
@@ -110,13 +123,20 @@ async def test_documented_video_example(facade: Facade) -> None:
 
 
 async def test_invalid_request_names_fields_and_costs_no_quota(facade: Facade) -> None:
-    bad = pb.CreateSnapshotTaskRequest(whiteboard=pb.SnapshotWhiteboard(width=4000), room_id=1, cos=pb.SnapshotCOS(uin=1))
+    bad = pb.CreateSnapshotTaskRequest(
+        whiteboard=pb.SnapshotWhiteboard(width=4000), room_id=1, cos=pb.SnapshotCOS(uin=1)
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.CreateSnapshotTask(bad, timeout=5)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     bad_request = rich(caught.value)["BadRequest"]
     assert isinstance(bad_request, error_details_pb2.BadRequest)
-    assert [v.field for v in bad_request.field_violations] == ["Whiteboard.Width", "SdkAppId", "COS.Region", "COS.Bucket"]
+    assert [v.field for v in bad_request.field_violations] == [
+        "Whiteboard.Width",
+        "SdkAppId",
+        "COS.Region",
+        "COS.Bucket",
+    ]
     assert "SdkAppId is required" in (caught.value.details() or "")
     assert sum(s.accepted + s.throttled + s.rejected for s in facade.emulator.stats().values()) == 0
 
@@ -141,9 +161,13 @@ TABLE_ROWS = [
 
 @pytest.mark.parametrize(("tiw_code", "grpc_code"), TABLE_ROWS)
 async def test_each_row_of_the_error_table(facade: Facade, tiw_code: str, grpc_code: grpc.StatusCode) -> None:
-    facade.emulator.add_fault(Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code=tiw_code, message="as TIW says it"))
+    facade.emulator.add_fault(
+        Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code=tiw_code, message="as TIW says it")
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5)
+        await facade.stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+        )
     assert caught.value.code() is grpc_code
     assert caught.value.details() == "as TIW says it"  # TIW's text is kept
     info = rich(caught.value)["ErrorInfo"]
@@ -155,9 +179,13 @@ async def test_each_row_of_the_error_table(facade: Facade, tiw_code: str, grpc_c
 
 
 async def test_internal_error_is_unavailable_after_retries(facade: Facade) -> None:
-    facade.emulator.add_fault(Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code="InternalError"))
+    facade.emulator.add_fault(
+        Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code="InternalError")
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5)
+        await facade.stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+        )
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert facade.emulator.stats()["DescribeWhiteboardPush"].faulted == facade.server.settings.max_attempts
 
@@ -165,7 +193,9 @@ async def test_internal_error_is_unavailable_after_retries(facade: Facade) -> No
 async def test_real_signature_failure_is_internal(start_facade: StartFacade) -> None:
     facade = await start_facade(TENCENTCLOUD_SECRET_KEY="not-the-emulators-key")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5)
+        await facade.stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+        )
     assert caught.value.code() is grpc.StatusCode.INTERNAL
     info = rich(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "AuthFailure.SignatureFailure"
@@ -194,7 +224,9 @@ async def test_transport_failures_are_unavailable(facade: Facade, fault: Fault, 
 async def test_connection_refused_is_unavailable(start_facade: StartFacade, unused_tcp_port: int) -> None:
     facade = await start_facade(endpoint=f"http://127.0.0.1:{unused_tcp_port}")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeSnapshotTask(pb.DescribeSnapshotTaskRequest(task_id="t", sdk_app_id=1), timeout=5)
+        await facade.stub.DescribeSnapshotTask(
+            pb.DescribeSnapshotTaskRequest(task_id="t", sdk_app_id=1), timeout=5
+        )
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     info = rich(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "ConnectionError"
@@ -206,13 +238,17 @@ async def test_caller_deadline_bounds_a_slow_upstream(facade: Facade) -> None:
     facade.emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeSnapshotTask", delay=5.0))
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeSnapshotTask(pb.DescribeSnapshotTaskRequest(task_id="t", sdk_app_id=1), timeout=0.2)
+        await facade.stub.DescribeSnapshotTask(
+            pb.DescribeSnapshotTaskRequest(task_id="t", sdk_app_id=1), timeout=0.2
+        )
     elapsed = time.monotonic() - started
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 1.5, f"took {elapsed:.2f}s: the upstream time-out did not follow the deadline"
 
 
-async def test_default_upstream_timeout_without_deadline(start_facade: StartFacade, emulator: Emulator) -> None:
+async def test_default_upstream_timeout_without_deadline(
+    start_facade: StartFacade, emulator: Emulator
+) -> None:
     facade = await start_facade(TIW_UPSTREAM_TIMEOUT="0.3")
     emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeSnapshotTask", delay=3.0))
     with pytest.raises(grpc.aio.AioRpcError) as caught:

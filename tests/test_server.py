@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -11,16 +12,20 @@ import sys
 import aiohttp
 import grpc
 import pytest
+from conftest import Facade, StartFacade
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import Facade, StartFacade
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 
 SERVICE = "tiw.v20190919.TiwService"
-ACTIONS = ["CreateSnapshotTask", "DescribeSnapshotTask", "DescribeVideoGenerationTask", "DescribeWhiteboardPush",
-           "StopWhiteboardPush"]
+ACTIONS = [
+    "CreateSnapshotTask",
+    "DescribeSnapshotTask",
+    "DescribeVideoGenerationTask",
+    "DescribeWhiteboardPush",
+    "StopWhiteboardPush",
+]
 
 
 async def test_health_is_serving(facade: Facade) -> None:
@@ -32,7 +37,9 @@ async def test_health_is_serving(facade: Facade) -> None:
 
 async def list_services(channel: grpc.aio.Channel) -> list[str]:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=2)
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=2
+    )
     async for answer in call:
         return sorted(s.name for s in answer.list_services_response.service)
     return []
@@ -51,7 +58,10 @@ async def test_reflection_can_be_turned_off(start_facade: StartFacade) -> None:
 
 
 async def scrape(facade: Facade) -> str:
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{facade.server.http_port}/metrics") as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{facade.server.http_port}/metrics") as r,
+    ):
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain")
         return await r.text()
@@ -67,7 +77,9 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 
 async def test_metrics_follow_go_grpc_prometheus(facade: Facade) -> None:
-    await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=1400000001, task_id="ghucnligqtgtvk2624mb"), timeout=5)
+    await facade.stub.DescribeWhiteboardPush(
+        pb.DescribeWhiteboardPushRequest(sdk_app_id=1400000001, task_id="ghucnligqtgtvk2624mb"), timeout=5
+    )
     with pytest.raises(grpc.aio.AioRpcError):
         await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(), timeout=5)
     text = await scrape(facade)
@@ -77,7 +89,10 @@ async def test_metrics_follow_go_grpc_prometheus(facade: Facade) -> None:
     assert handled[(("grpc_code", "InvalidArgument"), *base)] == 1
     assert samples(text, "grpc_server_started_total")[base] == 2
     assert samples(text, "grpc_server_handling_seconds_count")[base] == 2
-    assert samples(text, "tiw_upstream_requests_total")[(("action", "DescribeWhiteboardPush"), ("code", "OK"))] == 1
+    assert (
+        samples(text, "tiw_upstream_requests_total")[(("action", "DescribeWhiteboardPush"), ("code", "OK"))]
+        == 1
+    )
     # Every action's series exist from start-up, so dashboards and alerts have no gaps.
     started = samples(text, "grpc_server_started_total")
     for action in ACTIONS:
@@ -87,12 +102,23 @@ async def test_metrics_follow_go_grpc_prometheus(facade: Facade) -> None:
     assert samples(text, "tiw_facade_build_info")
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is installed by `make test` (scripts/install-tools)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool is installed by `make test` (scripts/install-tools)"
+)
 async def test_promtool_accepts_the_exposition(facade: Facade) -> None:
     with pytest.raises(grpc.aio.AioRpcError):  # an error code too, so every kind of series is exposed
-        await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(sdk_app_id=1400000001, task_id="nope"), timeout=5)
+        await facade.stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=1400000001, task_id="nope"), timeout=5
+        )
     text = await scrape(facade)
-    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -122,10 +148,20 @@ async def test_one_log_line_per_rpc(facade: Facade, caplog: pytest.LogCaptureFix
 
 
 def test_a_bad_setting_stops_the_process_before_it_listens() -> None:
-    env = {"PATH": "/usr/bin:/bin", "TENCENTCLOUD_SECRET_ID": "AKIDx", "TENCENTCLOUD_SECRET_KEY": "k",
-           "TENCENTCLOUD_REGION": "ap-guangzhou", "TIW_GRPC_PORT": "not-a-port"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TENCENTCLOUD_SECRET_ID": "AKIDx",
+        "TENCENTCLOUD_SECRET_KEY": "k",
+        "TENCENTCLOUD_REGION": "ap-guangzhou",
+        "TIW_GRPC_PORT": "not-a-port",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "tiw_facade.cli", "serve"], env=env, capture_output=True, text=True, timeout=30, check=False
+        [sys.executable, "-m", "tiw_facade.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -135,8 +171,12 @@ def test_a_bad_setting_stops_the_process_before_it_listens() -> None:
 
 def test_real_mode_needs_credentials() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tiw_facade.cli", "serve"], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
-        text=True, timeout=30, check=False,
+        [sys.executable, "-m", "tiw_facade.cli", "serve"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "TENCENTCLOUD_SECRET_ID is required" in result.stderr

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
-
 from tiw_facade.settings import DEFAULT_ENDPOINT, SettingsError, load
 
-BASE = {"TENCENTCLOUD_SECRET_ID": "AKIDx", "TENCENTCLOUD_SECRET_KEY": "sekrit-key", "TENCENTCLOUD_REGION": "ap-guangzhou"}
+BASE = {
+    "TENCENTCLOUD_SECRET_ID": "AKIDx",
+    "TENCENTCLOUD_SECRET_KEY": "sekrit-key",
+    "TENCENTCLOUD_REGION": "ap-guangzhou",
+}
 
 
 def test_defaults() -> None:
@@ -21,8 +24,14 @@ def test_defaults() -> None:
 
 def test_environment_and_overrides() -> None:
     config = load(
-        {**BASE, "TIW_ENDPOINT": "http://127.0.0.1:9000/", "TIW_GRPC_PORT": "6000", "TIW_REFLECTION": "false",
-         "TIW_RATE_LIMIT_ACCOUNT": "team-a", "TIW_EXPECTED_REPLICAS": "3"},
+        {
+            **BASE,
+            "TIW_ENDPOINT": "http://127.0.0.1:9000/",
+            "TIW_GRPC_PORT": "6000",
+            "TIW_REFLECTION": "false",
+            "TIW_RATE_LIMIT_ACCOUNT": "team-a",
+            "TIW_EXPECTED_REPLICAS": "3",
+        },
         grpc_port=7000,
         http_port=None,
     )
@@ -42,7 +51,10 @@ def test_environment_and_overrides() -> None:
         ({"TENCENTCLOUD_REGION": ""}, "TENCENTCLOUD_REGION is required"),
         ({"TIW_GRPC_PORT": "http"}, "TIW_GRPC_PORT='http': malformed"),
         ({"TIW_HTTP_PORT": "70000"}, "TIW_HTTP_PORT='70000': must be a port number"),
-        ({"TIW_ENDPOINT": "tiw.tencentcloudapi.com"}, "TIW_ENDPOINT='tiw.tencentcloudapi.com': must be an http(s) base URL"),
+        (
+            {"TIW_ENDPOINT": "tiw.tencentcloudapi.com"},
+            "TIW_ENDPOINT='tiw.tencentcloudapi.com': must be an http(s) base URL",
+        ),
         ({"TIW_RATE_LIMIT": "0"}, "TIW_RATE_LIMIT='0': must be a positive integer"),
         ({"TIW_REFLECTION": "maybe"}, "TIW_REFLECTION='maybe': must be true or false"),
         ({"TIW_REDIS_URL": "http://redis"}, "TIW_REDIS_URL='http://redis': must be a redis://"),
@@ -64,7 +76,9 @@ def test_demo_fills_only_what_is_missing() -> None:
 
 
 def test_repr_holds_no_secret() -> None:
-    config = load({**BASE, "TENCENTCLOUD_SESSION_TOKEN": "tok-secret", "TIW_REDIS_URL": "redis://:pw-secret@r:6379/0"})
+    config = load(
+        {**BASE, "TENCENTCLOUD_SESSION_TOKEN": "tok-secret", "TIW_REDIS_URL": "redis://:pw-secret@r:6379/0"}
+    )
     text = repr(config)
     for secret in ("sekrit-key", "tok-secret", "pw-secret"):
         assert secret not in text

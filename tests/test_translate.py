@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.message import Message
-
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
-
 from tiw_facade.translate import MalformedAnswer, from_tiw, to_tiw
 from tiw_facade.upstream import encode
 
@@ -49,7 +47,11 @@ def test_every_proto_field_is_named_as_tiw_names_it() -> None:
     # The snapshot actions spell TaskID, the others TaskId (mirror TIW exactly).
     assert pb.DescribeSnapshotTaskRequest.DESCRIPTOR.fields_by_name["task_id"].json_name == "TaskID"
     assert pb.CreateSnapshotTaskResponse.DESCRIPTOR.fields_by_name["task_id"].json_name == "TaskID"
-    for message in (pb.DescribeWhiteboardPushRequest, pb.StopWhiteboardPushRequest, pb.DescribeVideoGenerationTaskRequest):
+    for message in (
+        pb.DescribeWhiteboardPushRequest,
+        pb.StopWhiteboardPushRequest,
+        pb.DescribeVideoGenerationTaskRequest,
+    ):
         assert message.DESCRIPTOR.fields_by_name["task_id"].json_name == "TaskId"
     # And every field has an explicit TIW (UpperCamel) name.
     for descriptor in pb.DESCRIPTOR.message_types_by_name.values():
@@ -58,9 +60,13 @@ def test_every_proto_field_is_named_as_tiw_names_it() -> None:
 
 
 def test_integers_stay_integers_in_the_body() -> None:
-    request = pb.DescribeSnapshotTaskRequest(sdk_app_id=1400127230, task_id="f2e1728c-6e87-4481-abe1-cde8542a5a10")
+    request = pb.DescribeSnapshotTaskRequest(
+        sdk_app_id=1400127230, task_id="f2e1728c-6e87-4481-abe1-cde8542a5a10"
+    )
     # Compact, in proto field order, the integer unquoted: these bytes are what is signed and sent.
-    assert encode(to_tiw(request)) == b'{"TaskID":"f2e1728c-6e87-4481-abe1-cde8542a5a10","SdkAppId":1400127230}'
+    assert (
+        encode(to_tiw(request)) == b'{"TaskID":"f2e1728c-6e87-4481-abe1-cde8542a5a10","SdkAppId":1400127230}'
+    )
     big = encode(to_tiw(pb.CreateSnapshotTaskRequest(sdk_app_id=2**63 + 5, room_id=1)))
     assert json.loads(big)["SdkAppId"] == 2**63 + 5
 
@@ -71,14 +77,23 @@ def test_non_ascii_text_is_sent_as_utf8() -> None:
 
 
 def test_null_becomes_absent_and_zero_stays_present() -> None:
-    answer = {"TaskID": None, "Status": None, "CreateTime": 0, "FinishTime": None, "Result": None, "RequestId": "r"}
+    answer = {
+        "TaskID": None,
+        "Status": None,
+        "CreateTime": 0,
+        "FinishTime": None,
+        "Result": None,
+        "RequestId": "r",
+    }
     message = from_tiw(answer, pb.DescribeSnapshotTaskResponse)
     assert not message.HasField("task_id")
     assert not message.HasField("status")
     assert not message.HasField("finish_time")
     assert not message.HasField("result")
     assert message.HasField("create_time") and message.create_time == 0
-    result = from_tiw({"Result": {"ErrorCode": None, "Total": 0, "Snapshots": None}}, pb.DescribeSnapshotTaskResponse)
+    result = from_tiw(
+        {"Result": {"ErrorCode": None, "Total": 0, "Snapshots": None}}, pb.DescribeSnapshotTaskResponse
+    )
     assert result.HasField("result") and not result.result.HasField("error_code")
     assert result.result.HasField("total") and list(result.result.snapshots) == []
 
@@ -107,7 +122,11 @@ def test_unknown_fields_are_tolerated() -> None:
     ],
 )
 def test_wrong_types_name_the_field(answer: dict[str, Any], field: str) -> None:
-    target = pb.DescribeVideoGenerationTaskResponse if field.startswith("Video") else pb.DescribeWhiteboardPushResponse
+    target = (
+        pb.DescribeVideoGenerationTaskResponse
+        if field.startswith("Video")
+        else pb.DescribeWhiteboardPushResponse
+    )
     with pytest.raises(MalformedAnswer, match="^" + re.escape(field) + ":"):
         from_tiw(answer, target)
 

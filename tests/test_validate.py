@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf.message import Message
-
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.validate import MAX_TASK_ID_LENGTH, violations
 
@@ -15,7 +14,9 @@ def snapshot(**changes: object) -> pb.CreateSnapshotTaskRequest:
         sdk_app_id=1400123480,
         room_id=12345,
         callback_url="http://xx/callback",
-        cos=pb.SnapshotCOS(uin=130001358, region="ap-guangzhou", bucket="test-123070000", target_dir="snapshot/"),
+        cos=pb.SnapshotCOS(
+            uin=130001358, region="ap-guangzhou", bucket="test-123070000", target_dir="snapshot/"
+        ),
         snapshot_mode="AllMarks",
     )
     for path, value in changes.items():
@@ -32,7 +33,9 @@ def snapshot(**changes: object) -> pb.CreateSnapshotTaskRequest:
 
 VALID = [
     snapshot(),
-    pb.CreateSnapshotTaskRequest(whiteboard=pb.SnapshotWhiteboard(), sdk_app_id=1, room_id=1),  # only required
+    pb.CreateSnapshotTaskRequest(
+        whiteboard=pb.SnapshotWhiteboard(), sdk_app_id=1, room_id=1
+    ),  # only required
     snapshot(whiteboard__width=0, whiteboard__height=2560),  # the bounds themselves
     snapshot(callback_url="https://example.com:8443/cb?x=1"),
     snapshot(snapshot_mode="LatestMarksOnly"),
@@ -66,7 +69,11 @@ INVALID = [
     (snapshot(snapshot_mode="allmarks"), "SnapshotMode", "one of AllMarks, LatestMarksOnly"),
     (pb.DescribeSnapshotTaskRequest(sdk_app_id=1), "TaskID", "is required"),
     (pb.DescribeSnapshotTaskRequest(task_id="t"), "SdkAppId", "is required"),
-    (pb.DescribeSnapshotTaskRequest(task_id="x" * (MAX_TASK_ID_LENGTH + 1), sdk_app_id=1), "TaskID", "at most 128"),
+    (
+        pb.DescribeSnapshotTaskRequest(task_id="x" * (MAX_TASK_ID_LENGTH + 1), sdk_app_id=1),
+        "TaskID",
+        "at most 128",
+    ),
     (pb.DescribeSnapshotTaskRequest(task_id="a b", sdk_app_id=1), "TaskID", "spaces or control"),
     (pb.DescribeSnapshotTaskRequest(task_id="a\nb", sdk_app_id=1), "TaskID", "spaces or control"),
     (pb.DescribeWhiteboardPushRequest(sdk_app_id=-5, task_id="t"), "SdkAppId", "greater than 0"),
@@ -78,7 +85,9 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("request_message", "field", "problem"), INVALID, ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("request_message", "field", "problem"), INVALID, ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_each_rule_names_the_field(request_message: Message, field: str, problem: str) -> None:
     found = violations(request_message)
     assert [v.field for v in found] == [field]
@@ -86,5 +95,14 @@ def test_each_rule_names_the_field(request_message: Message, field: str, problem
 
 
 def test_all_violations_are_reported_at_once() -> None:
-    found = violations(pb.CreateSnapshotTaskRequest(whiteboard=pb.SnapshotWhiteboard(width=9999), cos=pb.SnapshotCOS()))
-    assert [v.field for v in found] == ["Whiteboard.Width", "SdkAppId", "RoomId", "COS.Uin", "COS.Region", "COS.Bucket"]
+    found = violations(
+        pb.CreateSnapshotTaskRequest(whiteboard=pb.SnapshotWhiteboard(width=9999), cos=pb.SnapshotCOS())
+    )
+    assert [v.field for v in found] == [
+        "Whiteboard.Width",
+        "SdkAppId",
+        "RoomId",
+        "COS.Uin",
+        "COS.Region",
+        "COS.Bucket",
+    ]

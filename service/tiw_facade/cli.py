@@ -20,19 +20,28 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
-        "serve", help="run the gRPC facade", description="Run the gRPC facade. Settings come from the "
-        "environment (see the README); these flags override it."
+        "serve",
+        help="run the gRPC facade",
+        description="Run the gRPC facade. Settings come from the "
+        "environment (see the README); these flags override it.",
     )
     serve.add_argument(
-        "--emulator", action="store_true",
-        help="start an embedded TIW emulator and serve against it with demo credentials (no Tencent account needed)",
+        "--emulator",
+        action="store_true",
+        help="start an embedded TIW emulator and serve against it with demo credentials "
+        "(no Tencent account needed)",
     )
     serve.add_argument("--grpc-port", type=int, help="overrides TIW_GRPC_PORT")
     serve.add_argument("--http-port", type=int, help="overrides TIW_HTTP_PORT")
     serve.add_argument("--endpoint", help="overrides TIW_ENDPOINT")
     serve.add_argument("--redis-url", help="overrides TIW_REDIS_URL")
-    serve.add_argument("--no-reflection", dest="reflection", action="store_false", default=None,
-                       help="do not serve gRPC reflection (overrides TIW_REFLECTION)")
+    serve.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        default=None,
+        help="do not serve gRPC reflection (overrides TIW_REFLECTION)",
+    )
     serve.add_argument("--log-level", help="overrides TIW_LOG_LEVEL")
 
     emulator = commands.add_parser("emulator", help="run only the TIW emulator (HTTP)")

@@ -53,7 +53,7 @@ FALLBACK_CODE = grpc.StatusCode.UNKNOWN
 def grpc_code_for(tiw_code: str) -> grpc.StatusCode:
     """The gRPC code for a TIW error code, by ``ERROR_TABLE``."""
     for pattern, code in ERROR_TABLE:
-        if pattern.endswith("*") and tiw_code.startswith(pattern[:-1]) or tiw_code == pattern:
+        if (pattern.endswith("*") and tiw_code.startswith(pattern[:-1])) or tiw_code == pattern:
             return code
     return FALLBACK_CODE
 
@@ -98,8 +98,12 @@ def status_for(exc: Exception, *, action: str, host: str) -> grpc.Status:
     if isinstance(exc, QuotaExceeded):
         return _quota_exceeded(exc)
     if isinstance(exc, LimiterClosed):
-        info = error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain=FACADE_DOMAIN, metadata={"action": action})
-        return build_status(grpc.StatusCode.UNAVAILABLE, "the facade is shutting down; retry on another replica", [info])
+        info = error_details_pb2.ErrorInfo(
+            reason="SHUTTING_DOWN", domain=FACADE_DOMAIN, metadata={"action": action}
+        )
+        return build_status(
+            grpc.StatusCode.UNAVAILABLE, "the facade is shutting down; retry on another replica", [info]
+        )
     if isinstance(exc, UpstreamTimeout):
         info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=host, metadata={"action": action})
         return build_status(TIMEOUT_CODE, str(exc), [info])
@@ -118,16 +122,21 @@ def _quota_exceeded(exc: QuotaExceeded) -> grpc.Status:
         violations=[
             error_details_pb2.QuotaFailure.Violation(
                 subject=f"action:{exc.action}",
-                description=f"TIW allows a limited number of {exc.action} requests per second; {_WHY[exc.reason]}",
+                description=f"TIW allows a limited number of {exc.action} requests per second; "
+                f"{_WHY[exc.reason]}",
             )
         ]
     )
     info = error_details_pb2.ErrorInfo(
-        reason="RATE_LIMITED", domain=FACADE_DOMAIN, metadata={"action": exc.action, "limiter_reason": exc.reason}
+        reason="RATE_LIMITED",
+        domain=FACADE_DOMAIN,
+        metadata={"action": exc.action, "limiter_reason": exc.reason},
     )
     message = f"{exc.action}: rate limit, {_WHY[exc.reason]}; retry in {seconds:.3f}s"
     return build_status(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, message, [error_details_pb2.RetryInfo(retry_delay=delay), quota, info]
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message,
+        [error_details_pb2.RetryInfo(retry_delay=delay), quota, info],
     )
 
 
@@ -141,4 +150,3 @@ _WHY = {
 def _rpc_code(code: grpc.StatusCode) -> int:
     value: int = code.value[0]
     return value
-

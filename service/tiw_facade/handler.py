@@ -40,7 +40,9 @@ def build_handler(client: TiwClient, host: str) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
 
 
-def _behavior(method: MethodDescriptor, response_class: type[Message], client: TiwClient, host: str) -> Behavior:
+def _behavior(
+    method: MethodDescriptor, response_class: type[Message], client: TiwClient, host: str
+) -> Behavior:
     action = method.name  # RPCs are named exactly as the TIW actions
 
     async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
@@ -57,7 +59,9 @@ def _behavior(method: MethodDescriptor, response_class: type[Message], client: T
             try:
                 response = translate.from_tiw(answer, response_class)
             except translate.MalformedAnswer as exc:
-                raise TransportError("MalformedResponse", f"TIW's answer to {action}: {exc}", delivered=True) from exc
+                raise TransportError(
+                    "MalformedResponse", f"TIW's answer to {action}: {exc}", delivered=True
+                ) from exc
         except Exception as exc:  # every failure becomes a status; CancelledError is not an Exception
             if record is not None and isinstance(exc, TiwError):
                 record.request_id = exc.request_id

@@ -13,7 +13,11 @@ import sys
 from collections.abc import Iterable
 
 # Attributes every LogRecord has; anything else was passed in ``extra`` and becomes a JSON field.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 REDACTED = "[REDACTED]"
 
 
@@ -22,12 +26,16 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         # Longest first, so a secret that contains another is scrubbed whole.
         # Each secret also in its JSON-escaped spelling, which is what appears in the line.
-        forms = {form for s in secrets if len(s) >= 4 for form in (s, json.dumps(s, ensure_ascii=False)[1:-1])}
+        forms = {
+            form for s in secrets if len(s) >= 4 for form in (s, json.dumps(s, ensure_ascii=False)[1:-1])
+        }
         self._secrets = sorted(forms, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),

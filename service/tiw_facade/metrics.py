@@ -59,7 +59,10 @@ class Metrics:
 
         # --- gRPC server (go-grpc-prometheus) ---
         self.grpc_started = Counter(
-            "grpc_server_started_total", "Total number of RPCs started on the server.", GRPC_LABELS, registry=r
+            "grpc_server_started_total",
+            "Total number of RPCs started on the server.",
+            GRPC_LABELS,
+            registry=r,
         )
         self.grpc_handled = Counter(
             "grpc_server_handled_total",
@@ -68,16 +71,21 @@ class Metrics:
             registry=r,
         )
         self.grpc_msg_received = Counter(
-            "grpc_server_msg_received_total", "Total number of RPC stream messages received on the server.",
-            GRPC_LABELS, registry=r,
+            "grpc_server_msg_received_total",
+            "Total number of RPC stream messages received on the server.",
+            GRPC_LABELS,
+            registry=r,
         )
         self.grpc_msg_sent = Counter(
-            "grpc_server_msg_sent_total", "Total number of gRPC stream messages sent by the server.",
-            GRPC_LABELS, registry=r,
+            "grpc_server_msg_sent_total",
+            "Total number of gRPC stream messages sent by the server.",
+            GRPC_LABELS,
+            registry=r,
         )
         self.grpc_handling_seconds = Histogram(
             "grpc_server_handling_seconds",
-            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled "
+            "by the server.",
             GRPC_LABELS,
             buckets=HANDLING_BUCKETS,
             registry=r,
@@ -98,13 +106,18 @@ class Metrics:
             registry=r,
         )
         self.upstream_retries = Counter(
-            "tiw_upstream_retries_total", "Attempts re-sent to TIW, by action and reason.", ("action", "reason"),
+            "tiw_upstream_retries_total",
+            "Attempts re-sent to TIW, by action and reason.",
+            ("action", "reason"),
             registry=r,
         )
 
         # --- limiter ---
         self.limiter_admitted = Counter(
-            "tiw_limiter_admitted_total", "Upstream attempts admitted by the rate limiter.", ("action",), registry=r
+            "tiw_limiter_admitted_total",
+            "Upstream attempts admitted by the rate limiter.",
+            ("action",),
+            registry=r,
         )
         self.limiter_rejected = Counter(
             "tiw_limiter_rejected_total",
@@ -113,31 +126,46 @@ class Metrics:
             registry=r,
         )
         self.limiter_wait_seconds = Histogram(
-            "tiw_limiter_wait_seconds", "Time a call waited for its rate-limit slot.", ("action",),
-            buckets=WAIT_BUCKETS, registry=r,
+            "tiw_limiter_wait_seconds",
+            "Time a call waited for its rate-limit slot.",
+            ("action",),
+            buckets=WAIT_BUCKETS,
+            registry=r,
         )
         self.limiter_queue_depth = Gauge(
-            "tiw_limiter_queue_depth", "Calls waiting for a rate-limit slot in this replica.", ("action",), registry=r
+            "tiw_limiter_queue_depth",
+            "Calls waiting for a rate-limit slot in this replica.",
+            ("action",),
+            registry=r,
         )
         self.limiter_limit = Gauge(
-            "tiw_limiter_limit", "Configured upstream requests per second per action (all replicas).", ("action",),
+            "tiw_limiter_limit",
+            "Configured upstream requests per second per action (all replicas).",
+            ("action",),
             registry=r,
         )
         self.limiter_paused = Counter(
-            "tiw_limiter_pauses_total", "Admissions paused because TIW itself answered RequestLimitExceeded.",
-            ("action",), registry=r,
+            "tiw_limiter_pauses_total",
+            "Admissions paused because TIW itself answered RequestLimitExceeded.",
+            ("action",),
+            registry=r,
         )
         self.limiter_backend = Gauge(
-            "tiw_limiter_backend_info", "The rate limiter's backend (memory or redis); value 1.", ("backend",),
+            "tiw_limiter_backend_info",
+            "The rate limiter's backend (memory or redis); value 1.",
+            ("backend",),
             registry=r,
         )
         self.limiter_degraded = Gauge(
             "tiw_limiter_degraded",
-            "1 while the shared (Redis) limiter is unreachable and this replica uses its local share of the limit.",
+            "1 while the shared (Redis) limiter is unreachable and this replica uses its local share "
+            "of the limit.",
             registry=r,
         )
         self.limiter_backend_errors = Counter(
-            "tiw_limiter_backend_errors_total", "Errors talking to the limiter's shared backend (Redis).", registry=r
+            "tiw_limiter_backend_errors_total",
+            "Errors talking to the limiter's shared backend (Redis).",
+            registry=r,
         )
 
         self.build_info = Gauge(
@@ -186,16 +214,21 @@ class _MethodSeries:
         self.received = metrics.grpc_msg_received.labels(**labels)
         self.sent = metrics.grpc_msg_sent.labels(**labels)
         self.seconds = metrics.grpc_handling_seconds.labels(**labels)
-        self.handled = {code: metrics.grpc_handled.labels(**labels, grpc_code=name) for code, name in GO_CODE_NAMES.items()}
+        self.handled = {
+            code: metrics.grpc_handled.labels(**labels, grpc_code=name)
+            for code, name in GO_CODE_NAMES.items()
+        }
 
 
-class RpcObserver(grpc.aio.ServerInterceptor):
+class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     """go-grpc-prometheus metrics and one structured log line for every RPC.
 
     Written by hand because py-grpc-prometheus is sync-only and spells its labels differently.
     """
 
-    def __init__(self, metrics: Metrics, log: logging.Logger, quiet_services: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, metrics: Metrics, log: logging.Logger, quiet_services: frozenset[str] = frozenset()
+    ) -> None:
         self._metrics = metrics
         self._log = log
         self._quiet = quiet_services  # health and reflection: logged at DEBUG, probes are frequent
@@ -229,7 +262,9 @@ class RpcObserver(grpc.aio.ServerInterceptor):
                     return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
         # Streaming RPCs here are only health Watch and reflection: count and log them, pass through.
         kind = "server_stream" if handler.unary_stream is not None else "bidi_stream"
@@ -248,9 +283,15 @@ class RpcObserver(grpc.aio.ServerInterceptor):
                         series.sent.inc()
                         yield item
 
-        factory = grpc.unary_stream_rpc_method_handler if kind == "server_stream" else grpc.stream_stream_rpc_method_handler
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if kind == "server_stream"
+            else grpc.stream_stream_rpc_method_handler
+        )
         return factory(
-            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
         )
 
     @contextlib.asynccontextmanager

@@ -73,7 +73,9 @@ class FacadeServer:
             log.info("embedded TIW emulator started", extra={"endpoint": url})
 
         self._limiter = create_limiter(settings, self.metrics)
-        self.metrics.prime(SERVICE.full_name, [m.name for m in SERVICE.methods], settings.rate_limit, self._limiter.backend)
+        self.metrics.prime(
+            SERVICE.full_name, [m.name for m in SERVICE.methods], settings.rate_limit, self._limiter.backend
+        )
         self._client = TiwClient(settings, self._limiter, self.metrics)
         await self._client.start()
 
@@ -85,7 +87,9 @@ class FacadeServer:
         server.add_generic_rpc_handlers((build_handler(self._client, settings.upstream_host),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
-            reflection.enable_server_reflection((SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            reflection.enable_server_reflection(
+                (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         self.grpc_port = server.add_insecure_port(f"{settings.bind_host}:{settings.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {settings.bind_host}:{settings.grpc_port} (TIW_GRPC_PORT)")
@@ -136,7 +140,10 @@ class FacadeServer:
         self._serving = False
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
-            log.info("draining", extra={"grace_seconds": grace if grace is not None else self.settings.shutdown_grace})
+            log.info(
+                "draining",
+                extra={"grace_seconds": grace if grace is not None else self.settings.shutdown_grace},
+            )
             await self._grpc.stop(grace if grace is not None else self.settings.shutdown_grace)
         if self._client is not None:
             await self._client.aclose()
@@ -165,4 +172,3 @@ async def serve(settings: Settings, *, with_emulator: bool = False) -> int:
     log.info("signal received: stopping")
     await server.stop()
     return 0
-

@@ -79,7 +79,9 @@ class Settings:
 ENVIRONMENT: tuple[Setting, ...] = (
     Setting("TENCENTCLOUD_SECRET_ID", "(required)", "SecretId of the Tencent Cloud API key."),
     Setting("TENCENTCLOUD_SECRET_KEY", "(required)", "SecretKey of the API key. Never logged."),
-    Setting("TENCENTCLOUD_SESSION_TOKEN", "(empty)", "Session token of temporary credentials, sent as X-TC-Token."),
+    Setting(
+        "TENCENTCLOUD_SESSION_TOKEN", "(empty)", "Session token of temporary credentials, sent as X-TC-Token."
+    ),
     Setting("TENCENTCLOUD_REGION", "(required)", "Region sent as X-TC-Region, e.g. `ap-guangzhou`."),
     Setting("TIW_ENDPOINT", DEFAULT_ENDPOINT, "Upstream base URL; the signed Host follows it."),
     Setting("TIW_LANGUAGE", "(empty)", "X-TC-Language for TIW's error messages: `zh-CN` or `en-US`."),
@@ -89,16 +91,40 @@ ENVIRONMENT: tuple[Setting, ...] = (
     Setting("TIW_REFLECTION", "true", "Serve gRPC server reflection."),
     Setting("TIW_SHUTDOWN_GRACE", "20", "Seconds in-flight RPCs may take to finish after SIGTERM."),
     Setting("TIW_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
-    Setting("TIW_UPSTREAM_TIMEOUT", "10", "Seconds one upstream attempt may take; without a caller deadline, the whole call."),
+    Setting(
+        "TIW_UPSTREAM_TIMEOUT",
+        "10",
+        "Seconds one upstream attempt may take; without a caller deadline, the whole call.",
+    ),
     Setting("TIW_MAX_ATTEMPTS", "3", "Upper bound on attempts per call, where retrying is safe."),
     Setting("TIW_RATE_LIMIT", "20", "Requests per second per action, for all replicas together."),
-    Setting("TIW_RATE_LIMIT_ACCOUNT", "(the SecretId)", "Whose quota: replicas with the same value share it."),
-    Setting("TIW_REDIS_URL", "(empty: in-process)", "Redis for the limiter shared by replicas, e.g. `redis://redis:6379/0`."),
+    Setting(
+        "TIW_RATE_LIMIT_ACCOUNT", "(the SecretId)", "Whose quota: replicas with the same value share it."
+    ),
+    Setting(
+        "TIW_REDIS_URL",
+        "(empty: in-process)",
+        "Redis for the limiter shared by replicas, e.g. `redis://redis:6379/0`.",
+    ),
     Setting("TIW_REDIS_TIMEOUT", "0.05", "Seconds a Redis call may take before the limiter degrades."),
-    Setting("TIW_EXPECTED_REPLICAS", "1", "Replicas sharing the quota; while Redis is down each takes rate/replicas."),
-    Setting("TIW_MAX_QUEUE_WAIT", "5", "Longest wait, in seconds, for a rate-limit slot; beyond it, RESOURCE_EXHAUSTED."),
-    Setting("TIW_MAX_QUEUE_LENGTH", "1000", "Callers that may wait per action; beyond it, RESOURCE_EXHAUSTED."),
-    Setting("TIW_MAX_CONNECTION_AGE", "300", "Seconds before a client connection is asked to reconnect (spreads load)."),
+    Setting(
+        "TIW_EXPECTED_REPLICAS",
+        "1",
+        "Replicas sharing the quota; while Redis is down each takes rate/replicas.",
+    ),
+    Setting(
+        "TIW_MAX_QUEUE_WAIT",
+        "5",
+        "Longest wait, in seconds, for a rate-limit slot; beyond it, RESOURCE_EXHAUSTED.",
+    ),
+    Setting(
+        "TIW_MAX_QUEUE_LENGTH", "1000", "Callers that may wait per action; beyond it, RESOURCE_EXHAUSTED."
+    ),
+    Setting(
+        "TIW_MAX_CONNECTION_AGE",
+        "300",
+        "Seconds before a client connection is asked to reconnect (spreads load).",
+    ),
 )
 
 
@@ -173,7 +199,9 @@ def load(environ: Mapping[str, str] | None = None, *, demo: bool = False, **over
         try:
             return parse(raw.strip())
         except ValueError as exc:
-            detail = str(exc) if not str(exc).startswith(("invalid literal", "could not convert")) else "malformed"
+            detail = (
+                str(exc) if not str(exc).startswith(("invalid literal", "could not convert")) else "malformed"
+            )
             raise SettingsError(f"{name}={raw!r}: {detail}") from None
 
     def required(name: str, demo_value: str) -> str:

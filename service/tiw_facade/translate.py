@@ -19,9 +19,15 @@ M = TypeVar("M", bound=Message)
 
 _INTEGER_TYPES = frozenset(
     {
-        FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-        FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
-        FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED32,
         FieldDescriptor.TYPE_SFIXED64,
     }
 )
@@ -81,7 +87,9 @@ def _merge(data: Mapping[str, Any], message: Message, path: str) -> None:
             try:
                 if field.is_repeated:
                     items = _as_list(value, where)
-                    getattr(message, field.name).extend(_scalar(field, v, f"{where}[{i}]") for i, v in enumerate(items))
+                    getattr(message, field.name).extend(
+                        _scalar(field, v, f"{where}[{i}]") for i, v in enumerate(items)
+                    )
                 else:
                     setattr(message, field.name, _scalar(field, value, where))
             except (ValueError, TypeError) as exc:  # e.g. a negative number for an unsigned field

@@ -117,7 +117,9 @@ class TiwClient:
             keepalive_timeout=KEEPALIVE_TIMEOUT,
             ttl_dns_cache=60,
         )
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, raise_for_status=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, raise_for_status=False
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -136,11 +138,7 @@ class TiwClient:
             try:
                 return await self._attempt(action, body, budget_end)
             except (TiwError, TransportError) as exc:
-                if (
-                    isinstance(exc, TiwError)
-                    and answer_lost
-                    and exc.code == policy.success_after_lost_answer
-                ):
+                if isinstance(exc, TiwError) and answer_lost and exc.code == policy.success_after_lost_answer:
                     log.info("earlier attempt succeeded; its answer was lost", extra={"action": action})
                     return {"RequestId": exc.request_id}
                 reason = _retry_reason(exc, policy)
@@ -176,7 +174,9 @@ class TiwClient:
             remaining = min(budget_end - time.monotonic(), self._settings.upstream_timeout)
             if remaining < MIN_ATTEMPT_TIME:
                 code = "Timeout"
-                raise UpstreamTimeout("deadline exhausted while waiting for a rate-limit slot", delivered=False)
+                raise UpstreamTimeout(
+                    "deadline exhausted while waiting for a rate-limit slot", delivered=False
+                )
             # Signed at send time, so a re-sent request carries a fresh timestamp.
             headers = self._signer.headers(action, body, int(time.time()))
             timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=min(remaining, CONNECT_TIMEOUT))
@@ -220,9 +220,7 @@ def _parse(status: int, raw: bytes) -> dict[str, Any]:
     except ValueError:
         envelope = None
     answer = envelope.get("Response") if isinstance(envelope, dict) else None
-    if not isinstance(answer, dict) or (
-        "Error" in answer and not isinstance(answer["Error"], dict)
-    ):
+    if not isinstance(answer, dict) or ("Error" in answer and not isinstance(answer["Error"], dict)):
         raise TransportError("MalformedResponse", "TIW's answer is not a TIW JSON envelope", delivered=True)
     return answer
 

@@ -61,7 +61,7 @@ def task_id(value: str) -> str | None:
 def json_text(value: str) -> str | None:
     try:
         json.loads(value)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return f"must be JSON text ({exc.msg} at position {exc.pos})"
     return None
 
@@ -104,7 +104,11 @@ RULES: dict[str, dict[str, tuple[Check | str, ...]]] = {
     },
     **{
         message.DESCRIPTOR.full_name: {"SdkAppId": (REQUIRED, positive), "TaskId": (REQUIRED, task_id)}
-        for message in (pb.DescribeWhiteboardPushRequest, pb.StopWhiteboardPushRequest, pb.DescribeVideoGenerationTaskRequest)
+        for message in (
+            pb.DescribeWhiteboardPushRequest,
+            pb.StopWhiteboardPushRequest,
+            pb.DescribeVideoGenerationTaskRequest,
+        )
     },
 }
 
@@ -130,7 +134,7 @@ def violations(message: Message, path: str = "") -> list[Violation]:
     return found
 
 
-def _is_present(message: Message, field: FieldDescriptor) -> bool:
+def _is_present(message: Message, field: Any) -> bool:  # a FieldDescriptor (pure or upb)
     if field.has_presence:
         return message.HasField(field.name)
     if field.is_repeated:
