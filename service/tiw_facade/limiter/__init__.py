@@ -1,0 +1,123 @@
+"""Admission to TIW: at most ``limit`` requests per action ARRIVE at TIW in any window, all replicas together.
+
+Why not a plain token bucket: a bucket of N refilled at N/s admits 2N in one second. Why not a sliding
+log of admission times: a request reaches TIW some time after it is admitted (queues, connection
+set-up, five actions freeing their slots at the same instant), so admissions spaced by a window still
+arrive closer than that (measured: 28 arrivals in one second with a 1.02 s log). What this package
+builds instead: a bucket of ``limit`` tokens where each token comes back exactly one window after the
+ANSWER to the call that took it (TIW saw the call before we saw its answer, so the next call on that
+token arrives at least a window later, however the network jitters). A call whose answer never comes
+keeps its token until its hold time-out, plus a window.
+
+Two backends behind one interface: in-process (``memory``) for one replica, and Redis (``shared``)
+for replicas sharing the quota, which falls back to a local share of the limit while Redis is down.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from tiw_facade.metrics import Metrics
+    from tiw_facade.settings import Settings
+
+Reason = Literal["deadline", "max_wait", "queue_full"]
+
+
+class QuotaExceeded(Exception):
+    """No slot for this call within its deadline, within the longest wait, or no room in the queue.
+
+    Knows nothing of gRPC: the server maps it to RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure.
+    """
+
+    def __init__(self, action: str, reason: Reason, retry_after: float) -> None:
+        self.action = action
+        self.reason: Reason = reason
+        # Seconds until a slot is expected to be free: an optimistic estimate, never negative.
+        self.retry_after = max(0.0, retry_after)
+        super().__init__(f"{action}: rate limit ({reason}); a slot is expected in {self.retry_after:.3f}s")
+
+
+class LimiterClosed(RuntimeError):
+    """``acquire`` after (or while waiting during) ``aclose``: the service is shutting down."""
+
+
+class Lease(Protocol):
+    """One upstream attempt's token."""
+
+    def release(self) -> None:
+        """The attempt ended (answer received, or given up): the token comes back one window from now.
+
+        Idempotent and synchronous; call it in ``finally`` around the attempt.
+        """
+
+
+class Limiter(abc.ABC):
+    """Admission per action for one account. See the module docstring for the invariant."""
+
+    backend: str
+
+    @property
+    @abc.abstractmethod
+    def degraded(self) -> bool:
+        """True while a shared limiter cannot reach its backend and uses a local share of the limit."""
+
+    @abc.abstractmethod
+    async def acquire(self, action: str, *, deadline: float | None, hold: float) -> Lease:
+        """Wait (first come, first served per action) for a token of ``action``.
+
+        ``deadline``: absolute ``time.monotonic()`` by which the caller needs its answer, or None.
+        ``hold``: the longest the attempt can take; a lease never released comes back after
+        ``hold`` plus a window (a crashed replica cannot leak tokens for good).
+
+        Raises ``QuotaExceeded`` at once when the expected slot lies beyond ``deadline`` or beyond
+        the longest wait, or when the wait queue is full; and later if the deadline or the longest
+        wait passes while waiting. A caller cancelled while waiting consumes nothing.
+        """
+
+    @abc.abstractmethod
+    def pause(self, action: str, seconds: float = 1.0) -> None:
+        """TIW answered RequestLimitExceeded: hold every admission of ``action`` for ``seconds``."""
+
+    @abc.abstractmethod
+    def health(self) -> dict[str, object]:
+        """``{"backend": ..., "degraded": ..., "detail": ...}`` for /healthz."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop background work, refuse waiting callers with ``LimiterClosed``, return shared tokens."""
+
+
+def create_limiter(settings: Settings, metrics: Metrics | None = None, *, window: float = 1.0) -> Limiter:
+    """The limiter ``settings`` ask for: in-process without ``redis_url``, else shared through Redis.
+
+    Needs no running event loop; a shared limiter connects on first use.
+    """
+    # Imported here: the backends import this module's interface.
+    if not settings.redis_url:
+        from tiw_facade.limiter.memory import MemoryLimiter
+
+        return MemoryLimiter(
+            limit=settings.rate_limit,
+            window=window,
+            max_queue_wait=settings.max_queue_wait,
+            max_queue_length=settings.max_queue_length,
+            metrics=metrics,
+        )
+    from tiw_facade.limiter.shared import RedisLimiter
+
+    return RedisLimiter(
+        url=settings.redis_url,
+        account=settings.account,
+        limit=settings.rate_limit,
+        degraded_limit=settings.degraded_rate_limit,
+        timeout=settings.redis_timeout,
+        window=window,
+        max_queue_wait=settings.max_queue_wait,
+        max_queue_length=settings.max_queue_length,
+        metrics=metrics,
+    )
+
+
+__all__ = ["Lease", "Limiter", "LimiterClosed", "QuotaExceeded", "Reason", "create_limiter"]

@@ -1,0 +1,300 @@
+"""What both backends share: the per-action wait queue, at-once refusals, the pump, pauses, metrics.
+
+A backend only says whether a token can be taken now (and if not, when to ask again), how tokens are
+expected to come back (for estimates), and how to hand back a token nobody used.
+
+Waiting callers queue per action in arrival order. A caller only takes a token itself when nobody is
+queued (the cheap, common path); otherwise one pump task per action hands tokens to the queue's head,
+sleeping exactly until the backend says a token can come back. Waiters never poll.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tiw_facade.limiter import Lease, Limiter, LimiterClosed, QuotaExceeded, Reason
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    from tiw_facade.metrics import Metrics
+
+log = logging.getLogger("tiw_facade.limiter")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outlook:
+    """How a backend expects its tokens to come back, for estimating when a waiter gets one."""
+
+    capacity: int
+    returning: Sequence[float]  # known return times, ascending (monotonic seconds)
+    in_flight: int  # held tokens: back no sooner than a window from now
+
+
+class _Waiter:
+    __slots__ = ("future", "hold")
+
+    def __init__(self, future: asyncio.Future[Lease], hold: float) -> None:
+        self.future = future
+        self.hold = hold
+
+
+class _ActionMetrics:
+    """The metric children of one action, looked up once (``labels()`` takes a lock and a dict)."""
+
+    __slots__ = ("_rejected", "admitted", "depth", "paused", "wait")
+
+    def __init__(self, metrics: Metrics, action: str) -> None:
+        self.admitted: Counter = metrics.limiter_admitted.labels(action=action)
+        self.wait: Histogram = metrics.limiter_wait_seconds.labels(action=action)
+        self.depth: Gauge = metrics.limiter_queue_depth.labels(action=action)
+        self.paused: Counter = metrics.limiter_paused.labels(action=action)
+        self._rejected = {
+            reason: metrics.limiter_rejected.labels(action=action, reason=reason)
+            for reason in ("deadline", "max_wait", "queue_full")
+        }
+
+    def rejected(self, reason: Reason) -> None:
+        self._rejected[reason].inc()
+
+
+class ActionState:
+    """One action's queue and pump."""
+
+    __slots__ = ("action", "live", "metrics", "paused_until", "pump", "queue", "wake")
+
+    def __init__(self, action: str, metrics: Metrics | None) -> None:
+        self.action = action
+        # Waiters in arrival order. Those that left (granted, timed out, cancelled: future done)
+        # stay until they reach the head, so leaving is O(1); `live` counts the others.
+        self.queue: deque[_Waiter] = deque()
+        self.live = 0
+        self.pump: asyncio.Task[None] | None = None
+        self.wake: asyncio.Future[None] | None = None  # the pump's current sleep
+        self.paused_until = 0.0
+        self.metrics = _ActionMetrics(metrics, action) if metrics is not None else None
+
+    def head(self) -> _Waiter | None:
+        queue = self.queue
+        while queue and queue[0].future.done():
+            queue.popleft()
+        return queue[0] if queue else None
+
+    def set_live(self, live: int) -> None:
+        self.live = live
+        if self.metrics is not None:
+            self.metrics.depth.set(live)
+
+    def poke(self) -> None:
+        """A token came back out of schedule (a discarded lease): let the pump look now."""
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class QueuedLimiter(Limiter):
+    """A limiter whose backend answers "a token now, or ask again at t"; queueing is done here."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        window: float,
+        max_queue_wait: float,
+        max_queue_length: int,
+        metrics: Metrics | None,
+    ) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError("limit must be >= 1 and window > 0")
+        self._limit = limit
+        self._window = window
+        self._max_queue_wait = max_queue_wait
+        self._max_queue_length = max_queue_length
+        self._metrics = metrics
+        self._states: dict[str, ActionState] = {}
+        self._closed = False
+        if metrics is not None:
+            metrics.limiter_backend.labels(backend=self.backend).set(1)
+
+    # --- what a backend provides ---
+
+    @abc.abstractmethod
+    async def _take(self, action: str, hold: float, now: float) -> Lease | float:
+        """A token for an attempt of at most ``hold`` seconds, or the monotonic time to ask again."""
+
+    @abc.abstractmethod
+    def _outlook(self, action: str, now: float) -> Outlook:
+        """How the backend expects tokens of ``action`` to come back (best current knowledge)."""
+
+    @abc.abstractmethod
+    def _discard(self, action: str, lease: Lease) -> None:
+        """Hand back a lease whose caller left before using it: its token is free at once."""
+
+    # --- the interface ---
+
+    def _state(self, action: str) -> ActionState:
+        state = self._states.get(action)
+        if state is None:
+            state = self._states[action] = ActionState(action, self._metrics)
+        return state
+
+    async def acquire(self, action: str, *, deadline: float | None, hold: float) -> Lease:
+        if self._closed:
+            raise LimiterClosed("the rate limiter is closed")
+        state = self._states.get(action) or self._state(action)
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise self._refuse(state, "deadline", self._estimate(state, 0, now) - now)
+        hold = max(hold, 0.0)
+        if state.live == 0 and now >= state.paused_until:
+            # Nobody queued: take a token directly (FIFO holds: there is no one to overtake).
+            taken = await self._take(action, hold, now)
+            if not isinstance(taken, float):
+                if state.metrics is not None:
+                    state.metrics.admitted.inc()
+                    state.metrics.wait.observe(0.0)
+                return taken
+            now = time.monotonic()  # the backend may have awaited (Redis)
+        return await self._wait(state, deadline, hold, now)
+
+    async def _wait(self, state: ActionState, deadline: float | None, hold: float, now: float) -> Lease:
+        if state.live >= self._max_queue_length:
+            raise self._refuse(state, "queue_full", self._estimate(state, state.live, now) - now)
+        limit_at = now + self._max_queue_wait
+        reason: Reason = "max_wait"
+        if deadline is not None and deadline <= limit_at:
+            limit_at, reason = deadline, "deadline"
+        slot = self._estimate(state, state.live, now)
+        if slot > limit_at:
+            # Refuse at once rather than let the caller wait for nothing.
+            raise self._refuse(state, reason, slot - now)
+
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Lease] = loop.create_future()
+        waiter = _Waiter(future, hold)
+        state.queue.append(waiter)
+        state.set_live(state.live + 1)
+        timer = loop.call_later(limit_at - now, self._expire, state, waiter, reason)
+        if state.pump is None:
+            state.pump = loop.create_task(self._pump(state), name=f"limiter-pump-{state.action}")
+        try:
+            lease = await future
+        except asyncio.CancelledError:
+            if future.cancelled():
+                # The caller left while queued: it takes nothing; the pump skips it.
+                state.set_live(state.live - 1)
+            elif future.exception() is None:
+                # Granted in the same instant the caller was cancelled: nobody will send on this
+                # token, so it is free at once, for the next waiter.
+                self._discard(state.action, future.result())
+                state.poke()
+            raise
+        finally:
+            timer.cancel()
+        if state.metrics is not None:
+            state.metrics.admitted.inc()
+            state.metrics.wait.observe(time.monotonic() - now)
+        return lease
+
+    def _expire(self, state: ActionState, waiter: _Waiter, reason: Reason) -> None:
+        """The waiter's deadline (or longest wait) passed before it got a token."""
+        if waiter.future.done():
+            return
+        state.set_live(state.live - 1)
+        now = time.monotonic()
+        waiter.future.set_exception(self._refuse(state, reason, self._estimate(state, 0, now) - now))
+
+    def _refuse(self, state: ActionState, reason: Reason, retry_after: float) -> QuotaExceeded:
+        if state.metrics is not None:
+            state.metrics.rejected(reason)
+        return QuotaExceeded(state.action, reason, retry_after)
+
+    def _estimate(self, state: ActionState, position: int, now: float) -> float:
+        """Optimistic time at which the waiter at ``position`` (0: head) gets a token.
+
+        The k-th waiter gets roughly the k-th earliest token to come back; held tokens come back no
+        sooner than a window from now; a token reused comes back a window after that at the least.
+        """
+        outlook = self._outlook(state.action, now)
+        capacity = outlook.capacity
+        cycles, index = divmod(position, capacity)
+        # Tokens free now go first, then the known returns, then the held ones. (More occupied
+        # than capacity happens when a shared limiter degrades to a smaller local share.)
+        index -= capacity - len(outlook.returning) - outlook.in_flight
+        if index < 0:
+            slot = now
+        elif index < len(outlook.returning):
+            slot = max(now, outlook.returning[index])
+        else:
+            slot = now + self._window
+        return max(slot + cycles * self._window, state.paused_until)
+
+    async def _pump(self, state: ActionState) -> None:
+        """Hand tokens to the queue's head, in order, while anyone waits."""
+        try:
+            while (waiter := state.head()) is not None:
+                now = time.monotonic()
+                if now < state.paused_until:
+                    taken: Lease | float = state.paused_until
+                else:
+                    taken = await self._take(state.action, waiter.hold, now)
+                if isinstance(taken, float):
+                    await self._sleep_until(state, taken)
+                elif waiter.future.done():
+                    # The head left (cancelled, timed out) while the backend was asked.
+                    self._discard(state.action, taken)
+                else:
+                    # Only the pump removes from the left, so the head is still queue[0].
+                    state.queue.popleft()
+                    state.set_live(state.live - 1)
+                    waiter.future.set_result(taken)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug, not an outage (backends absorb those). Waiters still leave at their time-outs;
+            # the next one to queue starts a new pump.
+            log.exception("rate limiter pump failed", extra={"action": state.action})
+        finally:
+            if state.pump is asyncio.current_task():
+                state.pump = None
+
+    async def _sleep_until(self, state: ActionState, when: float) -> None:
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+        handle = loop.call_later(max(0.0, when - time.monotonic()), _wake, wake)
+        state.wake = wake
+        try:
+            await wake
+        finally:
+            handle.cancel()
+            state.wake = None
+
+    def pause(self, action: str, seconds: float = 1.0) -> None:
+        state = self._state(action)
+        state.paused_until = max(state.paused_until, time.monotonic() + seconds)
+        if state.metrics is not None:
+            state.metrics.paused.inc()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        pumps = [state.pump for state in self._states.values() if state.pump is not None]
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for state in self._states.values():
+            for waiter in state.queue:
+                if not waiter.future.done():
+                    waiter.future.set_exception(LimiterClosed("the rate limiter is closed"))
+            state.queue.clear()
+            state.set_live(0)
