@@ -122,7 +122,8 @@ class FacadeServer:
         host = settings.bind_host.strip("[]")
         # "::" alone would make asyncio set IPV6_V6ONLY and refuse IPv4 scrapes; None listens on
         # every interface of both families, as the gRPC server does for [::].
-        site = web.TCPSite(self._http, host=None if host in ("", "::", "0.0.0.0") else host, port=settings.http_port)
+        every_interface = host in ("", "::", "0.0.0.0")
+        site = web.TCPSite(self._http, host=None if every_interface else host, port=settings.http_port)
         await site.start()
         server = site._server  # aiohttp does not expose the bound port otherwise (port 0 in tests)
         sockets = getattr(server, "sockets", None) or []
