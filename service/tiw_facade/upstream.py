@@ -163,8 +163,11 @@ class TiwClient:
         remaining = budget_end - time.monotonic()
         if remaining < MIN_ATTEMPT_TIME:
             raise UpstreamTimeout("deadline exhausted before the request was sent", delivered=False)
+        # A slot that leaves no time to send would burn a token for a second for nothing.
         lease = await self._limiter.acquire(
-            action, deadline=budget_end, hold=min(remaining, self._settings.upstream_timeout)
+            action,
+            deadline=budget_end - MIN_ATTEMPT_TIME,
+            hold=min(remaining, self._settings.upstream_timeout),
         )
         code = "OK"
         started = time.perf_counter()
