@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import pathlib
 import re
+import sys
 
+import yaml
+from conftest import Facade
 from tiw_facade.errors import ERROR_TABLE
 from tiw_facade.settings import ENVIRONMENT
 
@@ -43,3 +48,47 @@ def test_the_two_commands_exist() -> None:
         )
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci, "CI runs the README's test command"
+
+
+def test_alert_table_lists_every_alert() -> None:
+    rule = yaml.safe_load((ROOT / "k8s" / "monitoring" / "prometheusrule.yaml").read_text())
+    alerts = [r["alert"] for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r]
+    section = README.split("The alerts (", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == alerts
+
+
+def code_block(after: str, language: str) -> str:
+    """The first ```language block after the text ``after``."""
+    rest = README.split(after, 1)[1]
+    return rest.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+async def run(*command: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_the_python_client_example_works(facade: Facade) -> None:
+    source = code_block("From Python, with the stubs this package ships:", "python")
+    assert len(source.strip().splitlines()) <= 12
+    code, output = await run(sys.executable, "-c", source.replace("localhost:50051", facade.target))
+    assert code == 0, output
+    assert "request_id" in output
+
+
+async def test_the_buf_curl_example_works(facade: Facade) -> None:
+    buf = ROOT / "node_modules" / ".bin" / "buf"
+    assert buf.exists(), "buf is installed by `make test` (scripts/install-tools)"
+    command = (
+        code_block("needs no proto files:", "sh")
+        .replace("\\\n", " ")
+        .replace("localhost:50051", facade.target)
+    )
+    code, output = await run("bash", "-c", f"cd {ROOT} && {command}")
+    assert code == 0, output
+    assert json.loads(output)["TaskId"] == "ghucnligqtgtvk2624mb"
