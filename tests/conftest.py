@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 from tiw_facade import settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 from tiw_facade.emulator import Emulator, EmulatorConfig
@@ -22,6 +24,26 @@ async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> Non
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure,
+)
+
+
+def unpack_details(status: status_pb2.Status) -> dict[str, Message]:
+    """The standard error details a google.rpc.Status carries, by type name."""
+    found: dict[str, Message] = {}
+    for item in status.details:
+        for kind in DETAIL_TYPES:
+            if item.Is(kind.DESCRIPTOR):
+                message = kind()
+                item.Unpack(message)
+                found[kind.DESCRIPTOR.name] = message
+    return found
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from conftest import unpack_details
 from google.rpc import error_details_pb2, status_pb2
 from tiw_facade.errors import ERROR_TABLE, grpc_code_for, invalid_argument, status_for
 from tiw_facade.limiter import QuotaExceeded
@@ -54,19 +55,7 @@ def details(status: grpc.Status) -> tuple[status_pb2.Status, list[object]]:
     ((key, value),) = status.trailing_metadata
     assert key == "grpc-status-details-bin"
     proto = status_pb2.Status.FromString(value)
-    unpacked: list[object] = []
-    for item in proto.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.RetryInfo,
-            error_details_pb2.QuotaFailure,
-            error_details_pb2.BadRequest,
-        ):
-            if item.Is(kind.DESCRIPTOR):
-                message = kind()
-                item.Unpack(message)
-                unpacked.append(message)
-    return proto, unpacked
+    return proto, list(unpack_details(proto).values())
 
 
 def test_tiw_error_carries_error_info() -> None:

@@ -76,9 +76,10 @@ async def process_factory() -> AsyncIterator[list[FacadeProcess]]:
         process.kill()
 
 
-async def test_sigterm_drains_in_flight_calls_and_exits_0(
+async def sigterm_during_a_call(
     emulator: Emulator, free_ports: tuple[int, int], process_factory: list[FacadeProcess]
-) -> None:
+) -> tuple[FacadeProcess, asyncio.Future[pb.DescribeWhiteboardPushResponse]]:
+    """A serving facade process with one slow call in flight at TIW, just sent SIGTERM."""
     grpc_port, http_port = free_ports
     env = facade_environment(emulator.url, TIW_GRPC_PORT=str(grpc_port), TIW_HTTP_PORT=str(http_port))
     facade = FacadeProcess(["serve"], env, grpc_port)
@@ -92,6 +93,13 @@ async def test_sigterm_drains_in_flight_calls_and_exits_0(
     )
     await wait_until(lambda: emulator.stats()["DescribeWhiteboardPush"].accepted > 0)  # it reached TIW
     facade.process.send_signal(signal.SIGTERM)
+    return facade, in_flight
+
+
+async def test_sigterm_drains_in_flight_calls_and_exits_0(
+    emulator: Emulator, free_ports: tuple[int, int], process_factory: list[FacadeProcess]
+) -> None:
+    facade, in_flight = await sigterm_during_a_call(emulator, free_ports, process_factory)
     answer = await in_flight
     assert answer.task_id == PUSH_TASK, "the in-flight call was answered"
     code, stderr = await asyncio.to_thread(facade.finish)
@@ -105,19 +113,8 @@ async def test_sigterm_drains_in_flight_calls_and_exits_0(
 async def test_new_calls_are_refused_while_draining(
     emulator: Emulator, free_ports: tuple[int, int], process_factory: list[FacadeProcess]
 ) -> None:
-    grpc_port, http_port = free_ports
-    env = facade_environment(emulator.url, TIW_GRPC_PORT=str(grpc_port), TIW_HTTP_PORT=str(http_port))
-    facade = FacadeProcess(["serve"], env, grpc_port)
-    process_factory.append(facade)
-    await facade.wait_serving()
-    emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=1.5))
-    in_flight = asyncio.ensure_future(
-        facade.stub.DescribeWhiteboardPush(
-            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=10
-        )
-    )
-    await wait_until(lambda: emulator.stats()["DescribeWhiteboardPush"].accepted > 0)
-    facade.process.send_signal(signal.SIGTERM)
+    facade, in_flight = await sigterm_during_a_call(emulator, free_ports, process_factory)
+    grpc_port = facade.grpc_port
     await asyncio.sleep(0.3)
     fresh = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
     try:

@@ -7,7 +7,7 @@ import time
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade
+from conftest import Facade, StartFacade, unpack_details
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
@@ -39,19 +39,7 @@ def rich(error: grpc.aio.AioRpcError) -> dict[str, object]:
     """The details of a rich status, by type name."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None, "the status carries google.rpc.Status details"
-    found: dict[str, object] = {}
-    for item in status.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.RetryInfo,
-            error_details_pb2.QuotaFailure,
-        ):
-            if item.Is(kind.DESCRIPTOR):
-                message = kind()
-                item.Unpack(message)
-                found[kind.DESCRIPTOR.name] = message
-    return found
+    return dict(unpack_details(status))
 
 
 async def test_snapshot_task_lifecycle(facade: Facade) -> None:
