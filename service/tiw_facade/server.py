@@ -125,9 +125,7 @@ class FacadeServer:
         every_interface = host in ("", "::", "0.0.0.0")
         site = web.TCPSite(self._http, host=None if every_interface else host, port=settings.http_port)
         await site.start()
-        server = site._server  # aiohttp does not expose the bound port otherwise (port 0 in tests)
-        sockets = getattr(server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else settings.http_port
+        self.http_port = self._http.addresses[0][1]  # the bound port, when TIW_HTTP_PORT is 0
 
     async def _metrics_page(self, _: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
