@@ -34,8 +34,13 @@ log = logging.getLogger("tiw_facade.upstream")
 CONNECT_TIMEOUT = 2.0
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 1.0
-# Below this much time left, another attempt cannot usefully complete.
-MIN_ATTEMPT_TIME = 0.01
+# Below this much time left, an attempt cannot usefully complete: a round trip to TIW takes longer.
+# Sending anyway would likely time out, spending a token on a request whose arrival we never learn.
+MIN_ATTEMPT_TIME = 0.05
+# A request that timed out (or whose caller went away) may still reach TIW after we stop waiting:
+# its token is not returned a window after giving up, as an answered one is, but held this much
+# longer, so that a late arrival cannot share a 1-second window with the token's next request.
+UNANSWERED_HOLD = 1.0
 # Idle keep-alive connections are dropped before a typical server-side idle time-out (60 s), so a
 # request rarely meets a connection the server is closing — which would be an unsafe failure to
 # retry for CreateSnapshotTask.
@@ -157,48 +162,30 @@ class TiwClient:
                 await asyncio.sleep(delay)
 
     async def _attempt(self, action: str, body: bytes, budget_end: float) -> dict[str, Any]:
-        session = self._session
-        if session is None:
-            raise RuntimeError("TiwClient.start() was not awaited")
         remaining = budget_end - time.monotonic()
         if remaining < MIN_ATTEMPT_TIME:
             raise UpstreamTimeout("deadline exhausted before the request was sent", delivered=False)
-        # A slot that leaves no time to send would burn a token for a second for nothing.
+        # A slot that leaves no time to send would spend a token for nothing.
         lease = await self._limiter.acquire(
             action,
             deadline=budget_end - MIN_ATTEMPT_TIME,
-            hold=min(remaining, self._settings.upstream_timeout),
+            hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
         )
         code = "OK"
         started = time.perf_counter()
+        # Whether we know TIW saw the request no later than now (answered, refused, never sent). When
+        # we do not (time-out, cancellation) the token is left to come back when its hold ends.
+        settled = False
         try:
             # One attempt may take TIW_UPSTREAM_TIMEOUT at most, so a lost request on a long caller
             # deadline still leaves time to try again where that is safe.
             remaining = min(budget_end - time.monotonic(), self._settings.upstream_timeout)
             if remaining < MIN_ATTEMPT_TIME:
-                code = "Timeout"
                 raise UpstreamTimeout(
                     "deadline exhausted while waiting for a rate-limit slot", delivered=False
                 )
-            # Signed at send time, so a re-sent request carries a fresh timestamp.
-            headers = self._signer.headers(action, body, int(time.time()))
-            timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=min(remaining, CONNECT_TIMEOUT))
-            try:
-                async with session.post(self._url, data=body, headers=headers, timeout=timeout) as response:
-                    raw = await response.read()
-                    status = response.status
-            except aiohttp.ConnectionTimeoutError as exc:  # before ClientConnectorError: not a subclass
-                code = "ConnectionError"
-                raise TransportError(code, f"connecting to TIW timed out: {exc}", delivered=False) from exc
-            except aiohttp.ClientConnectorError as exc:
-                code = "ConnectionError"
-                raise TransportError(code, f"cannot connect to TIW: {exc.os_error}", delivered=False) from exc
-            except TimeoutError as exc:
-                code = "Timeout"
-                raise UpstreamTimeout(f"TIW did not answer {action} within {remaining:.3f}s") from exc
-            except aiohttp.ClientError as exc:
-                code = "ConnectionError"
-                raise TransportError(code, f"connection to TIW failed: {exc!r}", delivered=True) from exc
+            status, raw = await self._send(action, body, remaining)
+            settled = True
             answer = _parse(status, raw)
             if "Error" in answer:
                 error = answer["Error"]
@@ -207,12 +194,41 @@ class TiwClient:
             return answer
         except TransportError as exc:
             code = exc.reason
+            settled = not (isinstance(exc, UpstreamTimeout) and exc.delivered)
             raise
         finally:
-            lease.release()
+            if settled:
+                lease.release()
             if self._metrics is not None:
                 self._metrics.upstream_requests.labels(action=action, code=code).inc()
                 self._metrics.upstream_duration.labels(action=action).observe(time.perf_counter() - started)
+
+    async def _send(self, action: str, body: bytes, timeout_seconds: float) -> tuple[int, bytes]:
+        """One HTTP exchange, signed now so that a re-sent request carries a fresh timestamp."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("TiwClient.start() was not awaited")
+        headers = self._signer.headers(action, body, int(time.time()))
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_seconds, sock_connect=min(timeout_seconds, CONNECT_TIMEOUT)
+        )
+        try:
+            async with session.post(self._url, data=body, headers=headers, timeout=timeout) as response:
+                return response.status, await response.read()
+        except aiohttp.ConnectionTimeoutError as exc:  # before ClientConnectorError: not a subclass
+            raise TransportError(
+                "ConnectionError", f"connecting to TIW timed out: {exc}", delivered=False
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportError(
+                "ConnectionError", f"cannot connect to TIW: {exc.os_error}", delivered=False
+            ) from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"TIW did not answer {action} within {timeout_seconds:.3f}s") from exc
+        except aiohttp.ClientError as exc:  # the connection broke: whatever arrived, arrived before
+            raise TransportError(
+                "ConnectionError", f"connection to TIW failed: {exc!r}", delivered=True
+            ) from exc
 
 
 def _parse(status: int, raw: bytes) -> dict[str, Any]:
