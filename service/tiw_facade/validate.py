@@ -7,12 +7,14 @@ path (``Whiteboard.Width``), as callers see it in TIW's docs and in the proto's 
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import urllib.parse
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
@@ -48,12 +50,15 @@ def not_blank(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
 def task_id(value: str) -> str | None:
     if not value:
         return "must not be empty"
     if len(value) > MAX_TASK_ID_LENGTH:
         return f"must be at most {MAX_TASK_ID_LENGTH} characters"
-    if not value.isprintable() or any(c.isspace() for c in value):
+    if _SPACE_OR_CONTROL.search(value):
         return "must not contain spaces or control characters"
     return None
 
@@ -113,31 +118,55 @@ RULES: dict[str, dict[str, tuple[Check | str, ...]]] = {
 }
 
 
+class _FieldPlan(NamedTuple):
+    name: str  # the proto field name, for getattr/HasField
+    json_name: str
+    presence: str  # "has" (HasField), "len" (repeated), "truthy" (proto3 scalar without presence)
+    required: bool
+    nested: bool  # a singular message: its own rows apply
+    checks: tuple[Check, ...]
+
+
+@functools.cache
+def _plan(descriptor: Descriptor) -> tuple[_FieldPlan, ...]:
+    """What to check on a message type, worked out once: validation runs on every call."""
+    rules = RULES.get(descriptor.full_name, {})
+    plan = []
+    for field in descriptor.fields:
+        row = rules.get(field.json_name, ())
+        nested = field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated
+        if not row and not nested:
+            continue
+        presence = "has" if field.has_presence else "len" if field.is_repeated else "truthy"
+        checks = tuple(check for check in row if callable(check))
+        plan.append(_FieldPlan(field.name, field.json_name, presence, REQUIRED in row, nested, checks))
+    return tuple(plan)
+
+
 def violations(message: Message, path: str = "") -> list[Violation]:
     """Every rule ``message`` breaks, nested messages included; empty when it is valid."""
     found: list[Violation] = []
-    rules = RULES.get(message.DESCRIPTOR.full_name, {})
-    for field in message.DESCRIPTOR.fields:
-        where = f"{path}.{field.json_name}" if path else field.json_name
-        checks = rules.get(field.json_name, ())
-        if not _is_present(message, field):
-            if REQUIRED in checks:
-                found.append(Violation(where, "is required"))
+    for field in _plan(message.DESCRIPTOR):
+        if field.presence == "has":
+            present = message.HasField(field.name)
+        else:
+            # proto3 scalars without presence: the zero value is indistinguishable from "not given".
+            present = bool(
+                len(getattr(message, field.name)) if field.presence == "len" else getattr(message, field.name)
+            )
+        if not present:
+            if field.required:
+                found.append(Violation(_where(path, field.json_name), "is required"))
             continue
         value = getattr(message, field.name)
-        if field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated:
-            found.extend(violations(value, where))
-        for check in checks:
-            if check is not REQUIRED and callable(check) and (problem := check(value)) is not None:
-                found.append(Violation(where, problem))
+        if field.nested:
+            found.extend(violations(value, _where(path, field.json_name)))
+        for check in field.checks:
+            if (problem := check(value)) is not None:
+                found.append(Violation(_where(path, field.json_name), problem))
                 break  # one clear problem per field
     return found
 
 
-def _is_present(message: Message, field: Any) -> bool:  # a FieldDescriptor (pure or upb)
-    if field.has_presence:
-        return message.HasField(field.name)
-    if field.is_repeated:
-        return len(getattr(message, field.name)) > 0
-    # proto3 scalars without presence: the zero value is indistinguishable from "not given".
-    return bool(getattr(message, field.name))
+def _where(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
