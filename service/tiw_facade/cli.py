@@ -88,13 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _emulator(host: str, port: int, rate_limit: int) -> int:
     from tiw_facade.emulator import Emulator, EmulatorConfig
 
-    emulator = Emulator(EmulatorConfig(rate_limit=rate_limit))
-    url = await emulator.start(host, port)
-    log.info("TIW emulator listening", extra={"endpoint": url})
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await emulator.stop()
+    await Emulator(EmulatorConfig(rate_limit=rate_limit)).serve_forever(host, port)
     return 0
 
 
