@@ -5,16 +5,18 @@ A spy wraps the real in-process limiter to see what the client does with each le
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import facade_environment
+from conftest import facade_environment, wait_until
 from tiw_facade import settings as settings_module
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 from tiw_facade.limiter import Lease, Limiter, create_limiter
+from tiw_facade.metrics import Metrics
 from tiw_facade.signing import Signer
 from tiw_facade.upstream import UNANSWERED_HOLD, TiwClient, TransportError, UpstreamTimeout
 
@@ -141,3 +143,30 @@ async def test_the_body_sent_is_the_body_signed(
     }
     answer = await tiw.call("CreateSnapshotTask", params, deadline=time.monotonic() + 5)
     assert answer["TaskID"]
+
+
+async def test_an_attempt_cancelled_mid_flight_is_counted_as_cancelled(emulator: Emulator) -> None:
+    config = settings_module.load(facade_environment(emulator.url))
+    metrics = Metrics("test")
+    limiter = create_limiter(config, metrics)
+    tiw = TiwClient(config, limiter, metrics)
+    await tiw.start()
+    try:
+        emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=2.0))
+        call = asyncio.ensure_future(
+            tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
+        )
+        await wait_until(lambda: emulator.stats()["DescribeWhiteboardPush"].accepted == 1)
+        call.cancel()  # the caller went away
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        counted = metrics.registry.get_sample_value(
+            "tiw_upstream_requests_total", {"action": "DescribeWhiteboardPush", "code": "Cancelled"}
+        )
+        assert counted == 1
+        assert metrics.registry.get_sample_value(
+            "tiw_upstream_requests_total", {"action": "DescribeWhiteboardPush", "code": "OK"}
+        ) in (None, 0.0)
+    finally:
+        await tiw.aclose()
+        await limiter.aclose()

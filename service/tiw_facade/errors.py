@@ -59,12 +59,8 @@ def grpc_code_for(tiw_code: str) -> grpc.StatusCode:
 
 
 def build_status(code: grpc.StatusCode, message: str, details: Iterable[object] = ()) -> grpc.Status:
-    """A grpc.Status carrying a google.rpc.Status with ``details`` packed as Any."""
-    packed = []
-    for detail in details:
-        item = any_pb2.Any()
-        item.Pack(detail)  # type: ignore[arg-type]
-        packed.append(item)
+    """A grpc.Status carrying a google.rpc.Status with ``details`` (packed into Any unless they are)."""
+    packed = [detail if isinstance(detail, any_pb2.Any) else _pack(detail) for detail in details]
     proto = status_pb2.Status(code=_rpc_code(code), message=message, details=packed)
     status: grpc.Status = rpc_status.to_status(proto)
     return status
@@ -118,26 +114,36 @@ def status_for(exc: Exception, *, action: str, host: str) -> grpc.Status:
 def _quota_exceeded(exc: QuotaExceeded) -> grpc.Status:
     seconds = max(exc.retry_after, 0.0)
     delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
-    quota = error_details_pb2.QuotaFailure(
-        violations=[
-            error_details_pb2.QuotaFailure.Violation(
-                subject=f"action:{exc.action}",
-                description=f"TIW allows a limited number of {exc.action} requests per second; "
-                f"{_WHY[exc.reason]}",
-            )
-        ]
-    )
-    info = error_details_pb2.ErrorInfo(
-        reason="RATE_LIMITED",
-        domain=FACADE_DOMAIN,
-        metadata={"action": exc.action, "limiter_reason": exc.reason},
-    )
     message = f"{exc.action}: rate limit, {_WHY[exc.reason]}; retry in {seconds:.3f}s"
     return build_status(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         message,
-        [error_details_pb2.RetryInfo(retry_delay=delay), quota, info],
+        [error_details_pb2.RetryInfo(retry_delay=delay), *_quota_details(exc.action, exc.reason)],
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _quota_details(action: str, reason: str) -> tuple[any_pb2.Any, any_pb2.Any]:
+    """QuotaFailure and ErrorInfo of a refusal, packed once: they depend only on action and reason,
+    and callers over the limit are refused in bulk."""
+    quota = error_details_pb2.QuotaFailure(
+        violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=f"action:{action}",
+                description=f"TIW allows a limited number of {action} requests per second; {_WHY[reason]}",
+            )
+        ]
+    )
+    info = error_details_pb2.ErrorInfo(
+        reason="RATE_LIMITED", domain=FACADE_DOMAIN, metadata={"action": action, "limiter_reason": reason}
+    )
+    return _pack(quota), _pack(info)
+
+
+def _pack(detail: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)  # type: ignore[arg-type]
+    return packed
 
 
 _WHY = {

@@ -9,8 +9,8 @@ integers"); it also rejects unknown fields by default and is slower than this wa
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -60,62 +60,101 @@ def from_tiw(data: Mapping[str, Any], message_class: type[M]) -> M:
     return message
 
 
+class _Slot(NamedTuple):
+    """How one JSON name lands in a message, worked out once per message type."""
+
+    name: str  # the proto field name
+    message: bool  # a message (or list of messages) rather than scalars
+    repeated: bool
+    accepts: Callable[[Any], bool]  # does a JSON value have this field's type?
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_string(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _accepts(field: FieldDescriptor) -> Callable[[Any], bool]:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return _is_object
+    if field.type in _INTEGER_TYPES:
+        return _is_integer
+    if field.type in _FLOAT_TYPES:
+        return _is_number
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return _is_string
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return _is_bool
+    return lambda _: False  # bytes and enums are not used by TIW's API
+
+
 @functools.cache
-def _fields_by_json_name(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
-    return {field.json_name: field for field in descriptor.fields}
+def _plan(descriptor: Descriptor) -> dict[str, _Slot]:
+    return {
+        field.json_name: _Slot(
+            field.name, field.type == FieldDescriptor.TYPE_MESSAGE, field.is_repeated, _accepts(field)
+        )
+        for field in descriptor.fields
+    }
 
 
 def _merge(data: Mapping[str, Any], message: Message, path: str) -> None:
     if not isinstance(data, Mapping):
         raise MalformedAnswer(f"{path or 'Response'}: expected a JSON object, got {type(data).__name__}")
-    fields = _fields_by_json_name(message.DESCRIPTOR)
+    plan = _plan(message.DESCRIPTOR)
     for name, value in data.items():
-        field = fields.get(name)
-        if field is None or value is None:
+        slot = plan.get(name)
+        if slot is None or value is None:
             continue
-        where = f"{path}.{name}" if path else name
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.is_repeated:
-                container = getattr(message, field.name)
-                for index, item in enumerate(_as_list(value, where)):
-                    _merge(item, container.add(), f"{where}[{index}]")
+        if slot.repeated:
+            if not isinstance(value, list):
+                raise MalformedAnswer(
+                    f"{_where(path, name)}: expected a JSON array, got {type(value).__name__}"
+                )
+            items = [item for item in value if item is not None]
+            for index, item in enumerate(items):
+                if not slot.accepts(item):
+                    raise _wrong_type(f"{_where(path, name)}[{index}]", item)
+            container = getattr(message, slot.name)
+            if slot.message:
+                for index, item in enumerate(items):
+                    _merge(item, container.add(), f"{_where(path, name)}[{index}]")
             else:
-                child = getattr(message, field.name)
-                child.SetInParent()  # present even when TIW sent an empty object
-                _merge(value, child, where)
+                try:
+                    container.extend(items)
+                except (ValueError, TypeError) as exc:  # e.g. a negative number for an unsigned field
+                    raise MalformedAnswer(f"{_where(path, name)}: {exc}") from None
+        elif not slot.accepts(value):
+            raise _wrong_type(_where(path, name), value)
+        elif slot.message:
+            child = getattr(message, slot.name)
+            child.SetInParent()  # present even when TIW sent an empty object
+            _merge(value, child, _where(path, name))
         else:
             try:
-                if field.is_repeated:
-                    items = _as_list(value, where)
-                    getattr(message, field.name).extend(
-                        _scalar(field, v, f"{where}[{i}]") for i, v in enumerate(items)
-                    )
-                else:
-                    setattr(message, field.name, _scalar(field, value, where))
+                setattr(message, slot.name, value)
             except (ValueError, TypeError) as exc:  # e.g. a negative number for an unsigned field
-                if isinstance(exc, MalformedAnswer):
-                    raise
-                raise MalformedAnswer(f"{where}: {exc}") from None
+                raise MalformedAnswer(f"{_where(path, name)}: {exc}") from None
 
 
-def _as_list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise MalformedAnswer(f"{where}: expected a JSON array, got {type(value).__name__}")
-    return [item for item in value if item is not None]
+def _where(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
-def _scalar(field: FieldDescriptor, value: Any, where: str) -> Any:
-    kind = field.type
-    if kind in _INTEGER_TYPES:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == FieldDescriptor.TYPE_STRING:
-        ok = isinstance(value, str)
-    elif kind == FieldDescriptor.TYPE_BOOL:
-        ok = isinstance(value, bool)
-    elif kind in _FLOAT_TYPES:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:  # bytes and enums are not used by TIW's API
-        ok = False
-    if not ok:
-        raise MalformedAnswer(f"{where}: unexpected JSON value of type {type(value).__name__}")
-    return value
+def _wrong_type(where: str, value: Any) -> MalformedAnswer:
+    return MalformedAnswer(f"{where}: unexpected JSON value of type {type(value).__name__}")

@@ -19,10 +19,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import yarl
 
 from tiw_facade.signing import Credentials, Signer
 
 if TYPE_CHECKING:  # the client is handed these; it needs only their types
+    from prometheus_client import Counter, Histogram
+
     from tiw_facade.limiter import Limiter
     from tiw_facade.metrics import Metrics
     from tiw_facade.settings import Settings
@@ -105,7 +108,8 @@ class TiwClient:
         self._settings = settings
         self._limiter = limiter
         self._metrics = metrics
-        self._url = settings.endpoint + "/"
+        # Parsed once: aiohttp would otherwise parse and normalise the URL on every request.
+        self._url = yarl.URL(settings.endpoint + "/", encoded=True)
         self._signer = Signer(
             Credentials(settings.secret_id, settings.secret_key, settings.session_token),
             settings.upstream_host,
@@ -113,6 +117,7 @@ class TiwClient:
             language=settings.language,
         )
         self._session: aiohttp.ClientSession | None = None
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -122,8 +127,12 @@ class TiwClient:
             keepalive_timeout=KEEPALIVE_TIMEOUT,
             ttl_dns_cache=60,
         )
+        # TIW sets no cookies: a dummy jar spares the cookie bookkeeping on every request.
         self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, raise_for_status=False
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=True,
+            raise_for_status=False,
         )
 
     async def aclose(self) -> None:
@@ -171,7 +180,7 @@ class TiwClient:
             deadline=budget_end - MIN_ATTEMPT_TIME,
             hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
         )
-        code = "OK"
+        code = "Cancelled"  # unless the attempt ends otherwise: the caller went away mid-flight
         started = time.perf_counter()
         # Whether we know TIW saw the request no later than now (answered, refused, never sent). When
         # we do not (time-out, cancellation) the token is left to come back when its hold ends.
@@ -191,6 +200,7 @@ class TiwClient:
                 error = answer["Error"]
                 code = str(error.get("Code") or "Unknown")
                 raise TiwError(code, str(error.get("Message") or ""), str(answer.get("RequestId") or ""))
+            code = "OK"
             return answer
         except TransportError as exc:
             code = exc.reason
@@ -200,8 +210,19 @@ class TiwClient:
             if settled:
                 lease.release()
             if self._metrics is not None:
-                self._metrics.upstream_requests.labels(action=action, code=code).inc()
-                self._metrics.upstream_duration.labels(action=action).observe(time.perf_counter() - started)
+                self._record(action, code, time.perf_counter() - started)
+
+    def _record(self, action: str, code: str, seconds: float) -> None:
+        """Count one attempt; the metric children are bound once per (action, code), not per call."""
+        children = self._children.get((action, code))
+        if children is None:
+            assert self._metrics is not None
+            children = self._children[(action, code)] = (
+                self._metrics.upstream_requests.labels(action=action, code=code),
+                self._metrics.upstream_duration.labels(action=action),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def _send(self, action: str, body: bytes, timeout_seconds: float) -> tuple[int, bytes]:
         """One HTTP exchange, signed now so that a re-sent request carries a fresh timestamp."""
