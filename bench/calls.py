@@ -1,0 +1,59 @@
+"""What the benchmarks send: one TIW request per action, in TIW's own JSON.
+
+The same dictionaries feed both clients: the official SDK (``from_json_string``) and the facade's
+gRPC stubs (``json_format.ParseDict``: every proto field's json_name is the TIW parameter name).
+The task IDs are the documentation's examples, which the emulator seeds (see ``emulator/tasks.py``);
+the benchmark's emulator runs with zero task durations, so each Describe answer is the complete,
+final one (a finished snapshot with its images, a stopped push, a finished video).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+CREATE_SNAPSHOT_TASK: Final = "CreateSnapshotTask"
+DESCRIBE_SNAPSHOT_TASK: Final = "DescribeSnapshotTask"
+DESCRIBE_WHITEBOARD_PUSH: Final = "DescribeWhiteboardPush"
+STOP_WHITEBOARD_PUSH: Final = "StopWhiteboardPush"
+DESCRIBE_VIDEO_GENERATION_TASK: Final = "DescribeVideoGenerationTask"
+
+ACTIONS: Final = (
+    CREATE_SNAPSHOT_TASK,
+    DESCRIBE_SNAPSHOT_TASK,
+    DESCRIBE_WHITEBOARD_PUSH,
+    STOP_WHITEBOARD_PUSH,
+    DESCRIBE_VIDEO_GENERATION_TASK,
+)
+# The actions that can be repeated on the same request with the same (successful) answer.
+REPEATABLE: Final = tuple(action for action in ACTIONS if action != STOP_WHITEBOARD_PUSH)
+
+PUSH_SDK_APP_ID: Final = 1400000001
+
+PARAMS: Final[dict[str, dict[str, Any]]] = {
+    CREATE_SNAPSHOT_TASK: {
+        "Whiteboard": {"Width": 1280, "Height": 720, "InitParams": '{"ratio":"16:9"}'},
+        "SdkAppId": 1400123480,
+        "RoomId": 12345,
+        "CallbackURL": "http://example.com/callback",
+        "COS": {
+            "Uin": 130001358,
+            "Region": "ap-guangzhou",
+            "Bucket": "test-123070000",
+            "TargetDir": "snapshot/",
+            "Domain": "xxx.file.com",
+        },
+    },
+    DESCRIBE_SNAPSHOT_TASK: {"SdkAppId": 1400127230, "TaskID": "f2e1728c-6e87-4481-abe1-cde8542a5a10"},
+    DESCRIBE_WHITEBOARD_PUSH: {"SdkAppId": PUSH_SDK_APP_ID, "TaskId": "g42lfmu5uc3lpoqrqvvb"},
+    # Overhead: every call stops a fresh push task (added through the emulator's admin endpoint).
+    # Quota: the same seeded task each time, so all but the first get TaskHasAlreadyStopped.
+    STOP_WHITEBOARD_PUSH: {"SdkAppId": PUSH_SDK_APP_ID, "TaskId": "ghucnligqtgtvk2624mb"},
+    DESCRIBE_VIDEO_GENERATION_TASK: {"SdkAppId": PUSH_SDK_APP_ID, "TaskId": "00e1jv8ve0jcqk7da9lb"},
+}
+
+# Local path: rejected by the facade's validation before any upstream call (no TaskId).
+INVALID_DESCRIBE_PUSH: Final[dict[str, Any]] = {"SdkAppId": PUSH_SDK_APP_ID}
+
+
+def stop_params(task_id: str) -> dict[str, Any]:
+    return {"SdkAppId": PUSH_SDK_APP_ID, "TaskId": task_id}

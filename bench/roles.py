@@ -1,0 +1,127 @@
+"""The server-side roles the benchmarks start, each in its own OS process.
+
+    python -m bench.roles emulator --port N [--rate-limit 20]
+    python -m bench.roles facade [--loop uvloop|asyncio] [--profile FILE]   (settings from the environment)
+    python -m bench.roles echo --port N [--loop uvloop|asyncio]
+
+The facade's default (uvloop) figures come from the product's own command, ``tiw-facade serve``;
+this ``facade`` role exists for the variants it cannot express: the stock asyncio loop, and a run
+under cProfile. It does what ``tiw_facade.cli`` does, with the loop chosen here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import logging
+import signal
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import grpc
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def run(main: Coroutine[Any, Any, int], loop: str) -> int:
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+async def emulator(port: int, rate_limit: int) -> int:
+    from tiw_facade.emulator import Emulator, EmulatorConfig
+
+    # Zero task durations: every Describe answer is the final, complete one from the first call.
+    config = EmulatorConfig(
+        rate_limit=rate_limit,
+        snapshot_seconds=0,
+        push_prepare_seconds=0,
+        video_queue_seconds=0,
+        video_process_seconds=0,
+    )
+    instance = Emulator(config)
+    await instance.start("127.0.0.1", port)
+    await _until_terminated()
+    await instance.stop()
+    return 0
+
+
+async def _until_terminated() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def facade(loop: str, profile: str | None) -> int:
+    from tiw_facade import logs, settings
+    from tiw_facade.server import serve
+
+    config = settings.load()
+    logs.configure(config.log_level, secrets=(config.secret_key, config.session_token, config.redis_url))
+    if profile is None:
+        return run(serve(config), loop)
+    # CPU time of the main thread, not wall time: idle waits in the event loop would otherwise
+    # be charged to whatever was running when the loop went to sleep.
+    profiler = cProfile.Profile(time.thread_time)
+    profiler.enable()
+    try:
+        return run(serve(config), loop)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile)
+
+
+async def echo(port: int) -> int:
+    """A bare grpc.aio unary server: the same message type in and out, no interceptors, no health."""
+    from tiw_facade._proto.tiw.v20190919 import tiw_pb2
+
+    message = tiw_pb2.DescribeWhiteboardPushRequest
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return request
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=message.FromString, response_serializer=message.SerializeToString
+    )
+    service, method = ECHO_METHOD.strip("/").split("/")
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise OSError(f"cannot listen on 127.0.0.1:{port}")
+    await server.start()
+    await _until_terminated()
+    await server.stop(0)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.roles")
+    roles = parser.add_subparsers(dest="role", required=True)
+    emu = roles.add_parser("emulator")
+    emu.add_argument("--port", type=int, required=True)
+    emu.add_argument("--rate-limit", type=int, default=20)
+    fac = roles.add_parser("facade")
+    fac.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    fac.add_argument("--profile", help="write a cProfile of the process to this file")
+    ech = roles.add_parser("echo")
+    ech.add_argument("--port", type=int, required=True)
+    ech.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.role == "emulator":
+        return run(emulator(args.port, args.rate_limit), "uvloop")
+    if args.role == "facade":
+        return facade(args.loop, args.profile)
+    return run(echo(args.port), args.loop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
