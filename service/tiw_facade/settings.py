@@ -53,7 +53,7 @@ class Settings:
     rate_limit: int = 20
     rate_limit_account: str = ""
     redis_url: str = dataclasses.field(default="", repr=False)  # may hold a password
-    redis_timeout: float = 0.05
+    redis_timeout: float = 0.25
     expected_replicas: int = 1
     max_queue_wait: float = 5.0
     max_queue_length: int = 1000
@@ -106,7 +106,12 @@ ENVIRONMENT: tuple[Setting, ...] = (
         "(empty: in-process)",
         "Redis for the limiter shared by replicas, e.g. `redis://redis:6379/0`.",
     ),
-    Setting("TIW_REDIS_TIMEOUT", "0.05", "Seconds a Redis call may take before the limiter degrades."),
+    Setting(
+        "TIW_REDIS_TIMEOUT",
+        "0.25",
+        "Seconds a Redis call may take before it counts as failed; the limiter degrades only when "
+        "Redis fails for 0.5 s (at once when it refuses connections).",
+    ),
     Setting(
         "TIW_EXPECTED_REPLICAS",
         "1",
@@ -230,7 +235,7 @@ def load(environ: Mapping[str, str] | None = None, *, demo: bool = False, **over
         "rate_limit": get("TIW_RATE_LIMIT", _positive_int, 20),
         "rate_limit_account": get("TIW_RATE_LIMIT_ACCOUNT", str, ""),
         "redis_url": get("TIW_REDIS_URL", _redis_url, ""),
-        "redis_timeout": get("TIW_REDIS_TIMEOUT", _positive_float, 0.05),
+        "redis_timeout": get("TIW_REDIS_TIMEOUT", _positive_float, 0.25),
         "expected_replicas": get("TIW_EXPECTED_REPLICAS", _positive_int, 1),
         "max_queue_wait": get("TIW_MAX_QUEUE_WAIT", _positive_float, 5.0),
         "max_queue_length": get("TIW_MAX_QUEUE_LENGTH", _positive_int, 1000),

@@ -36,6 +36,7 @@ class Outlook:
     capacity: int
     returning: Sequence[float]  # known return times, ascending (monotonic seconds)
     in_flight: int  # held tokens: back no sooner than a window from now
+    not_before: float = 0.0  # no token at all before this (a shared limiter's quarantine)
 
 
 class _Waiter:
@@ -98,7 +99,8 @@ class ActionState:
             self.wake.set_result(None)
 
 
-def _wake(future: asyncio.Future[None]) -> None:
+def wake(future: asyncio.Future[None]) -> None:
+    """Resolve a sleeper's future (from ``call_later``), unless it is done already."""
     if not future.done():
         future.set_result(None)
 
@@ -238,7 +240,7 @@ class QueuedLimiter(Limiter):
             slot = max(now, outlook.returning[index])
         else:
             slot = now + self._window
-        return max(slot + cycles * self._window, state.paused_until)
+        return max(slot + cycles * self._window, state.paused_until, outlook.not_before)
 
     async def _pump(self, state: ActionState) -> None:
         """Hand tokens to the queue's head, in order, while anyone waits."""
@@ -271,11 +273,11 @@ class QueuedLimiter(Limiter):
 
     async def _sleep_until(self, state: ActionState, when: float) -> None:
         loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        handle = loop.call_later(max(0.0, when - time.monotonic()), _wake, wake)
-        state.wake = wake
+        future: asyncio.Future[None] = loop.create_future()
+        handle = loop.call_later(max(0.0, when - time.monotonic()), wake, future)
+        state.wake = future
         try:
-            await wake
+            await future
         finally:
             handle.cancel()
             state.wake = None

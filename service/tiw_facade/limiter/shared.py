@@ -11,11 +11,49 @@ again exactly when the earliest token can come back (tokens released elsewhere c
 than a window after the reply, so the reply's schedule is exact), polling a little more often only
 to notice tokens other replicas hand back unused.
 
-When Redis is unreachable (refused, timed out), the replica degrades to ``degraded_limit`` per window
-locally: never unlimited, never refusing everything. Its ledger of its own leases carries over, so
-it does not restart from a full bucket. A probe PINGs Redis; when it answers, the replica first
-tells Redis which tokens it holds or has just released (so Redis's count includes what was sent
-meanwhile), then resumes shared limiting.
+Exact across mode switches. Count, at every instant, the calls whose token is not back yet (from
+admission until a window after the answer). While that count never exceeds the limit, no window
+sees more than the limit arrive: the calls then form at most ``limit`` chains of tokens, and on one
+chain the next call is admitted a window after the previous one's answer, so after its arrival.
+Redis keeps the count for every replica while it answers. Each replica also keeps a ledger of its
+own tokens, whichever way it took them; the modes below keep the count when Redis does not answer:
+
+SHARED      Every admission is Redis's decision (the script above).
+SUSPECT     A call failed (time-out, refused, broken connection) and Redis has not answered since.
+            One failure proves little (an event loop busy for a moment, one slow reply), so callers
+            wait (their deadlines still apply) and nobody is admitted locally, while a watch task
+            pings Redis every SUSPECT_RETRY. An answer leads to RECOVERING. Redis is declared
+            unreachable when it has not answered for ``suspicion`` seconds, or at once when a
+            connection is refused: nothing listens there, which load cannot cause (a busy loop, a
+            busy Redis or a full accept queue all show as time-outs).
+DEGRADED    Each replica keeps to ``degraded_limit`` (limit / expected replicas), counting every
+            token of its ledger, those taken through Redis included. Tokens that OTHER replicas
+            took through Redis and were answered in the last window are unknown here, so the share
+            starts full: no admission for one window after entering (quarantine). After it, the
+            replicas together hold at most expected x share <= limit. (Tokens of calls still
+            unanswered at that moment belong to their replicas' shares: see the last paragraph.)
+            The watch pings every ``probe_interval``; an answer leads to RECOVERING.
+RECOVERING  Redis answers again. Replicas see that at different moments, each at its own next
+            ping, and until then a degraded one keeps admitting locally, unseen by Redis. So this
+            replica first tells Redis every token of its ledger (the seed; from then on its releases
+            go to Redis too), then admits only when BOTH Redis and its local share allow, for
+            ``hold_off`` = probe_interval + timeout + HOLD_OFF_MARGIN: every degraded replica starts
+            a ping within ``probe_interval`` of Redis being back (or right after a failed one, which
+            takes at most ``timeout``) and seeds one round trip later; the margin covers the round
+            trips and a replica whose event loop runs late. No extra window is needed: a seed holds
+            the tokens released in the last window too. Then Redis's count is complete: SHARED. A
+            replica that was only suspecting takes this path too (others may have degraded
+            meanwhile); so after a Redis restart the seeds also put back the tokens of every
+            replica that noticed it. A failure on the way: SUSPECT again.
+
+Even an idle replica pings every ``probe_interval`` while nothing else answered, so it notices any
+outage long enough for another replica to admit locally and recovers through RECOVERING too.
+
+Not exact (documented, not fixed): Redis reachable for some replicas but not others (they use the
+full shared quota while the cut-off ones use their shares); a Redis restart so short that a replica
+made no Redis call during it (that replica's tokens vanish from Redis unnoticed); calls admitted
+before an outage that are still unanswered a window after another replica degraded and that reach
+TIW only then (counted by their own replica, which may then hold more than its share).
 """
 
 from __future__ import annotations
@@ -25,6 +63,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import random
 import time
 import urllib.parse
@@ -40,7 +79,7 @@ from redis.exceptions import RedisError
 
 from tiw_facade.limiter import Lease
 from tiw_facade.limiter._ledger import BACK, HELD, LATE, RELEASED, Ledger, LocalLease
-from tiw_facade.limiter._queue import Outlook, QueuedLimiter
+from tiw_facade.limiter._queue import Outlook, QueuedLimiter, wake
 
 if TYPE_CHECKING:
     from tiw_facade.metrics import Metrics
@@ -135,8 +174,27 @@ MIN_POLL = 0.001
 # of three got 45% of the tokens and its callers waited half as long). A random delay of up to this
 # much makes each race a draw, at an expected idle cost of FAIR_JITTER / (replicas + 1) per token.
 FAIR_JITTER = 0.002
-# While telling Redis what we took during an outage (one round trip), hold admissions this long.
-RECOVERY_RETRY = 0.002
+
+# The replica's modes; the module docstring says why each exists and what it admits.
+SHARED, SUSPECT, DEGRADED, RECOVERING = "shared", "suspect", "degraded", "recovering"
+# How long Redis must fail to answer before this replica degrades. Several attempts fit in it (one
+# every SUSPECT_RETRY, each up to the time-out), so one slow reply or one stall of this process
+# never degrades it; callers wait meanwhile, which costs them at most this long.
+SUSPICION = 0.5
+SUSPECT_RETRY = 0.05
+# Between Redis being back and every degraded replica having seeded: event-loop lag (a busy or
+# CPU-starved replica pings late) and the seed's round trip.
+HOLD_OFF_MARGIN = 0.5
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the connection was refused (redis-py wraps the OSError; it stays in the chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class SharedLease(LocalLease):
@@ -193,13 +251,14 @@ class RedisLimiter(QueuedLimiter):
         account: str,
         limit: int,
         degraded_limit: int,
-        timeout: float = 0.05,
+        timeout: float = 0.25,
         window: float = 1.0,
         max_queue_wait: float = 5.0,
         max_queue_length: int = 1000,
         metrics: Metrics | None = None,
         poll_interval: float = POLL_INTERVAL,
-        probe_interval: float = 1.0,
+        probe_interval: float = 0.25,
+        suspicion: float = SUSPICION,
     ) -> None:
         super().__init__(
             limit=limit,
@@ -211,11 +270,15 @@ class RedisLimiter(QueuedLimiter):
         self._degraded_limit = degraded_limit
         self._poll_interval = poll_interval
         self._probe_interval = probe_interval
+        self._suspicion = suspicion
+        # See RECOVERING in the module docstring: by then every degraded replica has seeded.
+        self._hold_off = probe_interval + timeout + HOLD_OFF_MARGIN
         self._window_us = round(window * 1_000_000)
         self._where = redact(url)
-        # Short time-outs, connecting included: a slow Redis must degrade us quickly, not stall
-        # every call. One immediate retry on a broken connection only (a pooled connection that
-        # died with a Redis restart); never on a time-out, which would double the stall.
+        # Short time-outs, connecting included: a slow call must not stall callers for long (a
+        # failed call is retried, and only failures that persist degrade). One immediate retry on
+        # a broken connection only (a pooled connection that died with a Redis restart); never on a
+        # time-out, which would double the stall.
         self._client: Redis = Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -234,20 +297,24 @@ class RedisLimiter(QueuedLimiter):
         self._serial = itertools.count()
         self._ledgers: dict[str, Ledger] = {}
         self._views: dict[str, Outlook] = {}  # what Redis last said about each action
-        self._degraded = False
-        self._recovering = False
+        self._mode = SHARED
+        self._answered_at = 0.0  # the last reply from Redis (monotonic)
+        self._failing_since = 0.0  # SUSPECT: the first failure since Redis last answered
         self._degraded_since = 0.0
+        self._quarantine_until = 0.0  # no local admission before this (DEGRADED, RECOVERING)
+        self._shared_at = 0.0  # RECOVERING: when Redis's count is complete again
         self._last_error = ""
         # Leases whose end Redis has not heard of (released or discarded while it was away).
         self._unsynced: dict[str, SharedLease] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._probe: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._alarm: asyncio.Future[None] | None = None  # the watcher's current sleep
         if metrics is not None:
             metrics.limiter_degraded.set(0)
 
     @property
     def degraded(self) -> bool:
-        return self._degraded
+        return self._mode == DEGRADED
 
     def keys(self, action: str) -> tuple[str, str]:
         """The Redis keys of ``action``: its leases (sorted set) and its pause flag."""
@@ -273,12 +340,24 @@ class RedisLimiter(QueuedLimiter):
     # --- admission ---
 
     async def _take(self, action: str, hold: float, now: float) -> Lease | float:
-        if self._recovering:
-            return now + RECOVERY_RETRY
+        if self._watcher is None:
+            self._watch_from_now()
+        mode = self._current_mode(now)
+        if mode == SUSPECT:
+            # Wait for the watcher's verdict (it wakes the pumps); this is only a fallback.
+            return now + self._suspicion
         ledger = self._ledger(action)
         member = f"{self._replica}:{next(self._serial)}"
-        if self._degraded:
-            return self._take_locally(action, hold, now, member)
+        if mode != SHARED:
+            # DEGRADED and RECOVERING: the local share, counting every token this replica holds.
+            if now < self._quarantine_until:
+                return self._quarantine_until
+            back = ledger.room(now, self._degraded_limit)
+            if back is not None:
+                return back
+            if mode == DEGRADED:
+                return self._lease(action, hold, now, member=member, in_redis=False)
+            # RECOVERING: Redis must agree too.
         call = asyncio.ensure_future(
             self._acquire_script(
                 keys=self.keys(action), args=(self._limit, round(hold * 1_000_000), self._window_us, member)
@@ -292,29 +371,18 @@ class RedisLimiter(QueuedLimiter):
             call.add_done_callback(functools.partial(self._orphaned, action, member))
             raise
         except _REDIS_ERRORS as exc:
+            # A time-out may come after the script ran: Redis may hold this member. Note it as
+            # ended, so that the seed on recovery removes it.
+            ghost = SharedLease(ledger, now, limiter=self, action=action, member=member, in_redis=True)
+            ghost.state = BACK
+            self._unsynced[member] = ghost
             self._failed(exc)
-            taken = self._take_locally(action, hold, time.monotonic(), member)
-            # A time-out may come after the script ran: Redis may hold this member. Make sure
-            # Redis hears how it ends (the local lease shares its name), else that it is gone.
-            if isinstance(taken, SharedLease):
-                taken.in_redis = True
-            else:
-                ghost = SharedLease(ledger, now, limiter=self, action=action, member=member, in_redis=True)
-                ghost.state = BACK
-                self._unsynced[member] = ghost
-            return taken
-        now = time.monotonic()
+            return time.monotonic()  # ask again: the mode says what happens now
+        now = self._answered()
         ledger.occupied(now)  # keep the mirror short
         if reply[0] == 1:
             return self._lease(action, hold, now, member=member, in_redis=True)
         return self._not_yet(action, reply, now)
-
-    def _take_locally(self, action: str, hold: float, now: float, member: str) -> Lease | float:
-        """Degraded: this replica's share of the limit, counted on its own ledger."""
-        back = self._ledger(action).room(now, self._degraded_limit)
-        if back is not None:
-            return back
-        return self._lease(action, hold, now, member=member, in_redis=False)
 
     def _not_yet(self, action: str, reply: list[int], now: float) -> float:
         """Note what Redis said about a full (or paused) action; when to ask again."""
@@ -332,9 +400,9 @@ class RedisLimiter(QueuedLimiter):
         return max(now + MIN_POLL, min(again, now + self._poll_interval)) + random.uniform(0, FAIR_JITTER)
 
     def _outlook(self, action: str, now: float) -> Outlook:
-        if self._degraded or self._recovering:
+        if self._mode in (DEGRADED, RECOVERING):
             returning, in_flight = self._ledger(action).outlook(now)
-            return Outlook(self._degraded_limit, returning, in_flight)
+            return Outlook(self._degraded_limit, returning, in_flight, self._quarantine_until)
         return self._views.get(action) or Outlook(self._limit, (), 0)
 
     def _discard(self, action: str, lease: Lease) -> None:
@@ -361,8 +429,8 @@ class RedisLimiter(QueuedLimiter):
         """Tell Redis the lease ended (released: back in a window; discarded: back now)."""
         if self._closed:
             return
-        if self._degraded or self._recovering:
-            self._unsynced[lease.member] = lease
+        if self._mode in (SUSPECT, DEGRADED):
+            self._unsynced[lease.member] = lease  # told with the seed, on recovery
             return
         self._spawn(self._push(lease))
 
@@ -376,6 +444,8 @@ class RedisLimiter(QueuedLimiter):
         except _REDIS_ERRORS as exc:
             self._unsynced[lease.member] = lease
             self._failed(exc)
+        else:
+            self._answered()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         # Release is synchronous for its callers; the Redis round trip runs here, referenced until done.
@@ -387,7 +457,7 @@ class RedisLimiter(QueuedLimiter):
 
     def pause(self, action: str, seconds: float = 1.0) -> None:
         super().pause(action, seconds)
-        if not (self._degraded or self._recovering or self._closed):
+        if self._mode in (SHARED, RECOVERING) and not self._closed:
             self._spawn(self._pause_remote(action, seconds))
 
     async def _pause_remote(self, action: str, seconds: float) -> None:
@@ -395,64 +465,149 @@ class RedisLimiter(QueuedLimiter):
             await self._pause_script(keys=(self.keys(action)[1],), args=(max(1, round(seconds * 1000)),))
         except _REDIS_ERRORS as exc:
             self._failed(exc)
+        else:
+            self._answered()
 
-    # --- outage and recovery ---
+    # --- mode switches (see the module docstring) ---
+
+    def _answered(self) -> float:
+        now = time.monotonic()
+        self._answered_at = now
+        return now
+
+    def _current_mode(self, now: float) -> str:
+        if self._mode == RECOVERING and now >= self._shared_at:
+            self._mode = SHARED
+            log.debug("rate limiter: every replica has had time to seed Redis; shared limiting resumed")
+            self._wake_pumps()  # Redis may allow more than the local share did
+        return self._mode
 
     def _failed(self, exc: BaseException) -> None:
         if self._metrics is not None:
             self._metrics.limiter_backend_errors.inc()
         self._last_error = type(exc).__name__
-        if self._degraded or self._closed:
+        if self._closed:
             return
-        self._degraded = True
-        self._degraded_since = time.monotonic()
+        now = time.monotonic()
+        if self._mode in (SHARED, RECOVERING):
+            self._mode = SUSPECT
+            self._failing_since = now
+            log.debug(
+                "rate limiter: Redis at %s did not answer (%s); callers wait", self._where, self._last_error
+            )
+            self._watch_from_now()
+        if self._mode == SUSPECT and (_refused(exc) or now - self._failing_since >= self._suspicion):
+            self._degrade(now)
+
+    def _degrade(self, now: float) -> None:
+        self._mode = DEGRADED
+        self._degraded_since = now
+        self._quarantine_until = now + self._window
         if self._metrics is not None:
             self._metrics.limiter_degraded.set(1)
         log.warning(
-            "rate limiter: Redis at %s unreachable (%s); "
-            "limiting locally to %d per %gs per action until it is back",
+            "rate limiter: Redis at %s unreachable (%s); limiting locally to %d per %gs per action "
+            "until it is back, none for the first %gs (what other replicas took just now is unknown)",
             self._where,
             self._last_error,
             self._degraded_limit,
             self._window,
+            self._window,
         )
-        for state in self._states.values():
-            state.poke()  # waiters may get a local token right away
-        self._probe = asyncio.get_running_loop().create_task(self._recover(), name="limiter-redis-probe")
+        self._wake_pumps()
+        self._watch_from_now()
 
-    async def _recover(self) -> None:
+    def _wake_pumps(self) -> None:
+        for state in self._states.values():
+            state.poke()
+
+    def _watch_from_now(self) -> None:
+        """Start the watcher (first use), or make it look at the mode now."""
+        if self._closed:
+            return
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="limiter-redis-watch")
+        elif self._alarm is not None and not self._alarm.done():
+            self._alarm.set_result(None)
+
+    async def _watch(self) -> None:
+        """Ping Redis: while it does not answer (to decide on degrading, then to see it back), and
+        whenever nothing else has had an answer for ``probe_interval`` (so even an idle replica
+        notices an outage)."""
+        pinged = -math.inf
+        gap = self._probe_interval
         while not self._closed:
-            await asyncio.sleep(self._probe_interval)
+            now = time.monotonic()
+            mode = self._current_mode(now)
+            if mode == SUSPECT:
+                due = pinged + SUSPECT_RETRY
+            elif mode == DEGRADED:
+                due = pinged + gap
+            else:
+                due = max(pinged, self._answered_at) + self._probe_interval
+                if mode == RECOVERING:
+                    due = min(due, self._shared_at)  # then _current_mode switches to SHARED
+            if now < due:
+                await self._nap(due - now)
+                continue
+            pinged = now
+            # Degraded replicas probe at random points of the interval, never later than its end
+            # (which RECOVERING's hold-off counts on): replicas that lost Redis together do not all
+            # reconnect at the same instant.
+            gap = self._probe_interval * random.uniform(0.5, 1.0)
             try:
                 await self._client.ping()
-                self._recovering = True
-                await self._seed()
             except _REDIS_ERRORS as exc:
-                if self._metrics is not None:
-                    self._metrics.limiter_backend_errors.inc()
-                self._last_error = type(exc).__name__
+                self._failed(exc)
                 continue
-            finally:
-                self._recovering = False
-            self._degraded = False
-            self._probe = None
-            if self._metrics is not None:
-                self._metrics.limiter_degraded.set(0)
-            log.info(
-                "rate limiter: Redis at %s reachable again after %.1fs; shared limiting resumed",
-                self._where,
-                time.monotonic() - self._degraded_since,
-            )
-            # Leases that ended while the seed was on its way.
-            ended, self._unsynced = self._unsynced, {}
-            for lease in ended.values():
-                self._spawn(self._push(lease))
-            for state in self._states.values():
-                state.poke()  # pumps asleep on the local schedule: Redis may have tokens now
+            self._answered()
+            if self._mode in (SUSPECT, DEGRADED):
+                await self._recover()
+
+    async def _nap(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._alarm = loop.create_future()
+        handle = loop.call_later(seconds, wake, self._alarm)
+        try:
+            await self._alarm
+        finally:
+            handle.cancel()
+            self._alarm = None
+
+    async def _recover(self) -> None:
+        """Redis answers again: seed it, then keep to the local share for ``hold_off`` (RECOVERING)."""
+        was = self._mode
+        self._mode = RECOVERING
+        self._shared_at = math.inf  # until the seed has landed
+        if was == DEGRADED and self._metrics is not None:
+            self._metrics.limiter_degraded.set(0)
+        try:
+            await self._seed()
+        except _REDIS_ERRORS as exc:
+            self._failed(exc)
             return
+        if self._mode != RECOVERING:
+            return  # another call failed meanwhile: suspect again; the watcher tries again
+        now = self._answered()
+        self._shared_at = now + self._hold_off
+        if was == DEGRADED:
+            log.info(
+                "rate limiter: Redis at %s reachable again after %.1fs; shared limiting resumes in %.1fs",
+                self._where,
+                now - self._degraded_since,
+                self._hold_off,
+            )
+        else:
+            log.debug(
+                "rate limiter: Redis at %s answers again after %.2fs; shared limiting resumes in %.1fs",
+                self._where,
+                now - self._failing_since,
+                self._hold_off,
+            )
+        self._wake_pumps()
 
     async def _seed(self) -> None:
-        """Tell Redis which tokens this replica holds or released recently, and which ended."""
+        """Tell Redis every token this replica holds or released within a window, and which ended."""
         now = time.monotonic()
         leases: dict[str, SharedLease] = {}
         for ledger in self._ledgers.values():
@@ -482,21 +637,34 @@ class RedisLimiter(QueuedLimiter):
             raise
 
     def health(self) -> dict[str, object]:
-        if self._degraded:
+        now = time.monotonic()
+        mode = self._current_mode(now)
+        share = f"{self._degraded_limit} per {self._window:g}s per action"
+        if mode == DEGRADED:
             detail = (
-                f"Redis at {self._where} unreachable for {time.monotonic() - self._degraded_since:.0f}s "
-                f"({self._last_error}); local share: {self._degraded_limit} per {self._window:g}s per action"
+                f"Redis at {self._where} unreachable for {now - self._degraded_since:.0f}s "
+                f"({self._last_error}); local share: {share}"
+            )
+        elif mode == SUSPECT:
+            detail = (
+                f"Redis at {self._where} not answering for {now - self._failing_since:.1f}s "
+                f"({self._last_error}); callers wait"
+            )
+        elif mode == RECOVERING:
+            detail = (
+                f"Redis at {self._where} reachable again; local share ({share}) until every replica "
+                "has told it what it holds"
             )
         else:
             detail = f"shared through Redis at {self._where}: {self._limit} per {self._window:g}s per action"
-        return {"backend": self.backend, "degraded": self._degraded, "detail": detail}
+        return {"backend": self.backend, "degraded": mode == DEGRADED, "detail": detail}
 
     async def aclose(self) -> None:
         await super().aclose()
-        if self._probe is not None:
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
-            self._probe = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
         if self._tasks:
             # Let releases in flight land, so the other replicas get those tokens back on time.
             await asyncio.wait(set(self._tasks), timeout=1.0)
