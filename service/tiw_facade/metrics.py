@@ -259,21 +259,17 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
                 # The hot path, so no context manager here: its generator costs ~10% of a call
                 # answered locally. Same bookkeeping as _observe.
                 started, record, token = _begin(series)
-                code = grpc.StatusCode.UNKNOWN
+                error: BaseException | None = None
                 try:
-                    response = await inner(request, context)
-                    code = _status_code(context.code()) or grpc.StatusCode.OK
-                    if code is grpc.StatusCode.OK:
-                        series.sent.inc()
-                    return response
-                except asyncio.CancelledError:
-                    code = _cancelled_code(context)
-                    raise
-                except BaseException:
-                    code = _status_code(context.code()) or grpc.StatusCode.UNKNOWN
+                    return await inner(request, context)
+                except BaseException as exc:
+                    error = exc
                     raise
                 finally:
                     CURRENT_CALL.reset(token)
+                    code = _outcome(context, error)
+                    if code is grpc.StatusCode.OK:
+                        series.sent.inc()
                     self._record(
                         series,
                         record,
@@ -321,21 +317,21 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
         self, series: _MethodSeries, context: grpc.aio.ServicerContext[Any, Any], method: str, level: int
     ) -> AsyncIterator[None]:
         started, record, token = _begin(series)
-        code = grpc.StatusCode.OK
+        error: BaseException | None = None
         try:
             yield
-        except asyncio.CancelledError:
-            code = _cancelled_code(context)
+        except BaseException as exc:
+            error = exc
             raise
-        except BaseException:
-            code = _status_code(context.code()) or grpc.StatusCode.UNKNOWN
-            raise
-        else:
-            code = _status_code(context.code()) or grpc.StatusCode.OK
         finally:
             CURRENT_CALL.reset(token)
             self._record(
-                series, record, code=code, elapsed=time.perf_counter() - started, method=method, level=level
+                series,
+                record,
+                code=_outcome(context, error),
+                elapsed=time.perf_counter() - started,
+                method=method,
+                level=level,
             )
 
     def _record(
@@ -373,11 +369,14 @@ def _begin(series: _MethodSeries) -> tuple[float, CallRecord, contextvars.Token[
     return time.perf_counter(), record, token
 
 
-def _cancelled_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    """A cancelled handler: the caller's deadline passed, or the caller went away."""
-    remaining = context.time_remaining()
-    expired = remaining is not None and remaining <= 0
-    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+def _outcome(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
+    """The status an RPC ended with: what the handler set on its context, else what its end implies."""
+    if isinstance(error, asyncio.CancelledError):  # the caller's deadline passed, or the caller left
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    fallback = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+    return _status_code(context.code()) or fallback
 
 
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
