@@ -10,7 +10,7 @@
 # (--only-binary), so neither stage needs a compiler.
 #
 # The base image is the Python the project is developed, tested and benchmarked on (3.11, see
-# ../shared/reference/performance-notes.md); the patch release is pinned so rebuilds are repeatable.
+# bench/RESULTS.md); the patch release is pinned so rebuilds are repeatable.
 # To pin the digest as well: --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:...
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 

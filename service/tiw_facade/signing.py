@@ -4,7 +4,7 @@ Pure functions and two small stateful helpers (``Signer`` for the client, ``Veri
 emulator): bytes, keys and clocks in, strings out. Nothing here does I/O or knows gRPC or HTTP
 clients. Secrets never appear in a repr, a log line or an exception message.
 
-The steps (see ``../shared/reference/tiw-api.md``)::
+The steps (see ``docs/tiw-api.md``)::
 
     canonical request = POST / <empty query> <canonical headers> <signed headers> sha256(body)
     string to sign    = TC3-HMAC-SHA256 <timestamp> <date>/<service>/tc3_request sha256(canonical)

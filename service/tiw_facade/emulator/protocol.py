@@ -1,6 +1,6 @@
 """TIW's wire protocol as the emulator checks it: actions, parameter tables, JSON types, envelopes.
 
-Written from Tencent's API documentation (``../shared/reference/tiw-api.md`` and the seed docs),
+Written from Tencent's API documentation of the five actions (summarised in ``docs/tiw-api.md``),
 not from the facade's proto: the emulator must catch a facade that gets TIW wrong.
 """
 
