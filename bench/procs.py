@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tiw_facade import settings
+from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -106,9 +106,9 @@ def base_environment() -> dict[str, str]:
 
 def facade_environment(endpoint: str, grpc_port: int, http_port: int, **extra: str) -> dict[str, str]:
     return {
-        "TENCENTCLOUD_SECRET_ID": settings.DEMO_SECRET_ID,
-        "TENCENTCLOUD_SECRET_KEY": settings.DEMO_SECRET_KEY,
-        "TENCENTCLOUD_REGION": settings.DEMO_REGION,
+        "TENCENTCLOUD_SECRET_ID": DEMO_SECRET_ID,
+        "TENCENTCLOUD_SECRET_KEY": DEMO_SECRET_KEY,
+        "TENCENTCLOUD_REGION": DEMO_REGION,
         "TIW_ENDPOINT": endpoint,
         "TIW_GRPC_PORT": str(grpc_port),
         "TIW_HTTP_PORT": str(http_port),
@@ -140,7 +140,7 @@ class Processes:
     def __exit__(self, *exc: object) -> None:
         self.close(failed=exc[0] is not None)
 
-    def _spawn(
+    def spawn(
         self,
         cls: type[Proc],
         name: str,
@@ -166,7 +166,7 @@ class Processes:
 
     def emulator(self, rate_limit: int) -> tuple[Proc, str]:
         port = free_port()
-        proc = self._spawn(
+        proc = self.spawn(
             Proc,
             f"emulator-{port}",
             [PYTHON, "-m", "bench.roles", "emulator", "--port", str(port), "--rate-limit", str(rate_limit)],
@@ -184,13 +184,13 @@ class Processes:
             argv = [PYTHON, "-m", "bench.roles", "facade", "--loop", loop]
             if profile is not None:
                 argv += ["--profile", str(profile)]
-        proc = self._spawn(Proc, f"facade-{env['TIW_GRPC_PORT']}", argv, env)
+        proc = self.spawn(Proc, f"facade-{env['TIW_GRPC_PORT']}", argv, env)
         wait_http(proc, f"http://{HOST}:{env['TIW_HTTP_PORT']}/healthz")
         return proc
 
     def echo(self, loop: str = "uvloop") -> tuple[Proc, str]:
         port = free_port()
-        proc = self._spawn(
+        proc = self.spawn(
             Proc,
             f"echo-{port}",
             [PYTHON, "-m", "bench.roles", "echo", "--port", str(port), "--loop", loop],
@@ -203,7 +203,7 @@ class Processes:
         port = free_port()
         data = self.dir / f"redis-{port}"
         data.mkdir()
-        proc = self._spawn(
+        proc = self.spawn(
             Proc,
             f"redis-{port}",
             [
@@ -229,7 +229,7 @@ class Processes:
         return proc, f"redis://{HOST}:{port}/0"
 
     def worker(self, name: str, *args: str) -> Worker:
-        proc = self._spawn(Worker, name, [PYTHON, "-m", "bench.worker", *args], None, pipes=True)
+        proc = self.spawn(Worker, name, [PYTHON, "-m", "bench.worker", *args], None, pipes=True)
         assert isinstance(proc, Worker)
         return proc
 

@@ -218,12 +218,12 @@ class SdkClient:
         from tencentcloud.common.profile.client_profile import ClientProfile
         from tencentcloud.common.profile.http_profile import HttpProfile
         from tencentcloud.tiw.v20190919 import tiw_client
-        from tiw_facade import settings
+        from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY
 
         http = HttpProfile(protocol="http", endpoint=self._endpoint, reqTimeout=5)
         return tiw_client.TiwClient(
-            credential.Credential(settings.DEMO_SECRET_ID, settings.DEMO_SECRET_KEY),
-            settings.DEMO_REGION,
+            credential.Credential(DEMO_SECRET_ID, DEMO_SECRET_KEY),
+            DEMO_REGION,
             ClientProfile(httpProfile=http),
         )
 

@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from tiw_facade import settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
-from tiw_facade.emulator import Emulator, EmulatorConfig
+from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY, Emulator, EmulatorConfig
 from tiw_facade.server import FacadeServer
 
 
@@ -60,9 +60,9 @@ class Facade:
 
 def facade_environment(endpoint: str, **extra: str) -> dict[str, str]:
     return {
-        "TENCENTCLOUD_SECRET_ID": settings.DEMO_SECRET_ID,
-        "TENCENTCLOUD_SECRET_KEY": settings.DEMO_SECRET_KEY,
-        "TENCENTCLOUD_REGION": settings.DEMO_REGION,
+        "TENCENTCLOUD_SECRET_ID": DEMO_SECRET_ID,
+        "TENCENTCLOUD_SECRET_KEY": DEMO_SECRET_KEY,
+        "TENCENTCLOUD_REGION": DEMO_REGION,
         "TIW_ENDPOINT": endpoint,
         "TIW_GRPC_PORT": "0",
         "TIW_HTTP_PORT": "0",

@@ -38,7 +38,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.metrics import MetricWrapperBase
 from tiw_facade import __version__, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
+from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY
 from tiw_facade.metrics import Metrics
+
+# What `serve --emulator` fills in: the emulator's demo key.
+DEMO = {"secret_id": DEMO_SECRET_ID, "secret_key": DEMO_SECRET_KEY, "region": DEMO_REGION}
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -141,7 +145,7 @@ def test_image_exposes_the_default_ports() -> None:
         if name == "EXPOSE"
         for port in args.split()
     }
-    defaults = settings.load({}, demo=True)
+    defaults = settings.load({}, defaults=DEMO)
     assert exposed == {defaults.grpc_port, defaults.http_port}
 
 
@@ -642,9 +646,9 @@ def test_the_image_command_serves_health_and_stops_cleanly_on_sigterm(
     env = {
         **base_env,
         **dockerfile_env(),
-        "TENCENTCLOUD_SECRET_ID": settings.DEMO_SECRET_ID,
-        "TENCENTCLOUD_SECRET_KEY": settings.DEMO_SECRET_KEY,
-        "TENCENTCLOUD_REGION": settings.DEMO_REGION,
+        "TENCENTCLOUD_SECRET_ID": DEMO_SECRET_ID,
+        "TENCENTCLOUD_SECRET_KEY": DEMO_SECRET_KEY,
+        "TENCENTCLOUD_REGION": DEMO_REGION,
         "TIW_ENDPOINT": f"http://127.0.0.1:{emulator_port}",
         "TIW_GRPC_PORT": str(grpc_port),
         "TIW_HTTP_PORT": str(http_port),
@@ -661,7 +665,7 @@ def test_the_image_command_serves_health_and_stops_cleanly_on_sigterm(
     assert status == 200, body
 
     server.popen.send_signal(signal.SIGTERM)
-    drain = settings.load({}, demo=True).shutdown_grace
+    drain = settings.load({}, defaults=DEMO).shutdown_grace
     try:
         code = server.popen.wait(timeout=drain + 10)
     except subprocess.TimeoutExpired:

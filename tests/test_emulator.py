@@ -25,9 +25,16 @@ from tencentcloud.common.profile.client_profile import ClientProfile
 from tencentcloud.common.profile.http_profile import HttpProfile
 from tencentcloud.tiw.v20190919 import models
 from tencentcloud.tiw.v20190919.tiw_client import TiwClient
-from tiw_facade.emulator import Emulator, EmulatorConfig, Fault, FaultKind, max_in_any_window
+from tiw_facade.emulator import (
+    DEMO_SECRET_ID,
+    DEMO_SECRET_KEY,
+    Emulator,
+    EmulatorConfig,
+    Fault,
+    FaultKind,
+    max_in_any_window,
+)
 from tiw_facade.emulator.traffic import ActionTraffic
-from tiw_facade.settings import DEMO_SECRET_ID, DEMO_SECRET_KEY
 from tiw_facade.signing import Credentials, Signer
 
 UNAUTHORIZED_APP = 1400999999

@@ -9,17 +9,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
 from conftest import facade_environment, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.redis_server import RedisServer
 from test_rpcs import PUSH_TASK, SDK_APP_ID
-from tiw_facade import settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
-from tiw_facade.emulator import Emulator, Fault, FaultKind
+from tiw_facade.emulator import DEMO_SECRET_KEY, Emulator, Fault, FaultKind
 
 
 class FacadeProcess:
@@ -59,6 +60,18 @@ class FacadeProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.communicate()
+
+
+async def wait_until_degraded(http_port: int, within: float = 15.0) -> None:
+    """Until /healthz says the limiter lost Redis (and so has logged it)."""
+    url = f"http://127.0.0.1:{http_port}/healthz"
+    end = time.monotonic() + within
+    while True:
+        with urllib.request.urlopen(url, timeout=2) as page:  # noqa: ASYNC210 (a test, a local page)
+            if json.load(page)["limiter"]["degraded"]:
+                return
+        assert time.monotonic() < end, "the limiter did not notice Redis was gone"
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -133,37 +146,40 @@ async def test_no_secret_in_any_log_line(
     emulator: Emulator,
     free_ports: tuple[int, int],
     process_factory: list[FacadeProcess],
-    unused_tcp_port: int,
 ) -> None:
     grpc_port, http_port = free_ports
     token = "session-token-that-must-never-be-logged"
     redis_password = "redis-password-that-must-never-be-logged"
-    env = facade_environment(
-        emulator.url,
-        TIW_GRPC_PORT=str(grpc_port),
-        TIW_HTTP_PORT=str(http_port),
-        TIW_LOG_LEVEL="DEBUG",
-        TENCENTCLOUD_SESSION_TOKEN=token,
-        # Unreachable on purpose: the degraded-mode log lines mention the Redis URL.
-        TIW_REDIS_URL=f"redis://:{redis_password}@127.0.0.1:{unused_tcp_port}/0",
-    )
-    facade = FacadeProcess(["serve"], env, grpc_port)
-    process_factory.append(facade)
-    await facade.wait_serving()
-    request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
-    await facade.stub.DescribeWhiteboardPush(request, timeout=5)
-    emulator.add_fault(Fault(FaultKind.ERROR_CODE, code="AuthFailure.SignatureFailure", count=1))
-    with pytest.raises(grpc.aio.AioRpcError):
+    with RedisServer(password=redis_password) as redis:
+        env = facade_environment(
+            emulator.url,
+            TIW_GRPC_PORT=str(grpc_port),
+            TIW_HTTP_PORT=str(http_port),
+            TIW_LOG_LEVEL="DEBUG",
+            TENCENTCLOUD_SESSION_TOKEN=token,
+            TIW_REDIS_URL=redis.url,
+        )
+        facade = FacadeProcess(["serve"], env, grpc_port)
+        process_factory.append(facade)
+        await facade.wait_serving()
+        # Calls that reach TIW (with the token in their headers) and fail in its ways and ours.
+        request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
         await facade.stub.DescribeWhiteboardPush(request, timeout=5)
-    with pytest.raises(grpc.aio.AioRpcError):
-        await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(), timeout=5)
+        emulator.add_fault(Fault(FaultKind.ERROR_CODE, code="AuthFailure.SignatureFailure", count=1))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await facade.stub.DescribeWhiteboardPush(request, timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(), timeout=5)
+        # Redis goes away: the degraded-mode log lines mention its URL.
+        redis.kill()
+        await wait_until_degraded(http_port)
     facade.process.send_signal(signal.SIGTERM)
     code, stderr = await asyncio.to_thread(facade.finish)
     assert code == 0
     lines = stderr.splitlines()
     assert any(json.loads(line).get("level") == "DEBUG" for line in lines), "DEBUG was on"
     assert any("unreachable" in line for line in lines), "the Redis URL went through the logs (degraded mode)"
-    for secret in (settings.DEMO_SECRET_KEY, token, redis_password):
+    for secret in (DEMO_SECRET_KEY, token, redis_password):
         assert secret not in stderr
     for line in lines:
         json.loads(line)  # every line is one JSON object
@@ -187,3 +203,31 @@ async def test_serve_with_the_embedded_emulator(
     facade.process.send_signal(signal.SIGINT)
     code, stderr = await asyncio.to_thread(facade.finish)
     assert code == 0, stderr
+
+
+@pytest.mark.parametrize("shared", ["TIW_GRPC_PORT", "TIW_HTTP_PORT"])
+async def test_a_second_facade_on_a_busy_port_exits_naming_it(
+    emulator: Emulator,
+    free_ports: tuple[int, int],
+    process_factory: list[FacadeProcess],
+    unused_tcp_port_factory: Callable[[], int],
+    shared: str,
+) -> None:
+    grpc_port, http_port = free_ports
+    ports = {"TIW_GRPC_PORT": str(grpc_port), "TIW_HTTP_PORT": str(http_port)}
+    first = FacadeProcess(["serve"], facade_environment(emulator.url, **ports), grpc_port)
+    process_factory.append(first)
+    await first.wait_serving()
+    # The second one shares one port with the first; its other port is free.
+    other = next(name for name in ports if name != shared)
+    second_ports = {**ports, other: str(unused_tcp_port_factory())}
+    second = FacadeProcess(["serve"], facade_environment(emulator.url, **second_ports), grpc_port)
+    process_factory.append(second)
+    code, stderr = await asyncio.to_thread(second.finish, 20)
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    ours = [json.loads(line) for line in stderr.splitlines() if shared in line]
+    assert len(ours) == 1, stderr
+    assert ours[0]["level"] == "ERROR"
+    assert f"127.0.0.1:{ports[shared]}" in ours[0]["error"]
+    await first.wait_serving(within=2)  # the first one is undisturbed

@@ -1,9 +1,15 @@
-"""Settings: one typed object; a bad setting names the variable; secrets stay out of reprs."""
+"""Settings: declared once; a bad setting names the variable (or flag); secrets stay out of reprs
+and error messages."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+
 import pytest
-from tiw_facade.settings import DEFAULT_ENDPOINT, SettingsError, load
+from tiw_facade import settings
+from tiw_facade.settings import DEFAULT_ENDPOINT, Settings, SettingsError, load
 
 BASE = {
     "TENCENTCLOUD_SECRET_ID": "AKIDx",
@@ -28,16 +34,18 @@ def test_environment_and_overrides() -> None:
             **BASE,
             "TIW_ENDPOINT": "http://127.0.0.1:9000/",
             "TIW_GRPC_PORT": "6000",
+            "TIW_HTTP_PORT": "6001",
             "TIW_REFLECTION": "false",
             "TIW_RATE_LIMIT_ACCOUNT": "team-a",
             "TIW_EXPECTED_REPLICAS": "3",
         },
-        grpc_port=7000,
-        http_port=None,
+        overrides={"grpc_port": "7000", "http_port": None, "log_level": "debug"},
     )
     assert config.endpoint == "http://127.0.0.1:9000"
     assert config.upstream_host == "127.0.0.1:9000"  # the signed host follows the endpoint, port included
     assert config.grpc_port == 7000
+    assert config.http_port == 6001  # a None override leaves the environment's value
+    assert config.log_level == "DEBUG"  # through the same parser as TIW_LOG_LEVEL
     assert config.reflection is False
     assert config.account == "team-a"
     assert config.degraded_rate_limit == 6
@@ -55,6 +63,8 @@ def test_environment_and_overrides() -> None:
             {"TIW_ENDPOINT": "tiw.tencentcloudapi.com"},
             "TIW_ENDPOINT='tiw.tencentcloudapi.com': must be an http(s) base URL",
         ),
+        ({"TIW_ENDPOINT": "http://[::1"}, "TIW_ENDPOINT='http://[::1': malformed"),
+        ({"TIW_ENDPOINT": "http://host:99999"}, "TIW_ENDPOINT='http://host:99999': malformed"),
         ({"TIW_RATE_LIMIT": "0"}, "TIW_RATE_LIMIT='0': must be a positive integer"),
         ({"TIW_REFLECTION": "maybe"}, "TIW_REFLECTION='maybe': must be true or false"),
         ({"TIW_REDIS_URL": "http://redis"}, "TIW_REDIS_URL='http://redis': must be a redis://"),
@@ -69,10 +79,55 @@ def test_bad_settings_name_the_variable(env: dict[str, str], named: str) -> None
     assert named in str(caught.value)
 
 
-def test_demo_fills_only_what_is_missing() -> None:
-    config = load({"TENCENTCLOUD_REGION": "ap-singapore"}, demo=True)
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"endpoint": "not a url"}, "--endpoint='not a url': must be an http(s) base URL"),
+        ({"log_level": "verbose"}, "--log-level='verbose': must be DEBUG, INFO, WARNING or ERROR"),
+        ({"grpc_port": "-1"}, "--grpc-port='-1': must be a port number"),
+        ({"reflection": "perhaps"}, "--reflection='perhaps': must be true or false"),
+    ],
+)
+def test_overrides_go_through_the_same_parsers(overrides: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(BASE, overrides=overrides)
+    assert named in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TIW_REDIS_URL", "http://:hunter2-secret@redis:6379/0"),
+        ("TIW_REDIS_URL", "redis://user:hunter2-secret@redis:notaport/0"),
+        ("TIW_ENDPOINT", "http://user:hunter2-secret@[::1"),
+        ("TIW_ENDPOINT", "https://user:hunter2-secret@tiw.tencentcloudapi.com"),
+    ],
+)
+def test_a_rejected_url_does_not_echo_its_password(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load({**BASE, variable: value})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}=")
+    assert "hunter2-secret" not in message
+    assert "***@" in message
+
+
+def test_an_endpoint_with_userinfo_is_refused() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load({**BASE, "TIW_ENDPOINT": "https://me@tiw.tencentcloudapi.com"})
+    assert "must not carry user:password@" in str(caught.value)
+
+
+def test_defaults_fill_only_what_is_missing() -> None:
+    fallback = {"secret_id": "AKIDdemo", "secret_key": "demo-key", "region": "ap-guangzhou"}
+    config = load({"TENCENTCLOUD_REGION": "ap-singapore"}, defaults=fallback)
     assert config.region == "ap-singapore"
-    assert config.secret_id.startswith("AKID")
+    assert (config.secret_id, config.secret_key) == ("AKIDdemo", "demo-key")
+
+
+def test_unknown_setting_names_are_a_programming_error() -> None:
+    with pytest.raises(TypeError, match="grpc_prot"):
+        load(BASE, overrides={"grpc_prot": "1"})
 
 
 def test_repr_holds_no_secret() -> None:
@@ -82,3 +137,33 @@ def test_repr_holds_no_secret() -> None:
     text = repr(config)
     for secret in ("sekrit-key", "tok-secret", "pw-secret"):
         assert secret not in text
+
+
+def test_every_field_is_declared_with_its_variable() -> None:
+    declared = list(settings.settings())
+    assert tuple(declared) == settings.ENVIRONMENT
+    assert [item.name for item in declared] == [field.name for field in dataclasses.fields(Settings)]
+    assert len({item.env for item in declared}) == len(declared)
+    # The README's default, read back by the setting's parser, is what load() gives when unset.
+    config = load(BASE)
+    for item in declared:
+        if not item.spec.required and not item.spec.shown_default and item.value != "":
+            assert item.spec.parse(item.default) == item.value == getattr(config, item.name)
+
+
+def test_credentials_have_no_flags() -> None:
+    flags = {item.name for item in settings.settings() if item.spec.flag}
+    assert not flags & {"secret_id", "secret_key", "session_token"}
+    assert {"grpc_port", "http_port", "endpoint", "redis_url", "reflection", "log_level"} <= flags
+
+
+def test_the_markdown_command_prints_the_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tiw_facade.settings", "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout == settings.markdown_table()
+    assert "| `TIW_GRPC_PORT` | `--grpc-port` | 50051 |" in result.stdout

@@ -1,29 +1,42 @@
-"""The `tiw-facade` command: `serve` (the facade) and `emulator` (a stand-in TIW)."""
+"""The `tiw-facade` command: `serve` (the facade) and `emulator` (a stand-in TIW).
+
+The composition root: it reads the settings, starts the embedded emulator for `serve --emulator`
+(and hands its URL and demo credentials to the settings), then the server.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
+import urllib.parse
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from tiw_facade import __version__, settings
 
 log = logging.getLogger("tiw_facade")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like configuration errors (argparse would print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tiw-facade", description=__doc__)
+    parser = _Parser(prog="tiw-facade", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser(
         "serve",
         help="run the gRPC facade",
-        description="Run the gRPC facade. Settings come from the "
-        "environment (see the README); these flags override it.",
+        description="Run the gRPC facade. Settings come from the environment (see the README); "
+        "these flags override it. Credentials come only from the environment.",
     )
     serve.add_argument(
         "--emulator",
@@ -31,58 +44,85 @@ def _parser() -> argparse.ArgumentParser:
         help="start an embedded TIW emulator and serve against it with demo credentials "
         "(no Tencent account needed)",
     )
-    serve.add_argument("--grpc-port", type=int, help="overrides TIW_GRPC_PORT")
-    serve.add_argument("--http-port", type=int, help="overrides TIW_HTTP_PORT")
-    serve.add_argument("--endpoint", help="overrides TIW_ENDPOINT")
-    serve.add_argument("--redis-url", help="overrides TIW_REDIS_URL")
-    serve.add_argument(
-        "--no-reflection",
-        dest="reflection",
-        action="store_false",
-        default=None,
-        help="do not serve gRPC reflection (overrides TIW_REFLECTION)",
-    )
-    serve.add_argument("--log-level", help="overrides TIW_LOG_LEVEL")
+    for item in settings.settings():
+        if not item.spec.flag:
+            continue
+        help = f"{item.spec.help} (overrides {item.env}; default {item.default})".replace("%", "%%")
+        if item.is_bool:
+            serve.add_argument(item.flag, dest=item.name, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            serve.add_argument(item.flag, dest=item.name, metavar=item.name.upper(), help=help)
 
     emulator = commands.add_parser("emulator", help="run only the TIW emulator (HTTP)")
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8090)
     emulator.add_argument("--rate-limit", type=int, default=20, help="requests per second per action")
-    emulator.add_argument("--log-level", default="INFO")
+    emulator.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    """The flags given, as text for the settings' parsers (the same as the environment's)."""
+    given: dict[str, str | None] = {}
+    for item in settings.settings():
+        value = getattr(args, item.name, None)
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        given[item.name] = value
+    return given
+
+
+def load_settings(args: argparse.Namespace) -> settings.Settings:
+    if not args.emulator:
+        return settings.load(overrides=_overrides(args))
+    from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY
+
+    # The emulator accepts only its demo key; the region is the caller's to choose.
+    demo = {"secret_id": DEMO_SECRET_ID, "secret_key": DEMO_SECRET_KEY, "session_token": ""}
+    return settings.load(overrides={**_overrides(args), **demo}, defaults={"region": DEMO_REGION})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "emulator":
-        from tiw_facade import logs
+    from tiw_facade import logs
 
-        logs.configure(args.log_level.upper())
+    if args.command == "emulator":
+        logs.configure(args.log_level)
         return _run(_emulator(args.host, args.port, args.rate_limit))
 
     try:
-        config = settings.load(
-            demo=args.emulator,
-            grpc_port=args.grpc_port,
-            http_port=args.http_port,
-            endpoint=args.endpoint,
-            redis_url=args.redis_url,
-            reflection=args.reflection,
-            log_level=args.log_level.upper() if args.log_level else None,
-        )
+        config = load_settings(args)
     except settings.SettingsError as exc:
         print(f"tiw-facade: configuration error: {exc}", file=sys.stderr)
         return 2
 
-    from tiw_facade import logs
-    from tiw_facade.server import serve
-
-    logs.configure(config.log_level, secrets=(config.secret_key, config.session_token, config.redis_url))
+    # The Redis URL whole and its password alone: a library may log either.
+    redis_password = urllib.parse.urlsplit(config.redis_url).password or ""
+    secrets = (config.secret_key, config.session_token, config.redis_url, redis_password)
+    logs.configure(config.log_level, secrets=secrets)
     try:
-        return _run(serve(config, with_emulator=args.emulator))
-    except OSError as exc:
+        return _run(_serve(config, with_emulator=args.emulator))
+    except OSError as exc:  # a busy port: the message names the setting
         log.error("cannot start", extra={"error": str(exc)})
         return 1
+
+
+async def _serve(config: settings.Settings, *, with_emulator: bool) -> int:
+    from tiw_facade.server import serve
+
+    if not with_emulator:
+        return await serve(config)
+    from tiw_facade.emulator import Emulator, EmulatorConfig
+
+    emulator = Emulator(EmulatorConfig())
+    url = await emulator.start("127.0.0.1", 0)
+    log.info("embedded TIW emulator started", extra={"endpoint": url})
+    try:
+        return await serve(dataclasses.replace(config, endpoint=url))
+    finally:
+        await emulator.stop()  # after the facade drained: in-flight calls still reach it
 
 
 async def _emulator(host: str, port: int, rate_limit: int) -> int:
@@ -96,9 +136,11 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop  # ~10% less CPU per call on the facade path (performance-notes.md)
     except ImportError:
-        return asyncio.run(main)
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
     try:
-        return uvloop.run(main)
+        return runner(main)
     except KeyboardInterrupt:  # `emulator` has no signal handler of its own: Ctrl-C ends it
         return 0
 

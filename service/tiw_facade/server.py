@@ -2,37 +2,50 @@
 (/metrics, /healthz), and a graceful stop.
 
 SIGTERM → health NOT_SERVING → new RPCs refused, in-flight ones drain within the grace period →
-upstream sessions, limiter and HTTP server closed → exit 0.
+HTTP server, upstream sessions and limiter closed → exit 0.
+
+Every resource registers its close on an AsyncExitStack the moment it is open, so a start that
+fails halfway closes what it opened, and one close that raises does not skip the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 import signal
+from typing import Any
 
 import grpc
 from aiohttp import web
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tiw_facade import __version__
-from tiw_facade.emulator import Emulator, EmulatorConfig
 from tiw_facade.handler import SERVICE, build_handler
+from tiw_facade.interceptor import RpcObserver
 from tiw_facade.limiter import Limiter, create_limiter
-from tiw_facade.metrics import Metrics, RpcObserver
-from tiw_facade.settings import Settings
+from tiw_facade.metrics import Metrics
+from tiw_facade.settings import Settings, variable
 from tiw_facade.upstream import TiwClient
 
 log = logging.getLogger("tiw_facade.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+class BindError(OSError):
+    """A server cannot listen where its setting says; the message names the setting."""
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return [
+        # grpc sets SO_REUSEPORT by default: a second facade on the same port would silently share
+        # it instead of failing the way a busy HTTP port does.
+        ("grpc.so_reuseport", 0),
         # gRFC A9: connections are recycled so new replicas behind a Service get traffic.
         ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace * 1000)),
@@ -47,54 +60,91 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-class FacadeServer:
-    """One facade: start() binds and serves (port 0 picks a free port), stop() drains."""
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc is untyped
+    """grpcio-health-checking's servicer, plus the List it advertises but answers UNIMPLEMENTED."""
 
-    def __init__(self, settings: Settings, *, with_emulator: bool = False) -> None:
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        # _server_status is the base class's (annotated) table of every service set so far.
+        return health_pb2.HealthListResponse(
+            statuses={
+                service: health_pb2.HealthCheckResponse(status=status)
+                for service, status in self._server_status.items()
+            }
+        )
+
+
+def add_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Server reflection v1alpha (grpcio-reflection) and v1, which buf curl and grpcurl try first.
+
+    grpcio-reflection serves only v1alpha; v1 is the same protocol renamed, its messages
+    field-for-field identical, so the same servicer answers it through v1alpha's (de)serializers.
+    """
+    services = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    _describe_reflection_v1()
+    reflection.enable_server_reflection(services, server)
+    servicer = reflection.aio.ReflectionServicer(services)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info}),)
+    )
+
+
+def _describe_reflection_v1() -> None:
+    """Put v1's schema in the default pool, so reflection can describe v1 itself (as buf curl asks).
+
+    It is v1alpha's file with the package renamed. Adding the same file again is a no-op.
+    """
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    file = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+    file.name, file.package = "grpc/reflection/v1/reflection.proto", new.strip(".")
+    for message in file.message_type:  # the messages nest nothing
+        for field in message.field:
+            if field.type_name.startswith(old):  # assigning "" would set it: only message fields
+                field.type_name = field.type_name.replace(old, new)
+    for method in file.service[0].method:
+        method.input_type, method.output_type = (
+            t.replace(old, new) for t in (method.input_type, method.output_type)
+        )
+    descriptor_pool.Default().AddSerializedFile(file.SerializeToString())
+
+
+class FacadeServer:
+    """One facade: start() binds and serves (port 0 picks a free port), stop() drains and closes."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._with_emulator = with_emulator
         self.metrics = Metrics(__version__)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.grpc_port = 0
         self.http_port = 0
-        self.emulator: Emulator | None = None
-        self._grpc: grpc.aio.Server | None = None
-        self._http: web.AppRunner | None = None
         self._limiter: Limiter | None = None
-        self._client: TiwClient | None = None
+        self._resources: contextlib.AsyncExitStack | None = None
+        self._grace = settings.shutdown_grace
         self._serving = False
 
     async def start(self) -> None:
+        if self._resources is not None:
+            raise RuntimeError("already started")
         settings = self.settings
-        if self._with_emulator:
-            self.emulator = Emulator(EmulatorConfig())
-            url = await self.emulator.start("127.0.0.1", 0)
-            settings = self.settings = dataclasses.replace(settings, endpoint=url)
-            log.info("embedded TIW emulator started", extra={"endpoint": url})
-
-        self._limiter = create_limiter(settings, self.metrics)
-        self.metrics.prime(
-            SERVICE.full_name, [m.name for m in SERVICE.methods], settings.rate_limit, self._limiter.backend
-        )
-        self._client = TiwClient(settings, self._limiter, self.metrics)
-        await self._client.start()
-
-        quiet = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
-        server = self._grpc = grpc.aio.server(
-            interceptors=[RpcObserver(self.metrics, logging.getLogger("tiw_facade.rpc"), quiet)],
-            options=grpc_options(settings),
-        )
-        server.add_generic_rpc_handlers((build_handler(self._client, settings.upstream_host),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if settings.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        async with contextlib.AsyncExitStack() as resources:  # closes everything if start fails
+            limiter = self._limiter = create_limiter(settings, self.metrics)
+            resources.push_async_callback(limiter.aclose)
+            self.metrics.prime(
+                SERVICE.full_name, [m.name for m in SERVICE.methods], settings.rate_limit, limiter.backend
             )
-        self.grpc_port = server.add_insecure_port(f"{settings.bind_host}:{settings.grpc_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {settings.bind_host}:{settings.grpc_port} (TIW_GRPC_PORT)")
-        await server.start()
-        await self._start_http(settings)
+            client = TiwClient(settings, limiter, self.metrics)
+            resources.push_async_callback(client.aclose)
+            await client.start()
+            # HTTP before gRPC, so it closes after the drain: probes and scrapes see it through.
+            await self._start_http(resources)
+            await self._start_grpc(resources, client)
+            self._resources = resources.pop_all()
 
         for service in ("", SERVICE.full_name):
             await self.health.set(service, SERVING)
@@ -106,30 +156,71 @@ class FacadeServer:
                 "http_port": self.http_port,
                 "endpoint": settings.endpoint,
                 "region": settings.region,
-                "limiter": self._limiter.backend,
+                "limiter": limiter.backend,
                 "rate_limit": settings.rate_limit,
                 "reflection": settings.reflection,
                 "version": __version__,
             },
         )
 
-    async def _start_http(self, settings: Settings) -> None:
+    async def _start_grpc(self, resources: contextlib.AsyncExitStack, client: TiwClient) -> None:
+        settings = self.settings
+        quiet = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
+        server = grpc.aio.server(
+            interceptors=[RpcObserver(self.metrics, logging.getLogger("tiw_facade.rpc"), quiet)],
+            options=grpc_options(settings),
+        )
+        resources.push_async_callback(self._drain, server)
+        server.add_generic_rpc_handlers((build_handler(client),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if settings.reflection:
+            add_reflection(server, (SERVICE.full_name, health.SERVICE_NAME))
+        address = f"{settings.bind_host}:{settings.grpc_port}"
+        try:
+            self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc says no more than "Failed to bind"
+            raise BindError(
+                f"{variable('grpc_port')}: cannot listen on {address} (in use, or no such local address)"
+            ) from None
+        await server.start()
+
+    async def _drain(self, server: grpc.aio.Server) -> None:
+        await server.stop(self._grace)
+
+    async def _start_http(self, resources: contextlib.AsyncExitStack) -> None:
+        settings = self.settings
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/healthz", self._healthz)
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        resources.push_async_callback(runner.cleanup)
         host = settings.bind_host.strip("[]")
         # "::" alone would make asyncio set IPV6_V6ONLY and refuse IPv4 scrapes; None listens on
         # every interface of both families, as the gRPC server does for [::].
         every_interface = host in ("", "::", "0.0.0.0")
-        site = web.TCPSite(self._http, host=None if every_interface else host, port=settings.http_port)
-        await site.start()
-        self.http_port = self._http.addresses[0][1]  # the bound port, when TIW_HTTP_PORT is 0
+        site = web.TCPSite(runner, host=None if every_interface else host, port=settings.http_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise BindError(
+                f"{variable('http_port')}: cannot listen on {settings.bind_host}:{settings.http_port}"
+                f" ({exc.strerror or exc})"
+            ) from None
+        self.http_port = runner.addresses[0][1]  # the bound port, when TIW_HTTP_PORT is 0
 
-    async def _metrics_page(self, _: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        response = web.Response(
+            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+        # Prometheus asks for gzip; the exposition shrinks ~10x. Chosen explicitly: aiohttp's own
+        # negotiation would prefer deflate when both are offered.
+        codings = {
+            part.split(";")[0].strip() for part in request.headers.get("Accept-Encoding", "").split(",")
+        }
+        if "gzip" in codings:
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
 
     async def _healthz(self, _: web.Request) -> web.Response:
         limiter = self._limiter.health() if self._limiter is not None else {}
@@ -137,39 +228,34 @@ class FacadeServer:
         return web.json_response({"status": status, "limiter": limiter}, status=200 if self._serving else 503)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then close everything."""
+        """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then close everything.
+
+        Safe to call twice, or after a failed start: what is already closed is not closed again.
+        """
+        resources, self._resources = self._resources, None
         self._serving = False
+        if resources is None:
+            return
+        self._grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self._grpc is not None:
-            log.info(
-                "draining",
-                extra={"grace_seconds": grace if grace is not None else self.settings.shutdown_grace},
-            )
-            await self._grpc.stop(grace if grace is not None else self.settings.shutdown_grace)
-        if self._client is not None:
-            await self._client.aclose()
-        if self._limiter is not None:
-            await self._limiter.aclose()
-        if self._http is not None:
-            await self._http.cleanup()
-        if self.emulator is not None:
-            await self.emulator.stop()
-        log.info("stopped")
+        log.info("draining", extra={"grace_seconds": self._grace})
+        try:
+            await resources.aclose()
+        finally:
+            log.info("stopped")
 
 
-async def serve(settings: Settings, *, with_emulator: bool = False) -> int:
+async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then stop gracefully. Returns the exit code."""
-    server = FacadeServer(settings, with_emulator=with_emulator)
+    server = FacadeServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
     try:
-        await server.start()
-    except BaseException:
-        await server.stop(0)
-        raise
-    await stop.wait()
-    log.info("signal received: stopping")
-    await server.stop()
+        await stop.wait()
+        log.info("signal received: stopping")
+    finally:
+        await server.stop()
     return 0

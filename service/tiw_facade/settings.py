@@ -1,63 +1,308 @@
 """One typed settings object, built from the environment (and command-line overrides).
 
-Nothing else in the package reads ``os.environ``. A missing or malformed setting raises
-``SettingsError`` naming the variable, before anything listens.
+Each setting is declared once, as a field of ``Settings`` whose metadata carries its environment
+variable, parser and help (in the spirit of struct tags). ``load()``, the `serve` flags and the
+README's table are all derived from those declarations. Nothing else in the package reads
+``os.environ``. A missing or malformed setting raises ``SettingsError`` naming the variable (or the
+flag), before anything listens; a URL's password is never echoed.
+
+    python -m tiw_facade.settings --markdown    # the README's configuration table
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import sys
 import urllib.parse
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 DEFAULT_ENDPOINT = "https://tiw.tencentcloudapi.com"
-# Demo credentials for `serve --emulator`: the embedded emulator accepts exactly these.
-DEMO_SECRET_ID = "AKIDdemoTIWfacadeEMULATOR"
-DEMO_SECRET_KEY = "demo-secret-key-for-the-embedded-emulator"
-DEMO_REGION = "ap-guangzhou"
+_SPEC = "tiw_facade.setting"  # the metadata key of a field's Spec
 
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
+class Invalid(ValueError):
+    """A parser's own complaint, safe to show; any other ValueError is reported as 'malformed'."""
+
+
 @dataclasses.dataclass(frozen=True)
-class Setting:
-    """Documentation of one environment variable (the README's table is checked against these)."""
+class Spec:
+    """How one setting is read and documented."""
 
     env: str
-    default: str
+    parse: Callable[[str], Any]
     help: str
+    required: bool = False
+    shown_default: str = ""  # the README's default, when the default value does not say it
+    flag: bool = True  # a `serve` flag; not for credentials (a command line is visible in `ps`)
+    show: Callable[[str], str] = repr  # how a rejected value appears in the error
 
 
 @dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting as the README, the CLI and the deployment checks see it."""
+
+    name: str
+    spec: Spec
+    value: Any  # the typed default (dataclasses.MISSING when there is none)
+
+    @property
+    def env(self) -> str:
+        return self.spec.env
+
+    @property
+    def help(self) -> str:
+        return self.spec.help
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def is_bool(self) -> bool:
+        return isinstance(self.value, bool)
+
+    @property
+    def default(self) -> str:
+        """The default as the README states it."""
+        if self.spec.shown_default:
+            return self.spec.shown_default
+        if self.spec.required:
+            return "(required)"
+        if isinstance(self.value, bool):
+            return "true" if self.value else "false"
+        if isinstance(self.value, float):
+            return f"{self.value:g}"
+        return str(self.value) if self.value != "" else "(empty)"
+
+
+# --- parsers: text in, typed value out, Invalid with a reason ------------------------------------
+
+
+def text(raw: str) -> str:
+    return raw
+
+
+def positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise Invalid("must be a positive integer")
+    return value
+
+
+def port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise Invalid("must be a port number 0..65535")
+    return value
+
+
+def positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise Invalid("must be a positive number of seconds")
+    return value
+
+
+def boolean(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise Invalid("must be true or false")
+
+
+def one_of(*choices: str, fold: Callable[[str], str] = str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = fold(raw)
+        if value not in choices:
+            raise Invalid(f"must be {', '.join(choices[:-1])} or {choices[-1]}")
+        return value
+
+    return parse
+
+
+def base_url(raw: str) -> str:
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.hostname or parts.path not in {"", "/"}:
+        raise Invalid("must be an http(s) base URL such as https://tiw.tencentcloudapi.com")
+    if "@" in parts.netloc:
+        raise Invalid("must not carry user:password@ (TIW authenticates by signature)")
+    _ = parts.port  # raises ValueError on a malformed port
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def redis_address(raw: str) -> str:
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in {"redis", "rediss", "unix"}:
+        raise Invalid("must be a redis:// rediss:// or unix:// URL")
+    _ = parts.port  # raises ValueError on a malformed port
+    return raw
+
+
+def redact_url(raw: str) -> str:
+    """The URL for an error message: whatever precedes an ``@`` after ``//`` may be a password."""
+    return repr(re.sub(r"(?<=//).*@", "***@", raw))
+
+
+def setting(
+    env: str,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    default: Any = dataclasses.MISSING,
+    required: bool = False,
+    shown_default: str = "",
+    flag: bool = True,
+    secret: bool = False,
+    show: Callable[[str], str] = repr,
+) -> Any:
+    """A ``Settings`` field: its default, and the Spec that ``load()``, the CLI and the README use."""
+    spec = Spec(env, parse, help, required or default is dataclasses.MISSING, shown_default, flag, show)
+    return dataclasses.field(default=default, repr=not secret, metadata={_SPEC: spec})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
-    secret_id: str
-    secret_key: str = dataclasses.field(repr=False)
-    session_token: str = dataclasses.field(default="", repr=False)
-    region: str = ""
-    endpoint: str = DEFAULT_ENDPOINT
-    language: str = ""
-    grpc_port: int = 50051
-    http_port: int = 8080
-    bind_host: str = "[::]"
-    reflection: bool = True
-    shutdown_grace: float = 20.0
-    log_level: str = "INFO"
-    upstream_timeout: float = 10.0
-    max_attempts: int = 3
-    rate_limit: int = 20
-    rate_limit_account: str = ""
-    redis_url: str = dataclasses.field(default="", repr=False)  # may hold a password
-    redis_timeout: float = 0.25
-    expected_replicas: int = 1
-    max_queue_wait: float = 5.0
-    max_queue_length: int = 1000
-    max_connection_age: float = 300.0
+    secret_id: str = setting(
+        "TENCENTCLOUD_SECRET_ID", text, "SecretId of the Tencent Cloud API key.", flag=False
+    )
+    secret_key: str = setting(
+        "TENCENTCLOUD_SECRET_KEY", text, "SecretKey of the API key. Never logged.", flag=False, secret=True
+    )
+    session_token: str = setting(
+        "TENCENTCLOUD_SESSION_TOKEN",
+        text,
+        "Session token of temporary credentials, sent as X-TC-Token.",
+        default="",
+        flag=False,
+        secret=True,
+    )
+    region: str = setting(
+        "TENCENTCLOUD_REGION",
+        text,
+        "Region sent as X-TC-Region, e.g. `ap-guangzhou`.",
+        default="",
+        required=True,
+    )
+    endpoint: str = setting(
+        "TIW_ENDPOINT",
+        base_url,
+        "Upstream base URL; the signed Host follows it.",
+        default=DEFAULT_ENDPOINT,
+        show=redact_url,
+    )
+    language: str = setting(
+        "TIW_LANGUAGE",
+        one_of("zh-CN", "en-US"),
+        "X-TC-Language for TIW's error messages: `zh-CN` or `en-US`.",
+        default="",
+    )
+    grpc_port: int = setting(
+        "TIW_GRPC_PORT", port, "Port of the gRPC server (TiwService, health, reflection).", default=50051
+    )
+    http_port: int = setting(
+        "TIW_HTTP_PORT", port, "Port of the HTTP server: `/metrics`, `/healthz`.", default=8080
+    )
+    bind_host: str = setting("TIW_BIND_HOST", text, "Address both servers listen on.", default="[::]")
+    reflection: bool = setting("TIW_REFLECTION", boolean, "Serve gRPC server reflection.", default=True)
+    shutdown_grace: float = setting(
+        "TIW_SHUTDOWN_GRACE",
+        positive_float,
+        "Seconds in-flight RPCs may take to finish after SIGTERM.",
+        default=20.0,
+    )
+    log_level: str = setting(
+        "TIW_LOG_LEVEL",
+        one_of("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper),
+        "DEBUG, INFO, WARNING or ERROR.",
+        default="INFO",
+    )
+    upstream_timeout: float = setting(
+        "TIW_UPSTREAM_TIMEOUT",
+        positive_float,
+        "Seconds one upstream attempt may take; without a caller deadline, the whole call.",
+        default=10.0,
+    )
+    connect_timeout: float = setting(
+        "TIW_CONNECT_TIMEOUT",
+        positive_float,
+        "Seconds connecting to TIW may take; a connect time-out proves the request was not sent, so "
+        "even CreateSnapshotTask is retried after one.",
+        default=2.0,
+    )
+    max_answer_bytes: int = setting(
+        "TIW_MAX_ANSWER_BYTES",
+        positive_int,
+        "Largest TIW answer read, in bytes (TIW's are a few KB); a larger one fails as UPSTREAM_MALFORMED.",
+        default=1 << 20,
+    )
+    max_attempts: int = setting(
+        "TIW_MAX_ATTEMPTS",
+        positive_int,
+        "Upper bound on attempts per call, where retrying is safe.",
+        default=3,
+    )
+    rate_limit: int = setting(
+        "TIW_RATE_LIMIT",
+        positive_int,
+        "Requests per second per action, for all replicas together.",
+        default=20,
+    )
+    rate_limit_account: str = setting(
+        "TIW_RATE_LIMIT_ACCOUNT",
+        text,
+        "Whose quota: replicas with the same value share it.",
+        default="",
+        shown_default="(the SecretId)",
+    )
+    redis_url: str = setting(
+        "TIW_REDIS_URL",
+        redis_address,
+        "Redis for the limiter shared by replicas, e.g. `redis://redis:6379/0`.",
+        default="",
+        shown_default="(empty: in-process)",
+        secret=True,  # may hold a password
+        show=redact_url,
+    )
+    redis_timeout: float = setting(
+        "TIW_REDIS_TIMEOUT",
+        positive_float,
+        "Seconds a Redis call may take before it counts as failed; the limiter degrades only when "
+        "Redis fails for 0.5 s (at once when it refuses connections).",
+        default=0.25,
+    )
+    expected_replicas: int = setting(
+        "TIW_EXPECTED_REPLICAS",
+        positive_int,
+        "Replicas sharing the quota; while Redis is down each takes rate/replicas.",
+        default=1,
+    )
+    max_queue_wait: float = setting(
+        "TIW_MAX_QUEUE_WAIT",
+        positive_float,
+        "Longest wait, in seconds, for a rate-limit slot; beyond it, RESOURCE_EXHAUSTED.",
+        default=5.0,
+    )
+    max_queue_length: int = setting(
+        "TIW_MAX_QUEUE_LENGTH",
+        positive_int,
+        "Callers that may wait per action; beyond it, RESOURCE_EXHAUSTED.",
+        default=1000,
+    )
+    max_connection_age: float = setting(
+        "TIW_MAX_CONNECTION_AGE",
+        positive_float,
+        "Seconds before a client connection is asked to reconnect (spreads load).",
+        default=300.0,
+    )
 
     @property
     def account(self) -> str:
@@ -75,171 +320,81 @@ class Settings:
         return max(1, self.rate_limit // self.expected_replicas)
 
 
-# The environment variables, their defaults and meaning: one place, also rendered in the README.
-ENVIRONMENT: tuple[Setting, ...] = (
-    Setting("TENCENTCLOUD_SECRET_ID", "(required)", "SecretId of the Tencent Cloud API key."),
-    Setting("TENCENTCLOUD_SECRET_KEY", "(required)", "SecretKey of the API key. Never logged."),
-    Setting(
-        "TENCENTCLOUD_SESSION_TOKEN", "(empty)", "Session token of temporary credentials, sent as X-TC-Token."
-    ),
-    Setting("TENCENTCLOUD_REGION", "(required)", "Region sent as X-TC-Region, e.g. `ap-guangzhou`."),
-    Setting("TIW_ENDPOINT", DEFAULT_ENDPOINT, "Upstream base URL; the signed Host follows it."),
-    Setting("TIW_LANGUAGE", "(empty)", "X-TC-Language for TIW's error messages: `zh-CN` or `en-US`."),
-    Setting("TIW_GRPC_PORT", "50051", "Port of the gRPC server (TiwService, health, reflection)."),
-    Setting("TIW_HTTP_PORT", "8080", "Port of the HTTP server: `/metrics`, `/healthz`."),
-    Setting("TIW_BIND_HOST", "[::]", "Address both servers listen on."),
-    Setting("TIW_REFLECTION", "true", "Serve gRPC server reflection."),
-    Setting("TIW_SHUTDOWN_GRACE", "20", "Seconds in-flight RPCs may take to finish after SIGTERM."),
-    Setting("TIW_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
-    Setting(
-        "TIW_UPSTREAM_TIMEOUT",
-        "10",
-        "Seconds one upstream attempt may take; without a caller deadline, the whole call.",
-    ),
-    Setting("TIW_MAX_ATTEMPTS", "3", "Upper bound on attempts per call, where retrying is safe."),
-    Setting("TIW_RATE_LIMIT", "20", "Requests per second per action, for all replicas together."),
-    Setting(
-        "TIW_RATE_LIMIT_ACCOUNT", "(the SecretId)", "Whose quota: replicas with the same value share it."
-    ),
-    Setting(
-        "TIW_REDIS_URL",
-        "(empty: in-process)",
-        "Redis for the limiter shared by replicas, e.g. `redis://redis:6379/0`.",
-    ),
-    Setting(
-        "TIW_REDIS_TIMEOUT",
-        "0.25",
-        "Seconds a Redis call may take before it counts as failed; the limiter degrades only when "
-        "Redis fails for 0.5 s (at once when it refuses connections).",
-    ),
-    Setting(
-        "TIW_EXPECTED_REPLICAS",
-        "1",
-        "Replicas sharing the quota; while Redis is down each takes rate/replicas.",
-    ),
-    Setting(
-        "TIW_MAX_QUEUE_WAIT",
-        "5",
-        "Longest wait, in seconds, for a rate-limit slot; beyond it, RESOURCE_EXHAUSTED.",
-    ),
-    Setting(
-        "TIW_MAX_QUEUE_LENGTH", "1000", "Callers that may wait per action; beyond it, RESOURCE_EXHAUSTED."
-    ),
-    Setting(
-        "TIW_MAX_CONNECTION_AGE",
-        "300",
-        "Seconds before a client connection is asked to reconnect (spreads load).",
-    ),
-)
+def settings() -> Iterator[Setting]:
+    """Every setting, in declaration order."""
+    for field in dataclasses.fields(Settings):
+        yield Setting(field.name, field.metadata[_SPEC], field.default)
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
+# Every setting, in declaration order: the README's rows, the `serve` flags, the deployment checks.
+ENVIRONMENT: tuple[Setting, ...] = tuple(settings())
 
 
-def _port(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number 0..65535")
-    return value
+def variable(name: str) -> str:
+    """The environment variable of the setting ``name``, for messages such as a busy port's."""
+    return next(item.env for item in settings() if item.name == name)
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError("must be a positive number of seconds")
-    return value
+def _parse(item: Setting, raw: str, where: str) -> Any:
+    try:
+        return item.spec.parse(raw)
+    except Invalid as exc:
+        detail = str(exc)
+    except ValueError:  # int()/float()/urlsplit() messages may repeat the value: say no more
+        detail = "malformed"
+    raise SettingsError(f"{where}={item.spec.show(raw)}: {detail}")
 
 
-def _bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError("must be true or false")
-
-
-def _endpoint(raw: str) -> str:
-    parts = urllib.parse.urlsplit(raw)
-    if parts.scheme not in {"http", "https"} or not parts.netloc or parts.path not in {"", "/"}:
-        raise ValueError("must be an http(s) base URL such as https://tiw.tencentcloudapi.com")
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _log_level(raw: str) -> str:
-    level = raw.strip().upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
-    return level
-
-
-def _language(raw: str) -> str:
-    if raw not in {"", "zh-CN", "en-US"}:
-        raise ValueError("must be zh-CN or en-US")
-    return raw
-
-
-def _redis_url(raw: str) -> str:
-    if raw and urllib.parse.urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError("must be a redis:// rediss:// or unix:// URL")
-    return raw
-
-
-def load(environ: Mapping[str, str] | None = None, *, demo: bool = False, **overrides: Any) -> Settings:
+def load(
+    environ: Mapping[str, str] | None = None,
+    *,
+    defaults: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str | None] | None = None,
+) -> Settings:
     """Build the settings from ``environ`` (default: the process environment).
 
-    ``demo`` fills in the credentials the embedded emulator accepts. ``overrides`` (from flags)
-    win over the environment; ``None`` values are ignored.
+    ``overrides`` (from flags, by setting name) win over the environment; ``defaults`` (by setting
+    name, e.g. the emulator's demo credentials) fill in what the environment leaves unset. Both are
+    text, read by the same parsers as the environment; ``None`` or blank means unset.
     """
-    env = dict(os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    # Blank means unset, wherever it comes from.
+    given = {name: raw.strip() for name, raw in (overrides or {}).items() if raw and raw.strip()}
+    fallback = {name: raw.strip() for name, raw in (defaults or {}).items() if raw.strip()}
+    known = {item.name for item in settings()}
+    if unknown := (given.keys() | fallback.keys()) - known:
+        raise TypeError(f"no such setting: {', '.join(sorted(unknown))}")
 
-    def get(name: str, parse: Callable[[str], T], default: T) -> T:
-        raw = env.get(name, "")
-        if raw.strip() == "":
-            return default
-        try:
-            return parse(raw.strip())
-        except ValueError as exc:
-            detail = (
-                str(exc) if not str(exc).startswith(("invalid literal", "could not convert")) else "malformed"
-            )
-            raise SettingsError(f"{name}={raw!r}: {detail}") from None
-
-    def required(name: str, demo_value: str) -> str:
-        value = env.get(name, "").strip()
-        if value:
-            return value
-        if demo:
-            return demo_value
-        raise SettingsError(f"{name} is required (or run `tiw-facade serve --emulator` to try the service)")
-
+    # Flags first: a mistake just typed is the one to report.
     values: dict[str, Any] = {
-        "secret_id": required("TENCENTCLOUD_SECRET_ID", DEMO_SECRET_ID),
-        "secret_key": required("TENCENTCLOUD_SECRET_KEY", DEMO_SECRET_KEY),
-        "session_token": env.get("TENCENTCLOUD_SESSION_TOKEN", "").strip(),
-        "region": required("TENCENTCLOUD_REGION", DEMO_REGION),
-        "endpoint": get("TIW_ENDPOINT", _endpoint, DEFAULT_ENDPOINT),
-        "language": get("TIW_LANGUAGE", _language, ""),
-        "grpc_port": get("TIW_GRPC_PORT", _port, 50051),
-        "http_port": get("TIW_HTTP_PORT", _port, 8080),
-        "bind_host": get("TIW_BIND_HOST", str, "[::]"),
-        "reflection": get("TIW_REFLECTION", _bool, True),
-        "shutdown_grace": get("TIW_SHUTDOWN_GRACE", _positive_float, 20.0),
-        "log_level": get("TIW_LOG_LEVEL", _log_level, "INFO"),
-        "upstream_timeout": get("TIW_UPSTREAM_TIMEOUT", _positive_float, 10.0),
-        "max_attempts": get("TIW_MAX_ATTEMPTS", _positive_int, 3),
-        "rate_limit": get("TIW_RATE_LIMIT", _positive_int, 20),
-        "rate_limit_account": get("TIW_RATE_LIMIT_ACCOUNT", str, ""),
-        "redis_url": get("TIW_REDIS_URL", _redis_url, ""),
-        "redis_timeout": get("TIW_REDIS_TIMEOUT", _positive_float, 0.25),
-        "expected_replicas": get("TIW_EXPECTED_REPLICAS", _positive_int, 1),
-        "max_queue_wait": get("TIW_MAX_QUEUE_WAIT", _positive_float, 5.0),
-        "max_queue_length": get("TIW_MAX_QUEUE_LENGTH", _positive_int, 1000),
-        "max_connection_age": get("TIW_MAX_CONNECTION_AGE", _positive_float, 300.0),
+        item.name: _parse(item, given[item.name], item.flag) for item in settings() if item.name in given
     }
-    values.update({key: value for key, value in overrides.items() if value is not None})
+    for item in settings():
+        if item.name in values:
+            continue
+        if raw := env.get(item.env, "").strip():
+            values[item.name] = _parse(item, raw, item.env)
+        elif item.name in fallback:
+            values[item.name] = _parse(item, fallback[item.name], item.env)
+        elif item.spec.required:
+            raise SettingsError(
+                f"{item.env} is required (or run `tiw-facade serve --emulator` to try the service)"
+            )
     return Settings(**values)
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    lines = ["| variable | `serve` flag | default | meaning |", "|---|---|---|---|"]
+    for item in settings():
+        flag = f"`{item.flag}`" if item.spec.flag else "(environment only)"
+        if item.is_bool and item.spec.flag:
+            flag = f"`{item.flag}`, `--no-{item.flag[2:]}`"
+        lines.append(f"| `{item.env}` | {flag} | {item.default} | {item.help} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m tiw_facade.settings --markdown")
+    sys.stdout.write(markdown_table())

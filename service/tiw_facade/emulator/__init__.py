@@ -1,8 +1,9 @@
 """An independent TIW server (API version 2019-09-19) over HTTP: the facade's test double.
 
-It reuses nothing of the facade but ``tiw_facade.signing`` (and the demo credentials), so a
-facade that got TIW wrong fails against it the way it would fail against Tencent. Tencent's
-official Python SDK pointed at it succeeds on all five actions; that is its proof.
+It reuses nothing of the facade but ``tiw_facade.signing``, so a facade that got TIW wrong fails
+against it the way it would fail against Tencent. Tencent's official Python SDK pointed at it
+succeeds on all five actions; that is its proof. It owns the demo credentials (``DEMO_*``) that
+`tiw-facade serve --emulator` hands to the facade.
 
     emulator = Emulator(EmulatorConfig(snapshot_seconds=0.1))
     url = await emulator.start()            # http://127.0.0.1:PORT
@@ -11,7 +12,7 @@ official Python SDK pointed at it succeeds on all five actions; that is its proo
     await emulator.stop()
 """
 
-from tiw_facade.emulator.config import EmulatorConfig
+from tiw_facade.emulator.config import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY, EmulatorConfig
 from tiw_facade.emulator.protocol import REQUESTS, VERSION
 from tiw_facade.emulator.server import ADMIN_PREFIX, Emulator
 from tiw_facade.emulator.tasks import SEED_SDK_APP_ID
@@ -22,6 +23,9 @@ ACTIONS = tuple(REQUESTS)
 __all__ = [
     "ACTIONS",
     "ADMIN_PREFIX",
+    "DEMO_REGION",
+    "DEMO_SECRET_ID",
+    "DEMO_SECRET_KEY",
     "SEED_SDK_APP_ID",
     "VERSION",
     "ActionStats",

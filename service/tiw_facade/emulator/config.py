@@ -6,7 +6,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from tiw_facade.settings import DEMO_SECRET_ID, DEMO_SECRET_KEY
+# The key the emulator accepts unless told otherwise, and a region to go with it: `serve --emulator`
+# hands these to the facade, so a newcomer needs no Tencent account.
+DEMO_SECRET_ID = "AKIDdemoTIWfacadeEMULATOR"
+DEMO_SECRET_KEY = "demo-secret-key-for-the-embedded-emulator"
+DEMO_REGION = "ap-guangzhou"
 
 
 def _demo_credentials() -> Mapping[str, str]:
