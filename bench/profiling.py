@@ -36,7 +36,8 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("tiw_facade: translate.py", "tiw_facade/translate.py"),
     ("tiw_facade: validate.py", "tiw_facade/validate.py"),
     ("tiw_facade: errors.py", "tiw_facade/errors.py"),
-    ("tiw_facade: metrics.py (interceptor)", "tiw_facade/metrics.py"),
+    ("tiw_facade: interceptor.py", "tiw_facade/interceptor.py"),
+    ("tiw_facade: metrics.py", "tiw_facade/metrics.py"),
     ("tiw_facade: logs.py (JSON log line)", "tiw_facade/logs.py"),
     ("tiw_facade: limiter/", "tiw_facade/limiter/"),
     ("stdlib logging", "/logging/"),
@@ -65,13 +66,13 @@ def _f(*pairs: str) -> Functions:
 
 
 HANDLER = _f("tiw_facade/handler.py:handle")
-INTERCEPTOR = _f("tiw_facade/metrics.py:unary")  # RpcObserver's wrapper around every unary RPC
+INTERCEPTOR = _f("tiw_facade/interceptor.py:unary")  # RpcObserver's wrapper around every unary RPC
 # Stages of the request path: (label, functions whose CPU counts, functions whose CPU is taken out).
 STAGES: tuple[tuple[str, Functions, Functions], ...] = (
-    ("interceptor `metrics.RpcObserver` (its `unary` wrapper less the handler: metrics, log line)",
+    ("interceptor `interceptor.RpcObserver` (its `unary` wrapper less the handler: metrics, log line)",
      INTERCEPTOR, HANDLER),
-    ("&nbsp;&nbsp;of which the per-RPC JSON log line (`logging.Logger.log` → `logs.JsonFormatter.format`)",
-     _f("logging/__init__.py:log"), ()),
+    ("&nbsp;&nbsp;of which the JSON access-log line (`logs.LineTemplate.emit` → `logs.JsonFormatter.format`)",
+     _f("tiw_facade/logs.py:emit"), ()),
     ("handler `handler._behavior.handle`", HANDLER, ()),
     ("&nbsp;&nbsp;validation `validate.violations`", _f("tiw_facade/validate.py:violations"), ()),
     ("&nbsp;&nbsp;translation `translate.to_tiw` + `translate.from_tiw`",

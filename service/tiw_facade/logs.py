@@ -1,55 +1,157 @@
 """Structured logs: one JSON object per line on stderr, with every known secret scrubbed.
 
 Secrets are never passed to a logger on purpose; the scrubbing is the second lock, for a library
-that logs more than we expect at DEBUG.
+that logs more than we expect at DEBUG. It runs on the finished line, so it covers the message, its
+arguments, extra fields and exception text alike, in the spelling JSON gives them.
+
+A line is ``{"ts": …, "level": …, "logger": …, "msg": …, <extra fields>, "exc": …}``; extra fields
+whose value is None are left out. ``LineTemplate`` makes records of one fixed shape cheaply (the
+access log writes one per RPC); the formatter renders them to the same line as ``extra`` would.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from json.encoder import encode_basestring  # what json.dumps(str, ensure_ascii=False) uses
 
 # Attributes every LogRecord has; anything else was passed in ``extra`` and becomes a JSON field.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message",
-    "asctime",
-    "taskName",
-}
+_BASE = vars(logging.LogRecord("", 0, "", 0, "", None, None))
+_STANDARD = frozenset(_BASE) | {"message", "asctime", "taskName"}
+_STANDARD_COUNT = len(_BASE)
 REDACTED = "[REDACTED]"
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
+def _json(value: object) -> str:
+    """``value`` as json.dumps(value, ensure_ascii=False, default=str) spells it, quicker for the
+    types log fields have (json.dumps builds an encoder per call)."""
+    if isinstance(value, str):
+        return encode_basestring(value)
+    if type(value) is int:
+        return repr(value)
+    if type(value) is float and math.isfinite(value):
+        return repr(value)
+    return _ENCODER.encode(value)
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        # Longest first, so a secret that contains another is scrubbed whole.
-        # Each secret also in its JSON-escaped spelling, which is what appears in the line.
-        forms = {
-            form for s in secrets if len(s) >= 4 for form in (s, json.dumps(s, ensure_ascii=False)[1:-1])
-        }
+        # Each secret as the line spells it: JSON-escaped, and also its repr() (exception messages
+        # often show values so) JSON-escaped; longest first, so one that contains another goes whole.
+        spellings = {spelling for s in secrets if len(s) >= 4 for spelling in (s, repr(s)[1:-1])}
+        forms = {form for s in spellings for form in (s, encode_basestring(s)[1:-1])}
         self._secrets = sorted(forms, key=len, reverse=True)
+        self._second: tuple[int, str] = (-1, "")  # one tuple: threads may share the formatter
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        # strftime once a second, not once a line: a busy second has thousands of lines.
+        second, text = self._second
+        if int(record.created) != second:
+            second = int(record.created)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second, text
+        return f'{{"ts": "{text}.{int(record.msecs):03d}Z", '
 
     def format(self, record: logging.LogRecord) -> str:
-        created = time.gmtime(record.created)
-        entry: dict[str, object] = {
-            "ts": f"{time.strftime('%Y-%m-%dT%H:%M:%S', created)}.{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = vars(record)
-        for key in fields.keys() - _STANDARD:  # what the caller passed in ``extra``
-            if fields[key] is not None:
-                entry[key] = fields[key]
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        line = json.dumps(entry, default=str, ensure_ascii=False)
+        if isinstance(record, _TemplateRecord):
+            line = self._timestamp(record) + record.template.render(record.values)
+        else:
+            line = self._timestamp(record) + self._render(record)
         for secret in self._secrets:
             if secret in line:
                 line = line.replace(secret, REDACTED)
         return line
+
+    def _render(self, record: logging.LogRecord) -> str:
+        parts = [
+            f'"level": {_json(record.levelname)}, "logger": {_json(record.name)}, '
+            f'"msg": {_json(record.getMessage())}'
+        ]
+        # LogRecord.__init__ sets its attributes first, then makeRecord adds ``extra``: only what
+        # comes after the standard ones needs looking at (in the order the caller gave it).
+        parts.extend(
+            f", {_json(key)}: {_json(value)}"
+            for key, value in itertools.islice(vars(record).items(), _STANDARD_COUNT, None)
+            if value is not None and key not in _STANDARD
+        )
+        if record.exc_info:
+            parts.append(f', "exc": {_json(self.formatException(record.exc_info))}')
+        parts.append("}")
+        return "".join(parts)
+
+
+class LineTemplate:
+    """Records of one shape, made cheaply: one logger, level and message, constant fields, then
+    variable fields in a fixed order.
+
+    For a line written very often: ``emit`` skips ``Logger.log``'s record making (LogRecord's
+    ``__init__``, the ``extra`` checks), the constant part is JSON once and for all, and
+    JsonFormatter adds only the timestamp and the variable fields. The record still goes through
+    ``Logger.handle`` (filters, handlers, propagation) and has every field as an attribute, as with
+    ``extra``, for any other handler; JsonFormatter scrubs its line like any other.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int,
+        msg: str,
+        constant: Mapping[str, object],
+        variable: tuple[str, ...],
+    ) -> None:
+        self.logger = logger
+        self.level = level
+        self.variable = variable
+        # A real record's attributes, for handlers that read them (thread and process are the
+        # template maker's: the event loop's thread).
+        base = vars(logging.LogRecord(logger.name, level, "(unknown file)", 0, msg, (), None))
+        self.attributes = {**base, "funcName": "(unknown function)", **constant}
+        self.created: float = base["created"]
+        head = (
+            f'"level": {_json(logging.getLevelName(level))}, "logger": {_json(logger.name)}, '
+            f'"msg": {_json(msg)}'
+        )
+        self._head = head + "".join(
+            f", {_json(key)}: {_json(value)}" for key, value in constant.items() if value is not None
+        )
+        self._keys = tuple(f", {_json(key)}: " for key in variable)
+
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(self.level)
+
+    def emit(self, *values: object) -> None:
+        """Log one line; ``values`` in the order of ``variable``. The caller checks ``enabled()``."""
+        self.logger.handle(_TemplateRecord(self, values))
+
+    def render(self, values: tuple[object, ...]) -> str:
+        """The line after its timestamp."""
+        parts = [self._head]
+        for key, value in zip(self._keys, values, strict=True):
+            if value is not None:
+                parts.append(key)
+                parts.append(_json(value))
+        parts.append("}")
+        return "".join(parts)
+
+
+class _TemplateRecord(logging.LogRecord):
+    def __init__(self, template: LineTemplate, values: tuple[object, ...]) -> None:
+        # LogRecord.__init__ is not called: the template's attributes are those it would set.
+        fields = self.__dict__
+        fields.update(template.attributes)
+        fields.update(zip(template.variable, values, strict=True))
+        self.created = now = time.time()
+        self.msecs = (now - int(now)) * 1000
+        self.relativeCreated = template.attributes["relativeCreated"] + (now - template.created) * 1000
+        self.template = template
+        self.values = values
 
 
 def configure(level: str, secrets: Iterable[str] = ()) -> None:

@@ -1,25 +1,27 @@
 """The facade's Prometheus metrics: one object per server, with its own registry.
 
 gRPC server metrics follow go-grpc-prometheus exactly (names, label names, Go-spelled codes), so the
-dashboards and alerts operators already have keep working. Upstream and limiter metrics are ours
-(`tiw_` prefix). Series for the five actions are created at start-up, so dashboards have no gaps.
+dashboards and alerts operators already have keep working, and like it no ``_created`` series.
+Upstream and limiter metrics are ours (`tiw_` prefix). ``prime`` creates every series of the five
+actions at start-up, with every retry and rejection reason (of the open-ended upstream codes, OK),
+so dashboards and alerts have no gaps.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import contextvars
-import dataclasses
-import inspect
-import logging
 import platform
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from tiw_facade import failures
+
+if TYPE_CHECKING:  # the children's classes; prometheus_client types them as their parents'
+    CounterChild = Counter
+    GaugeChild = Gauge
+    HistogramChild = Histogram
 
 # go-grpc-prometheus spells codes as Go's codes.Code.String() does.
 GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
@@ -49,6 +51,32 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 
 
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
+# Why an attempt is sent again (``tiw_upstream_retries_total``'s reason), the one list ``prime``
+# creates series for: the TIW codes upstream.py retries (its NOT_EXECUTED families, and InternalError
+# where resending is safe), and the facade's failures to get an answer, named as failures.py names
+# them. tests/test_metrics.py checks that a retry of each kind adds no series.
+RETRY_REASONS: tuple[str, ...] = (
+    "RequestLimitExceeded",
+    "AuthFailure.SignatureExpire",
+    "InternalError",
+    *(
+        failure.reason
+        for failure in (
+            failures.UpstreamTimeout,
+            failures.UpstreamUnreachable,
+            failures.UpstreamConnectionLost,
+            failures.UpstreamHttpError,
+        )
+    ),
+)
+# ``tiw_limiter_rejected_total``'s reasons: the values of ``limiter.Reason``. A test keeps the two
+# equal; importing the limiter here would make it and this module depend on each other.
+REJECT_REASONS: tuple[str, ...] = ("deadline", "max_wait", "queue_full")
+
+# go-grpc-prometheus (client_golang) exports no ``_created`` series; prometheus_client would add one
+# per counter and histogram child. The switch is process-wide and read at each scrape.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 
 class Metrics:
     """Every metric the facade exports, registered in ``self.registry``."""
@@ -56,6 +84,9 @@ class Metrics:
     def __init__(self, version: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The one cache of bound children (``labels()`` takes a lock and a dict lookup per call).
+        self._actions: dict[str, ActionSeries] = {}
+        self._methods: dict[tuple[str, str, str], MethodSeries] = {}
 
         # --- gRPC server (go-grpc-prometheus) ---
         self.grpc_started = Counter(
@@ -176,216 +207,109 @@ class Metrics:
     def prime(self, service: str, methods: Iterable[str], limit: int, backend: str) -> None:
         """Create every series that dashboards and alerts rely on, before the first call."""
         for method in methods:
-            labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": method}
-            self.grpc_started.labels(**labels)
-            self.grpc_msg_received.labels(**labels)
-            self.grpc_msg_sent.labels(**labels)
-            self.grpc_handling_seconds.labels(**labels)
-            self.grpc_handled.labels(**labels, grpc_code="OK")
-            action = method  # RPCs are named exactly as the TIW actions
-            self.upstream_requests.labels(action=action, code="OK")
-            self.upstream_duration.labels(action=action)
-            self.limiter_admitted.labels(action=action)
-            self.limiter_wait_seconds.labels(action=action)
-            self.limiter_queue_depth.labels(action=action).set(0)
-            self.limiter_limit.labels(action=action).set(limit)
-            self.limiter_paused.labels(action=action)
+            self.method("unary", service, method)
+            series = self.action(method)  # RPCs are named exactly as the TIW actions
+            series.upstream("OK")
+            for reason in RETRY_REASONS:
+                series.retried(reason)
+            for reason in REJECT_REASONS:
+                series.rejected(reason)
+            series.depth.set(0)
+            series.limit.set(limit)
         self.limiter_backend.labels(backend=backend).set(1)
         self.limiter_degraded.set(0)
 
+    @classmethod
+    def unobserved(cls) -> Metrics:
+        """Metrics nobody scrapes (a registry of their own): for components built without a server,
+        so that no code path needs to ask whether there are metrics."""
+        return cls("unobserved")
 
-@dataclasses.dataclass(slots=True)
-class CallRecord:
-    """What the handler learns about a call that the log line reports (set through CURRENT_CALL)."""
+    def action(self, action: str) -> ActionSeries:
+        """The bound children of one TIW action (upstream and limiter), made once."""
+        series = self._actions.get(action)
+        if series is None:
+            series = self._actions[action] = ActionSeries(self, action)
+        return series
 
-    action: str = ""
-    request_id: str = ""
+    def method(self, grpc_type: str, service: str, method: str) -> MethodSeries:
+        """The bound go-grpc-prometheus children of one RPC method, made once."""
+        key = (grpc_type, service, method)
+        series = self._methods.get(key)
+        if series is None:
+            series = self._methods[key] = MethodSeries(self, grpc_type, service, method)
+        return series
 
 
-CURRENT_CALL: contextvars.ContextVar[CallRecord] = contextvars.ContextVar("tiw_facade_call")
+class ActionSeries:
+    """The metric children of one action. Label values that vary (codes, reasons) are bound on first
+    use and kept."""
+
+    __slots__ = (
+        "_metrics",
+        "_rejected",
+        "_retried",
+        "_upstream",
+        "action",
+        "admitted",
+        "depth",
+        "limit",
+        "paused",
+        "upstream_duration",
+        "wait",
+    )
+
+    def __init__(self, metrics: Metrics, action: str) -> None:
+        self._metrics = metrics
+        self.action = action
+        self.admitted: CounterChild = metrics.limiter_admitted.labels(action=action)
+        self.wait: HistogramChild = metrics.limiter_wait_seconds.labels(action=action)
+        self.depth: GaugeChild = metrics.limiter_queue_depth.labels(action=action)
+        self.limit: GaugeChild = metrics.limiter_limit.labels(action=action)
+        self.paused: CounterChild = metrics.limiter_paused.labels(action=action)
+        self.upstream_duration: HistogramChild = metrics.upstream_duration.labels(action=action)
+        self._rejected: dict[str, CounterChild] = {}
+        self._upstream: dict[str, CounterChild] = {}
+        self._retried: dict[str, CounterChild] = {}
+
+    def rejected(self, reason: str) -> CounterChild:
+        child = self._rejected.get(reason)
+        if child is None:
+            child = self._rejected[reason] = self._metrics.limiter_rejected.labels(
+                action=self.action, reason=reason
+            )
+        return child
+
+    def upstream(self, code: str) -> CounterChild:
+        """``tiw_upstream_requests_total`` of one outcome (TIW's code, OK, or a transport failure)."""
+        child = self._upstream.get(code)
+        if child is None:
+            child = self._upstream[code] = self._metrics.upstream_requests.labels(
+                action=self.action, code=code
+            )
+        return child
+
+    def retried(self, reason: str) -> CounterChild:
+        child = self._retried.get(reason)
+        if child is None:
+            child = self._retried[reason] = self._metrics.upstream_retries.labels(
+                action=self.action, reason=reason
+            )
+        return child
 
 
-class _MethodSeries:
-    """The metric children of one method, bound once: labels() on every call is avoidable work."""
+class MethodSeries:
+    """The go-grpc-prometheus children of one RPC method."""
+
+    __slots__ = ("handled", "received", "seconds", "sent", "started")
 
     def __init__(self, metrics: Metrics, grpc_type: str, service: str, method: str) -> None:
         labels = {"grpc_type": grpc_type, "grpc_service": service, "grpc_method": method}
-        self.started = metrics.grpc_started.labels(**labels)
-        self.received = metrics.grpc_msg_received.labels(**labels)
-        self.sent = metrics.grpc_msg_sent.labels(**labels)
-        self.seconds = metrics.grpc_handling_seconds.labels(**labels)
-        self.handled = {
+        self.started: CounterChild = metrics.grpc_started.labels(**labels)
+        self.received: CounterChild = metrics.grpc_msg_received.labels(**labels)
+        self.sent: CounterChild = metrics.grpc_msg_sent.labels(**labels)
+        self.seconds: HistogramChild = metrics.grpc_handling_seconds.labels(**labels)
+        self.handled: dict[grpc.StatusCode, CounterChild] = {
             code: metrics.grpc_handled.labels(**labels, grpc_code=name)
             for code, name in GO_CODE_NAMES.items()
         }
-
-
-class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """go-grpc-prometheus metrics and one structured log line for every RPC.
-
-    Written by hand because py-grpc-prometheus is sync-only and spells its labels differently.
-    """
-
-    def __init__(
-        self, metrics: Metrics, log: logging.Logger, quiet_services: frozenset[str] = frozenset()
-    ) -> None:
-        self._metrics = metrics
-        self._log = log
-        self._quiet = quiet_services  # health and reflection: logged at DEBUG, probes are frequent
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return handler
-            wrapped = self._wrapped[method] = self._wrap(method, handler)
-        return wrapped
-
-    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        service, _, method = full_method.lstrip("/").rpartition("/")
-        level = logging.DEBUG if service in self._quiet else logging.INFO
-        if handler.unary_unary is not None:
-            series = _MethodSeries(self._metrics, "unary", service, method)
-            inner = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                # The hot path, so no context manager here: its generator costs ~10% of a call
-                # answered locally. Same bookkeeping as _observe.
-                started, record, token = _begin(series)
-                error: BaseException | None = None
-                try:
-                    return await inner(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    CURRENT_CALL.reset(token)
-                    code = _outcome(context, error)
-                    if code is grpc.StatusCode.OK:
-                        series.sent.inc()
-                    self._record(
-                        series,
-                        record,
-                        code=code,
-                        elapsed=time.perf_counter() - started,
-                        method=full_method,
-                        level=level,
-                    )
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        # Streaming RPCs here are only health Watch and reflection: count and log them, pass through.
-        kind = "server_stream" if handler.unary_stream is not None else "bidi_stream"
-        stream_inner = handler.unary_stream or handler.stream_stream
-        if stream_inner is None or handler.stream_unary is not None:
-            return handler
-        series = _MethodSeries(self._metrics, kind, service, method)
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            async with self._observe(series, context, full_method, level):
-                result = stream_inner(request, context)
-                if inspect.isawaitable(result):
-                    await result
-                else:
-                    async for item in result:
-                        series.sent.inc()
-                        yield item
-
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if kind == "server_stream"
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    @contextlib.asynccontextmanager
-    async def _observe(
-        self, series: _MethodSeries, context: grpc.aio.ServicerContext[Any, Any], method: str, level: int
-    ) -> AsyncIterator[None]:
-        started, record, token = _begin(series)
-        error: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            CURRENT_CALL.reset(token)
-            self._record(
-                series,
-                record,
-                code=_outcome(context, error),
-                elapsed=time.perf_counter() - started,
-                method=method,
-                level=level,
-            )
-
-    def _record(
-        self,
-        series: _MethodSeries,
-        record: CallRecord,
-        *,
-        code: grpc.StatusCode,
-        elapsed: float,
-        method: str,
-        level: int,
-    ) -> None:
-        series.handled[code].inc()
-        series.seconds.observe(elapsed)
-        if self._log.isEnabledFor(level):
-            self._log.log(
-                level,
-                "rpc",
-                extra={
-                    "grpc_method": method,
-                    "grpc_code": code.name,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "tiw_action": record.action or None,
-                    "tiw_request_id": record.request_id or None,
-                },
-            )
-
-
-def _begin(series: _MethodSeries) -> tuple[float, CallRecord, contextvars.Token[CallRecord]]:
-    """Start observing one RPC: its clock, its record for the log line, its counters."""
-    record = CallRecord()
-    token = CURRENT_CALL.set(record)
-    series.started.inc()
-    series.received.inc()
-    return time.perf_counter(), record, token
-
-
-def _outcome(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
-    """The status an RPC ended with: what the handler set on its context, else what its end implies."""
-    if isinstance(error, asyncio.CancelledError):  # the caller's deadline passed, or the caller left
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
-        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-    fallback = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-    return _status_code(context.code()) or fallback
-
-
-_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _status_code(value: object) -> grpc.StatusCode | None:
-    """context.code() gives a StatusCode, a raw int, or None depending on how the call ended."""
-    if isinstance(value, grpc.StatusCode):
-        return value
-    if isinstance(value, int):
-        return _CODES_BY_VALUE.get(value)
-    return None
