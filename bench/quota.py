@@ -96,7 +96,7 @@ from one load-generator process, each call with a {DEADLINE:g} s deadline, sprea
   over replicas, interpolated inside its buckets, so coarse), over the same window.
 - Describe* ask for the seeded example tasks, so TIW answers them OK; `CreateSnapshotTask` creates tasks.
 - **tokens spent on time-outs**: upstream attempts that ended in a time-out, in the window (the
-  facades' `tiw_upstream_requests_total{{code="Timeout"}}`): each took a token that came back only a
+  facades' `tiw_upstream_requests_total{{code="UPSTREAM_TIMEOUT"}}`): each took a token that came back only a
   window later, mostly without reaching TIW (a caller admitted with almost none of its deadline
   left), so each is about one slot of the quota lost.
 - **refused**: calls answered `RESOURCE_EXHAUSTED` by the facade (no slot within the deadline: at
@@ -229,8 +229,8 @@ def _report(
         in_window = [r for r in calls if first.at <= r[1] < second.at and r[3] in ANSWERED]
         latencies = [r[2] for r in in_window]
         waits = subtract(second.wait_buckets(action), first.wait_buckets(action))
-        timeouts = second.metric_sum(TIMEOUTS, action=action, code="Timeout") - first.metric_sum(
-            TIMEOUTS, action=action, code="Timeout"
+        timeouts = second.metric_sum(TIMEOUTS, action=action, code="UPSTREAM_TIMEOUT") - first.metric_sum(
+            TIMEOUTS, action=action, code="UPSTREAM_TIMEOUT"
         )
         other = {
             k: v

@@ -1,15 +1,43 @@
-"""The TIW-code → gRPC-code table, and the rich statuses built from failures."""
+"""The TIW-code → gRPC-code table, the failures → gRPC-code table, and the rich statuses built
+from failures; the README's tables are these tables."""
 
 from __future__ import annotations
+
+import pathlib
+import re
 
 import grpc
 import pytest
 from conftest import unpack_details
 from google.rpc import error_details_pb2, status_pb2
-from tiw_facade.errors import ERROR_TABLE, grpc_code_for, invalid_argument, status_for
-from tiw_facade.limiter import QuotaExceeded
-from tiw_facade.upstream import TiwError, TransportError, UpstreamTimeout
+from tiw_facade.errors import (
+    ERROR_TABLE,
+    FACADE_DOMAIN,
+    FAILURE_CODES,
+    MAX_TIW_TEXT_BYTES,
+    TIW_DOMAIN,
+    bounded,
+    grpc_code_for,
+    status_for,
+)
+from tiw_facade.failures import (
+    FACADE_FAILURES,
+    FacadeError,
+    InvalidRequest,
+    Outcome,
+    RateLimited,
+    ShuttingDown,
+    TiwError,
+    Unexpected,
+    UpstreamConnectionLost,
+    UpstreamHttpError,
+    UpstreamMalformed,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from tiw_facade.validate import Violation
+
+README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 C = grpc.StatusCode
 
@@ -60,9 +88,7 @@ def details(status: grpc.Status) -> tuple[status_pb2.Status, list[object]]:
 
 def test_tiw_error_carries_error_info() -> None:
     status = status_for(
-        TiwError("InvalidParameter.TaskNotFound", "task not found", "req-1"),
-        action="DescribeWhiteboardPush",
-        host="tiw.tencentcloudapi.com",
+        TiwError("InvalidParameter.TaskNotFound", "task not found", "req-1"), action="DescribeWhiteboardPush"
     )
     assert status.code is C.NOT_FOUND
     assert status.details == "task not found"
@@ -75,36 +101,89 @@ def test_tiw_error_carries_error_info() -> None:
 
 
 def test_unknown_tiw_code_is_unknown_with_error_info() -> None:
-    status = status_for(TiwError("Brand.NewCode", "new", "r"), action="A", host="h")
+    status = status_for(TiwError("Brand.NewCode", "new", "r"), action="A")
     assert status.code is C.UNKNOWN
     _, (info,) = details(status)
     assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "Brand.NewCode"
 
 
 @pytest.mark.parametrize(
-    ("exc", "code", "reason"),
+    ("exc", "code", "reason", "metadata"),
     [
-        (TransportError("HTTP_502", "TIW answered HTTP 502", delivered=True), C.UNAVAILABLE, "HTTP_502"),
         (
-            TransportError("MalformedResponse", "not an envelope", delivered=True),
+            UpstreamHttpError(502),
             C.UNAVAILABLE,
-            "MalformedResponse",
+            "UPSTREAM_HTTP_ERROR",
+            {"http_status": "502", "outcome": "unknown"},
         ),
-        (TransportError("ConnectionError", "refused", delivered=False), C.UNAVAILABLE, "ConnectionError"),
-        (UpstreamTimeout("slow"), C.DEADLINE_EXCEEDED, "Timeout"),
+        (
+            UpstreamHttpError(302),
+            C.UNAVAILABLE,
+            "UPSTREAM_HTTP_ERROR",
+            {"http_status": "302", "outcome": "unknown"},
+        ),
+        (
+            UpstreamMalformed("not an envelope", request_id="req-3"),
+            C.UNAVAILABLE,
+            "UPSTREAM_MALFORMED",
+            {"request_id": "req-3", "outcome": "unknown"},
+        ),
+        (UpstreamUnreachable("refused"), C.UNAVAILABLE, "UPSTREAM_UNREACHABLE", {"outcome": "not_sent"}),
+        (UpstreamConnectionLost("reset"), C.UNAVAILABLE, "UPSTREAM_CONNECTION_LOST", {"outcome": "unknown"}),
+        (UpstreamTimeout("slow"), C.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", {"outcome": "unknown"}),
+        (
+            UpstreamTimeout("no time left", outcome=Outcome.NOT_SENT),
+            C.DEADLINE_EXCEEDED,
+            "UPSTREAM_TIMEOUT",
+            {"outcome": "not_sent"},
+        ),
+        (ShuttingDown(), C.UNAVAILABLE, "SHUTTING_DOWN", {"outcome": "not_sent"}),
+        (ZeroDivisionError("a bug"), C.INTERNAL, "INTERNAL", {}),
     ],
 )
-def test_transport_failures(exc: Exception, code: grpc.StatusCode, reason: str) -> None:
-    status = status_for(exc, action="DescribeSnapshotTask", host="h")
+def test_facade_failures(
+    exc: Exception, code: grpc.StatusCode, reason: str, metadata: dict[str, str]
+) -> None:
+    status = status_for(exc, action="DescribeSnapshotTask")
     assert status.code is code
     _, (info,) = details(status)
-    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == reason
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == reason and info.domain == FACADE_DOMAIN
+    assert dict(info.metadata) == {"action": "DescribeSnapshotTask", **metadata}
+
+
+def test_reasons_are_upper_snake_case_and_distinct() -> None:
+    reasons = [kind.reason for kind in FACADE_FAILURES]
+    assert all(re.fullmatch(r"[A-Z]+(_[A-Z]+)*", reason) for reason in reasons)
+    assert len(set(reasons)) == len(reasons)
+
+
+def test_tiw_errors_have_tiw_s_domain_wherever_tiw_is() -> None:
+    _, (info,) = details(status_for(TiwError("InternalError", "oops", "r"), action="A"))
+    assert isinstance(info, error_details_pb2.ErrorInfo) and info.domain == TIW_DOMAIN
+
+
+def test_a_subclass_gets_its_nearest_ancestor_s_code() -> None:
+    class Newer(UpstreamTimeout):
+        pass
+
+    assert status_for(Newer("slow"), action="A").code is C.DEADLINE_EXCEEDED
+    assert status_for(FacadeError("bare"), action="A").code is C.INTERNAL
+
+
+@pytest.mark.parametrize("text", ["x" * 20_000, "超时" * 5_000])
+def test_tiw_text_is_bounded(text: str) -> None:
+    status = status_for(TiwError("FailedOperation", text, "r"), action="A")
+    proto, _ = details(status)
+    for copied in (status.details, proto.message):
+        assert copied.endswith("…")
+        assert len(copied.encode()) <= MAX_TIW_TEXT_BYTES
+        assert text.startswith(copied[:-1])
+    assert bounded("short") == "short"
 
 
 def test_quota_exceeded_has_retry_info_and_quota_failure() -> None:
-    status = status_for(
-        QuotaExceeded("CreateSnapshotTask", "deadline", 0.75), action="CreateSnapshotTask", host="h"
-    )
+    status = status_for(RateLimited("CreateSnapshotTask", "deadline", 0.75), action="CreateSnapshotTask")
     assert status.code is C.RESOURCE_EXHAUSTED
     _, found = details(status)
     retry = next(d for d in found if isinstance(d, error_details_pb2.RetryInfo))
@@ -114,11 +193,13 @@ def test_quota_exceeded_has_retry_info_and_quota_failure() -> None:
 
 
 def test_invalid_argument_has_bad_request() -> None:
-    status = invalid_argument(
-        [Violation("COS.Uin", "is required"), Violation("RoomId", "must be greater than 0")]
+    status = status_for(
+        InvalidRequest([Violation("COS.Uin", "is required"), Violation("RoomId", "must be greater than 0")]),
+        action="CreateSnapshotTask",
     )
     assert status.code is C.INVALID_ARGUMENT
-    _, (bad,) = details(status)
+    _, (bad, info) = details(status)
+    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "INVALID_REQUEST"
     assert isinstance(bad, error_details_pb2.BadRequest)
     assert [(v.field, v.description) for v in bad.field_violations] == [
         ("COS.Uin", "is required"),
@@ -126,11 +207,36 @@ def test_invalid_argument_has_bad_request() -> None:
     ]
 
 
-def test_the_table_has_no_shadowed_rows() -> None:
-    # A row that an earlier row already matches would never apply.
-    for index, (pattern, _) in enumerate(ERROR_TABLE):
-        sample = pattern.rstrip("*")
-        earlier = ERROR_TABLE[:index]
-        assert not any((p.endswith("*") and sample.startswith(p[:-1])) or p == sample for p, _ in earlier), (
-            f"{pattern} is shadowed"
-        )
+def test_every_row_applies_to_its_own_codes() -> None:
+    # The lookup takes the exact row, else the longest family, so no row shadows another whatever
+    # the order they are listed in: each row decides the codes it names.
+    for pattern, code in ERROR_TABLE:
+        sample = pattern[:-1] + ".Sample" if pattern.endswith("*") else pattern
+        assert grpc_code_for(sample) is code, pattern
+
+
+def readme_table(after: str) -> list[list[str]]:
+    """The first table after the text ``after`` in the README's Errors section."""
+    section = README.split("## Errors\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.split(after, 1)[1].splitlines() if line.startswith("|")]
+    _, _, *body = rows
+    table = []
+    for line in body:
+        if line.count("|") != rows[0].count("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+def test_readme_failure_table_is_the_code_table() -> None:
+    rows = readme_table("The facade's own failures")
+    expected = []
+    for kind in FACADE_FAILURES:
+        code = next(FAILURE_CODES[k] for k in kind.__mro__ if k in FAILURE_CODES)
+        outcome = {
+            UpstreamTimeout: "`unknown` or `not_sent`",
+            Unexpected: "—",
+            InvalidRequest: "—",
+        }.get(kind, f"`{kind.outcome}`" if kind.outcome else "—")
+        expected.append([f"`{kind.reason}`", f"`{code.name}`", outcome])
+    assert [row[:3] for row in rows] == expected

@@ -7,10 +7,13 @@ import time
 import grpc
 import pytest
 from conftest import Facade, StartFacade
-from test_rpcs import PUSH_TASK, SDK_APP_ID, VIDEO_TASK, create_request
+from google.protobuf import descriptor_pb2, descriptor_pool
+from test_rpcs import PUSH_TASK, SDK_APP_ID, VIDEO_TASK, create_request, error_info
 from test_server import samples, scrape
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
+from tiw_facade.handler import POLICIES, SERVICE, retry_policy
+from tiw_facade.upstream import NEVER_RESEND, RetryPolicy
 
 
 def describe_video() -> pb.DescribeVideoGenerationTaskRequest:
@@ -19,18 +22,21 @@ def describe_video() -> pb.DescribeVideoGenerationTaskRequest:
 
 async def retries(facade: Facade, action: str) -> dict[str, float]:
     found = samples(await scrape(facade), "tiw_upstream_retries_total")
+    # Series at zero are primed, not retries.
     return {
-        dict(labels)["reason"]: value for labels, value in found.items() if dict(labels)["action"] == action
+        dict(labels)["reason"]: value
+        for labels, value in found.items()
+        if dict(labels)["action"] == action and value
     }
 
 
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [
-        (Fault(FaultKind.HTTP_STATUS, status=503, count=1), "HTTP_503"),
-        (Fault(FaultKind.DROP, count=1), "ConnectionError"),
+        (Fault(FaultKind.HTTP_STATUS, status=503, count=1), "UPSTREAM_HTTP_ERROR"),
+        (Fault(FaultKind.DROP, count=1), "UPSTREAM_CONNECTION_LOST"),
         (Fault(FaultKind.ERROR_CODE, code="InternalError", count=2), "InternalError"),
-        (Fault(FaultKind.LATENCY, delay=2.0, count=1), "Timeout"),
+        (Fault(FaultKind.LATENCY, delay=2.0, count=1), "UPSTREAM_TIMEOUT"),
     ],
 )
 async def test_reads_are_retried(start_facade: StartFacade, fault: Fault, reason: str) -> None:
@@ -66,6 +72,7 @@ async def test_create_is_never_resent_once_tiw_may_have_it(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.CreateSnapshotTask(create_request(), timeout=5)
     assert caught.value.code() is code
+    assert error_info(caught.value).metadata["outcome"] == "unknown"  # the caller must not just retry
     stats = facade.emulator.stats()["CreateSnapshotTask"]
     assert stats.accepted == 1 and stats.tasks_created == 1, "exactly one task: no duplicate"
     assert await retries(facade, "CreateSnapshotTask") == {}
@@ -102,7 +109,36 @@ async def test_create_is_resent_when_the_connection_was_never_made(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.CreateSnapshotTask(create_request(), timeout=5)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert await retries(facade, "CreateSnapshotTask") == {"ConnectionError": 2}
+    assert await retries(facade, "CreateSnapshotTask") == {"UPSTREAM_UNREACHABLE": 2}
+    assert error_info(caught.value).metadata["outcome"] == "not_sent"
+
+
+def test_every_method_has_the_policy_its_proto_declares() -> None:
+    assert set(POLICIES) == {method.name for method in SERVICE.methods}
+    read = RetryPolicy(resend_maybe_delivered=True)
+    assert dict(POLICIES) == {
+        "CreateSnapshotTask": NEVER_RESEND,  # no idempotency_level: a duplicate task is worse than an error
+        "DescribeSnapshotTask": read,
+        "DescribeWhiteboardPush": read,
+        "DescribeVideoGenerationTask": read,
+        "StopWhiteboardPush": RetryPolicy(
+            resend_maybe_delivered=True,
+            success_after_lost_answer="UnsupportedOperation.TaskHasAlreadyStopped",
+        ),
+    }
+
+
+def test_a_method_without_idempotency_level_is_never_resent() -> None:
+    # A method added to the proto without a declaration gets the safe policy, not the reads'.
+    file = descriptor_pb2.FileDescriptorProto(name="new.proto", package="new")
+    file.message_type.add(name="M")
+    service = file.service.add(name="S")
+    service.method.add(name="CreateSomething", input_type=".new.M", output_type=".new.M")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    method = pool.FindMethodByName("new.S.CreateSomething")
+    assert retry_policy(method) == NEVER_RESEND
+    assert not NEVER_RESEND.resend_maybe_delivered
 
 
 async def test_stop_whose_answer_was_lost_succeeds(facade: Facade, emulator: Emulator) -> None:

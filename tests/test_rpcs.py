@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade, unpack_details
+from conftest import Facade, StartFacade, facade_environment, unpack_details
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from test_server import samples, scrape
+from test_upstream import RawUpstream, envelope, http
+from tiw_facade import settings as settings_module
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
+from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
+from tiw_facade.calls import CURRENT_CALL, CallRecord
 from tiw_facade.emulator import Emulator, Fault, FaultKind
+from tiw_facade.handler import build_handler
+from tiw_facade.limiter import create_limiter
+from tiw_facade.upstream import TiwClient
 
 SDK_APP_ID = 1400000001  # the SdkAppId of the emulator's seeded (documented) tasks
 PUSH_TASK = "ghucnligqtgtvk2624mb"
@@ -35,9 +45,15 @@ def create_request() -> pb.CreateSnapshotTaskRequest:
     )
 
 
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    info = rich(error)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    return info
+
+
 def rich(error: grpc.aio.AioRpcError) -> dict[str, object]:
     """The details of a rich status, by type name."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, "the status carries google.rpc.Status details"
     return dict(unpack_details(status))
 
@@ -161,7 +177,7 @@ async def test_each_row_of_the_error_table(facade: Facade, tiw_code: str, grpc_c
     info = rich(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
     assert info.reason == tiw_code
-    assert info.domain == facade.server.settings.upstream_host
+    assert info.domain == "tiw.tencentcloudapi.com"  # not the endpoint: stable across environments
     assert info.metadata["action"] == "DescribeWhiteboardPush"
     assert info.metadata["request_id"]  # TIW's RequestId of the failed call
 
@@ -190,34 +206,51 @@ async def test_real_signature_failure_is_internal(start_facade: StartFacade) -> 
 
 
 @pytest.mark.parametrize(
-    ("fault", "reason"),
+    ("fault", "reason", "metadata"),
     [
-        (Fault(FaultKind.HTTP_STATUS, status=502), "HTTP_502"),
-        (Fault(FaultKind.HTTP_STATUS, status=404), "HTTP_404"),
-        (Fault(FaultKind.MALFORMED), "MalformedResponse"),
-        (Fault(FaultKind.DROP), "ConnectionError"),
+        (Fault(FaultKind.HTTP_STATUS, status=502), "UPSTREAM_HTTP_ERROR", {"http_status": "502"}),
+        (Fault(FaultKind.HTTP_STATUS, status=404), "UPSTREAM_HTTP_ERROR", {"http_status": "404"}),
+        (Fault(FaultKind.HTTP_STATUS, status=302), "UPSTREAM_HTTP_ERROR", {"http_status": "302"}),
+        (Fault(FaultKind.MALFORMED), "UPSTREAM_MALFORMED", {}),
+        (Fault(FaultKind.DROP), "UPSTREAM_CONNECTION_LOST", {}),
     ],
 )
-async def test_transport_failures_are_unavailable(facade: Facade, fault: Fault, reason: str) -> None:
+async def test_transport_failures_are_unavailable(
+    facade: Facade, fault: Fault, reason: str, metadata: dict[str, str]
+) -> None:
     facade.emulator.add_fault(fault)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.DescribeVideoGenerationTask(
             pb.DescribeVideoGenerationTaskRequest(sdk_app_id=SDK_APP_ID, task_id=VIDEO_TASK), timeout=5
         )
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-    info = rich(caught.value)["ErrorInfo"]
-    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == reason
+    info = error_info(caught.value)
+    assert info.reason == reason and info.domain == "tiw-facade"
+    assert dict(info.metadata) == {"action": "DescribeVideoGenerationTask", "outcome": "unknown", **metadata}
+    # The metric counts the same reason; the HTTP status is in ErrorInfo, not in a label.
+    found = samples(await scrape(facade), "tiw_upstream_requests_total")
+    assert found[(("action", "DescribeVideoGenerationTask"), ("code", reason))] >= 1
 
 
-async def test_connection_refused_is_unavailable(start_facade: StartFacade, unused_tcp_port: int) -> None:
+async def test_connection_refused_is_unavailable_and_not_sent(
+    start_facade: StartFacade, unused_tcp_port: int
+) -> None:
     facade = await start_facade(endpoint=f"http://127.0.0.1:{unused_tcp_port}")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeSnapshotTask(
-            pb.DescribeSnapshotTaskRequest(task_id="t", sdk_app_id=1), timeout=5
-        )
+        await facade.stub.CreateSnapshotTask(create_request(), timeout=5)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-    info = rich(caught.value)["ErrorInfo"]
-    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "ConnectionError"
+    info = error_info(caught.value)
+    assert info.reason == "UPSTREAM_UNREACHABLE" and info.metadata["outcome"] == "not_sent"
+
+
+async def test_a_lost_create_is_unavailable_with_outcome_unknown(facade: Facade) -> None:
+    facade.emulator.add_fault(Fault(FaultKind.DROP, action="CreateSnapshotTask"))  # executed, answer lost
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await facade.stub.CreateSnapshotTask(create_request(), timeout=5)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "UPSTREAM_CONNECTION_LOST" and info.metadata["outcome"] == "unknown"
+    assert facade.emulator.stats()["CreateSnapshotTask"].tasks_created == 1
 
 
 async def test_caller_deadline_bounds_a_slow_upstream(facade: Facade) -> None:
@@ -234,6 +267,24 @@ async def test_caller_deadline_bounds_a_slow_upstream(facade: Facade) -> None:
     assert elapsed < 1.5, f"took {elapsed:.2f}s: the upstream time-out did not follow the deadline"
 
 
+@pytest.mark.parametrize("action", ["DescribeSnapshotTask", "CreateSnapshotTask"])
+async def test_the_caller_gets_the_rich_status_before_its_own_deadline(facade: Facade, action: str) -> None:
+    # Without a margin, the caller's timer and the upstream budget end together and the caller
+    # gets its own bare DEADLINE_EXCEEDED, without ErrorInfo, never learning what TIW may have done.
+    facade.emulator.add_fault(Fault(FaultKind.LATENCY, action=action, delay=5.0))
+    request: Any = (
+        create_request()
+        if action == "CreateSnapshotTask"
+        else pb.DescribeSnapshotTaskRequest(task_id="t", sdk_app_id=1)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await getattr(facade.stub, action)(request, timeout=1.0)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    info = error_info(caught.value)
+    assert info.reason == "UPSTREAM_TIMEOUT"
+    assert dict(info.metadata) == {"action": action, "outcome": "unknown"}
+
+
 async def test_default_upstream_timeout_without_deadline(
     start_facade: StartFacade, emulator: Emulator
 ) -> None:
@@ -242,5 +293,130 @@ async def test_default_upstream_timeout_without_deadline(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.DescribeSnapshotTask(pb.DescribeSnapshotTaskRequest(task_id="t", sdk_app_id=1))
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    info = rich(caught.value)["ErrorInfo"]
-    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "Timeout"
+    assert error_info(caught.value).reason == "UPSTREAM_TIMEOUT"
+
+
+async def test_a_huge_tiw_message_keeps_the_real_code(facade: Facade) -> None:
+    # 20 KB of TIW text copied whole would overflow gRPC's trailers: RESOURCE_EXHAUSTED or INTERNAL
+    # instead of TIW's code.
+    text = "任务已停止 task already stopped; " * 600
+    facade.emulator.add_fault(
+        Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code="FailedOperation", message=text)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await facade.stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+        )
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    details = caught.value.details() or ""
+    assert details.endswith("…") and text.startswith(details[:-1])
+    assert error_info(caught.value).reason == "FailedOperation"
+
+
+# --- what the access log learns of each call (CallRecord), over a real channel ---------------------
+
+
+class Recorder(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Stands in for the server's interceptor: gives every call a CallRecord and keeps it."""
+
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        behavior = handler.unary_unary
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            record = CallRecord()
+            self.records.append(record)
+            token = CURRENT_CALL.set(record)
+            try:
+                return await behavior(request, context)
+            finally:
+                CURRENT_CALL.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+Recorded = Callable[[str], Awaitable[tuple[tiw_pb2_grpc.TiwServiceStub, list[CallRecord]]]]
+
+
+@pytest.fixture
+async def recorded() -> AsyncIterator[Recorded]:
+    """A bare gRPC server (handler + Recorder) in front of a TiwClient to ``endpoint``."""
+    closing: list[Callable[[], Awaitable[None]]] = []
+
+    async def start(endpoint: str) -> tuple[tiw_pb2_grpc.TiwServiceStub, list[CallRecord]]:
+        config = settings_module.load(facade_environment(endpoint, TIW_MAX_ATTEMPTS="1"))
+        limiter = create_limiter(config)
+        client = TiwClient(config, limiter)
+        await client.start()
+        recorder = Recorder()
+        server = grpc.aio.server(interceptors=[recorder])
+        server.add_generic_rpc_handlers((build_handler(client),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+        async def close() -> None:
+            await channel.close()
+            await server.stop(0)
+            await client.aclose()
+            await limiter.aclose()
+
+        closing.append(close)
+        return tiw_pb2_grpc.TiwServiceStub(channel), recorder.records
+
+    yield start
+    for close in closing:
+        await close()
+
+
+async def test_a_failed_call_records_its_code_and_request_id(emulator: Emulator, recorded: Recorded) -> None:
+    stub, records = await recorded(emulator.url)
+    emulator.add_fault(Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code="InvalidParameter"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+        )
+    (record,) = records
+    assert (record.action, record.tiw_code) == ("DescribeWhiteboardPush", "InvalidParameter")
+    assert record.request_id and record.request_id == error_info(caught.value).metadata["request_id"]
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(), timeout=5)
+    assert records[1].tiw_code == "INVALID_REQUEST"
+    emulator.add_fault(Fault(FaultKind.HTTP_STATUS, status=503))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.DescribeWhiteboardPush(
+            pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+        )
+    assert records[2].tiw_code == "UPSTREAM_HTTP_ERROR"
+
+
+async def test_an_answer_that_does_not_fit_the_message_keeps_its_request_id(recorded: Recorded) -> None:
+    # A TIW answer whose TaskId is a number: not the contract's string.
+    upstream = RawUpstream(http(envelope({"TaskId": 5, "RequestId": "req-7"})))
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    try:
+        stub, records = await recorded(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.DescribeWhiteboardPush(
+                pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "UPSTREAM_MALFORMED" and info.metadata["request_id"] == "req-7"
+    assert "TaskId" in (caught.value.details() or "")
+    (record,) = records
+    assert (record.tiw_code, record.request_id) == ("UPSTREAM_MALFORMED", "req-7")

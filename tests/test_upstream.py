@@ -1,4 +1,6 @@
-"""The TIW client on its own, against the real emulator: tokens, signing per attempt, credentials.
+"""The TIW client and its transport on their own, against the real emulator (tokens, signing per
+attempt, credentials) and against a raw HTTP upstream for what the emulator cannot say (redirects,
+compressed or oversized bodies, answers that are not HTTP).
 
 A spy wraps the real in-process limiter to see what the client does with each lease.
 """
@@ -7,18 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from conftest import facade_environment, wait_until
 from tiw_facade import settings as settings_module
 from tiw_facade.emulator import Emulator, Fault, FaultKind
+from tiw_facade.failures import (
+    FacadeError,
+    Outcome,
+    UpstreamHttpError,
+    UpstreamMalformed,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from tiw_facade.limiter import Lease, Limiter, create_limiter
 from tiw_facade.metrics import Metrics
 from tiw_facade.signing import Signer
-from tiw_facade.upstream import UNANSWERED_HOLD, TiwClient, TransportError, UpstreamTimeout
+from tiw_facade.upstream import UNANSWERED_HOLD, RetryPolicy, TiwClient
+
+READ = RetryPolicy(resend_maybe_delivered=True)
 
 PARAMS = {"SdkAppId": 1400000001, "TaskId": "ghucnligqtgtvk2624mb"}
 
@@ -75,7 +89,7 @@ async def client(emulator: Emulator) -> AsyncIterator[tuple[TiwClient, SpyLimite
 
 async def test_an_answered_request_returns_its_token(client: tuple[TiwClient, SpyLimiter]) -> None:
     tiw, spy = client
-    answer = await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
+    answer: dict[str, Any] = await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
     assert answer["TaskId"] == PARAMS["TaskId"]
     assert [lease.released for lease in spy.leases] == [1]
 
@@ -85,8 +99,9 @@ async def test_a_timed_out_request_keeps_its_token_past_the_window(
 ) -> None:
     tiw, spy = client
     emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=2.0))
-    with pytest.raises(UpstreamTimeout):
+    with pytest.raises(UpstreamTimeout) as caught:
         await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 0.3)
+    assert caught.value.outcome is Outcome.UNKNOWN
     # TIW may see it after we gave up: the token is held to its hold time, not given back at once.
     (lease,) = spy.leases
     assert lease.released == 0
@@ -101,9 +116,9 @@ async def test_a_request_never_sent_returns_its_token(emulator: Emulator, unused
     tiw = TiwClient(config, spy)
     await tiw.start()
     try:
-        with pytest.raises(TransportError) as caught:
+        with pytest.raises(UpstreamUnreachable) as caught:
             await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
-        assert not caught.value.delivered
+        assert caught.value.outcome is Outcome.NOT_SENT
         assert [lease.released for lease in spy.leases] == [1]
     finally:
         await tiw.aclose()
@@ -124,7 +139,7 @@ async def test_every_attempt_takes_a_token_and_is_signed_afresh(
 
     monkeypatch.setattr(Signer, "headers", recording)
     emulator.add_fault(Fault(FaultKind.HTTP_STATUS, status=503, count=2))
-    await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
+    await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5, policy=READ)
     assert len(signed) == len(spy.leases) == 3
     assert all(lease.released == 1 for lease in spy.leases)
     # Temporary credentials: the session token travels as X-TC-Token on every attempt.
@@ -141,7 +156,7 @@ async def test_the_body_sent_is_the_body_signed(
         "SdkAppId": 2**40,
         "RoomId": 1,
     }
-    answer = await tiw.call("CreateSnapshotTask", params, deadline=time.monotonic() + 5)
+    answer: dict[str, Any] = await tiw.call("CreateSnapshotTask", params, deadline=time.monotonic() + 5)
     assert answer["TaskID"]
 
 
@@ -153,7 +168,7 @@ async def test_an_attempt_cancelled_mid_flight_is_counted_as_cancelled(emulator:
     await tiw.start()
     try:
         emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=2.0))
-        call = asyncio.ensure_future(
+        call: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(
             tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
         )
         await wait_until(lambda: emulator.stats()["DescribeWhiteboardPush"].accepted == 1)
@@ -161,12 +176,176 @@ async def test_an_attempt_cancelled_mid_flight_is_counted_as_cancelled(emulator:
         with pytest.raises(asyncio.CancelledError):
             await call
         counted = metrics.registry.get_sample_value(
-            "tiw_upstream_requests_total", {"action": "DescribeWhiteboardPush", "code": "Cancelled"}
+            "tiw_upstream_requests_total", {"action": "DescribeWhiteboardPush", "code": "CANCELLED"}
         )
         assert counted == 1
         assert metrics.registry.get_sample_value(
             "tiw_upstream_requests_total", {"action": "DescribeWhiteboardPush", "code": "OK"}
         ) in (None, 0.0)
+    finally:
+        await tiw.aclose()
+        await limiter.aclose()
+
+
+async def test_without_a_policy_nothing_that_may_have_arrived_is_resent(
+    client: tuple[TiwClient, SpyLimiter], emulator: Emulator
+) -> None:
+    # An action nobody declared safe gets the conservative default, even a read.
+    tiw, spy = client
+    emulator.add_fault(Fault(FaultKind.HTTP_STATUS, status=503, count=1))
+    with pytest.raises(UpstreamHttpError) as caught:
+        await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
+    assert caught.value.status == 503 and caught.value.outcome is Outcome.UNKNOWN
+    assert len(spy.leases) == 1
+
+
+# --- a raw upstream: HTTP answers the emulator does not give ---------------------------------------
+
+Answer = Callable[[bytes], Awaitable[bytes]]  # the request's bytes -> the raw bytes to answer
+
+
+def http(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> bytes:
+    """One raw HTTP/1.1 answer that closes the connection."""
+    lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def envelope(response: dict[str, Any]) -> bytes:
+    return json.dumps({"Response": response}).encode()
+
+
+@dataclasses.dataclass
+class RawUpstream:
+    """A TCP server answering each HTTP request with the bytes ``answer`` gives."""
+
+    answer: bytes
+    requests: list[bytes] = dataclasses.field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            ),
+            0,
+        )
+        self.requests.append(head + await reader.readexactly(length))
+        writer.write(self.answer)
+        await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[bytes], Awaitable[tuple[RawUpstream, str]]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: bytes) -> tuple[RawUpstream, str]:
+        upstream = RawUpstream(answer)
+        server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+        servers.append(server)
+        return upstream, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def call_raw(endpoint: str, **extra: str) -> FacadeError:
+    """The failure of one DescribeWhiteboardPush, read-retry policy, against ``endpoint``."""
+    config = settings_module.load(
+        facade_environment(
+            endpoint, TENCENTCLOUD_SESSION_TOKEN="temporary-token", TIW_MAX_ATTEMPTS="1", **extra
+        )
+    )
+    limiter = create_limiter(config)
+    tiw = TiwClient(config, limiter)
+    await tiw.start()
+    try:
+        with pytest.raises(FacadeError) as caught:
+            await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5, policy=READ)
+        return caught.value
+    finally:
+        await tiw.aclose()
+        await limiter.aclose()
+
+
+async def test_an_answer_that_is_not_http_never_shows_the_request_headers(raw_upstream: Any) -> None:
+    # aiohttp's exception for a bad status line carries the request, Authorization and X-TC-Token
+    # included; a failure's text reaches the caller.
+    upstream, url = await raw_upstream(b"NOT HTTP AT ALL\r\n\r\n")
+    failure = await call_raw(url)
+    assert isinstance(failure, UpstreamMalformed)
+    sent = upstream.requests[0].decode()
+    assert "temporary-token" in sent and "TC3-HMAC-SHA256" in sent  # what must not come back
+    for text in (str(failure), repr(failure), *failure.metadata().values()):
+        assert "temporary-token" not in text and "TC3-HMAC-SHA256" not in text and "Authorization" not in text
+
+
+async def test_a_redirect_is_an_upstream_failure_not_followed(raw_upstream: Any, emulator: Emulator) -> None:
+    # A 307 keeps the method and the body: followed, it would reach the emulator and succeed.
+    _, url = await raw_upstream(http(b"", status=307, headers={"Location": emulator.url + "/"}))
+    failure = await call_raw(url)
+    assert isinstance(failure, UpstreamHttpError)
+    assert failure.status == 307 and failure.outcome is Outcome.UNKNOWN
+    assert failure.metadata()["http_status"] == "307"
+    assert emulator.stats()["DescribeWhiteboardPush"].accepted == 0
+
+
+async def test_a_compressed_answer_is_not_inflated(raw_upstream: Any) -> None:
+    body = gzip.compress(envelope({"TaskId": "t", "RequestId": "r"}))
+    _, url = await raw_upstream(http(body, headers={"Content-Encoding": "gzip"}))
+    assert isinstance(await call_raw(url), UpstreamMalformed)
+
+
+@pytest.mark.parametrize("announced", [True, False])
+async def test_an_oversized_answer_is_refused(raw_upstream: Any, announced: bool) -> None:
+    # A valid envelope, only too large: read without a cap, it would be a success.
+    body = envelope({"TaskId": "t", "RequestId": "r", "Padding": "x" * (2 << 20)})
+    raw = http(body) if announced else b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body
+    _, url = await raw_upstream(raw)
+    failure = await call_raw(url)
+    assert isinstance(failure, UpstreamMalformed) and "larger than" in str(failure)
+
+
+@pytest.mark.parametrize(
+    ("body", "request_id"),
+    [
+        (b"<html>not json</html>", ""),
+        (b'["not", "an", "envelope"]', ""),
+        (envelope({"Error": "not an object", "RequestId": "req-9"}), "req-9"),
+    ],
+)
+async def test_a_malformed_answer_keeps_its_request_id(
+    raw_upstream: Any, body: bytes, request_id: str
+) -> None:
+    _, url = await raw_upstream(http(body))
+    failure = await call_raw(url)
+    assert isinstance(failure, UpstreamMalformed) and failure.request_id == request_id
+
+
+async def test_an_answer_that_does_not_decode_is_a_failed_upstream_request(raw_upstream: Any) -> None:
+    _, url = await raw_upstream(http(envelope({"TaskId": 5, "RequestId": "req-7"})))
+    config = settings_module.load(facade_environment(url))
+    metrics = Metrics("test")
+    limiter = create_limiter(config, metrics)
+    tiw = TiwClient(config, limiter, metrics)
+    await tiw.start()
+
+    def decode(answer: dict[str, Any]) -> str:
+        raise ValueError("TaskId: unexpected JSON value of type int")
+
+    try:
+        with pytest.raises(UpstreamMalformed) as caught:
+            await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5, decode=decode)
+        assert caught.value.request_id == "req-7" and "TaskId" in str(caught.value)
+        labels = {"action": "DescribeWhiteboardPush"}
+        sample = metrics.registry.get_sample_value
+        assert sample("tiw_upstream_requests_total", {**labels, "code": "UPSTREAM_MALFORMED"}) == 1
+        assert sample("tiw_upstream_requests_total", {**labels, "code": "OK"}) in (None, 0.0)
     finally:
         await tiw.aclose()
         await limiter.aclose()

@@ -1,32 +1,43 @@
 """Every failure the facade can answer with, as a rich gRPC status (google.rpc.Status).
 
-One table maps TIW error codes to gRPC codes (rendered in the README); builders attach the standard
-details callers' libraries already understand: ErrorInfo (the exact TIW code as ``reason``, the TIW
-host as ``domain``, RequestId and action in ``metadata``), BadRequest for invalid input, RetryInfo and
-QuotaFailure when the rate limit refuses a call.
+Two tables, both rendered in the README: TIW's error codes → gRPC codes (``ERROR_TABLE``), and the
+facade's own failures, by class → gRPC code (``FAILURE_CODES``). Every status carries a
+``google.rpc.ErrorInfo``: ``reason`` is TIW's code verbatim for TIW's errors and the facade's
+UPPER_SNAKE_CASE reason for its own; ``domain`` is ``tiw.tencentcloudapi.com`` or ``tiw-facade``,
+the same in every environment; ``metadata`` has the action and, where known, TIW's RequestId, the
+outcome (``not_sent``: safe to retry; ``unknown``: TIW may have executed it) and the HTTP status.
+Invalid input adds BadRequest; the rate limit adds RetryInfo and QuotaFailure.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tiw_facade.limiter import LimiterClosed, QuotaExceeded
-from tiw_facade.upstream import TiwError, TransportError, UpstreamTimeout
-from tiw_facade.validate import Violation
+from tiw_facade.failures import (
+    FacadeError,
+    InvalidRequest,
+    RateLimited,
+    ShuttingDown,
+    TiwError,
+    Unexpected,
+    UpstreamFailure,
+    UpstreamTimeout,
+)
 
 log = logging.getLogger("tiw_facade.errors")
 
+TIW_DOMAIN = "tiw.tencentcloudapi.com"  # TIW's codes: the API's name, not this deployment's endpoint
 FACADE_DOMAIN = "tiw-facade"
 
-# TIW error code → gRPC code, first match wins. "X*" matches every code that starts with X.
-# Order matters: the exact code before the family it belongs to.
+# TIW error code → gRPC code. "X*" matches every code that starts with X. Row order does not matter:
+# an exact row beats every family, and a longer family beats a shorter one.
 ERROR_TABLE: tuple[tuple[str, grpc.StatusCode], ...] = (
     ("InvalidParameter.TaskNotFound", grpc.StatusCode.NOT_FOUND),
     ("InvalidParameter*", grpc.StatusCode.INVALID_ARGUMENT),  # also InvalidParameterValue*
@@ -43,19 +54,53 @@ ERROR_TABLE: tuple[tuple[str, grpc.StatusCode], ...] = (
     ("InternalError*", grpc.StatusCode.UNAVAILABLE),
     ("ServiceUnavailable", grpc.StatusCode.UNAVAILABLE),
 )
-# What is not a TIW error code but still fails a call (see upstream.TransportError):
-TRANSPORT_CODE = grpc.StatusCode.UNAVAILABLE  # non-200 HTTP, not a TIW envelope, connection failure
-TIMEOUT_CODE = grpc.StatusCode.DEADLINE_EXCEEDED  # upstream time-out or the caller's deadline spent
-FALLBACK_CODE = grpc.StatusCode.UNKNOWN
+FALLBACK_CODE = grpc.StatusCode.UNKNOWN  # a TIW code the table does not know
+
+_EXACT = {pattern: code for pattern, code in ERROR_TABLE if not pattern.endswith("*")}
+_FAMILIES = sorted(
+    ((pattern[:-1], code) for pattern, code in ERROR_TABLE if pattern.endswith("*")),
+    key=lambda row: len(row[0]),
+    reverse=True,
+)
+
+# The facade's own failures → gRPC code, looked up along the failure's MRO (so order cannot matter).
+FAILURE_CODES: dict[type[FacadeError], grpc.StatusCode] = {
+    FacadeError: grpc.StatusCode.INTERNAL,
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    UpstreamFailure: grpc.StatusCode.UNAVAILABLE,
+    UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unexpected: grpc.StatusCode.INTERNAL,
+}
+
+# TIW's text is copied into the status message and ErrorInfo; bounded, because the status travels in
+# the trailers and a trailer above gRPC's metadata limit (8 KiB by default) turns the real code
+# into RESOURCE_EXHAUSTED. Bytes of UTF-8: a Chinese message triples in size, and more when
+# percent-encoded into grpc-message.
+MAX_TIW_TEXT_BYTES = 1024
+ELLIPSIS = "…"
 
 
 @functools.lru_cache(maxsize=512)
 def grpc_code_for(tiw_code: str) -> grpc.StatusCode:
     """The gRPC code for a TIW error code, by ``ERROR_TABLE``."""
-    for pattern, code in ERROR_TABLE:
-        if (pattern.endswith("*") and tiw_code.startswith(pattern[:-1])) or tiw_code == pattern:
+    exact = _EXACT.get(tiw_code)
+    if exact is not None:
+        return exact
+    for prefix, code in _FAMILIES:
+        if tiw_code.startswith(prefix):
             return code
     return FALLBACK_CODE
+
+
+def bounded(text: str, limit: int = MAX_TIW_TEXT_BYTES) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (at a character boundary), marked with an ellipsis."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    cut = limit - len(ELLIPSIS.encode())
+    return encoded[:cut].decode(errors="ignore") + ELLIPSIS
 
 
 def build_status(code: grpc.StatusCode, message: str, details: Iterable[object] = ()) -> grpc.Status:
@@ -66,59 +111,68 @@ def build_status(code: grpc.StatusCode, message: str, details: Iterable[object] 
     return status
 
 
-def invalid_argument(found: Iterable[Violation]) -> grpc.Status:
-    violations = [
-        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in found
-    ]
-    summary = "; ".join(f"{v.field} {v.description}" for v in violations)
-    return build_status(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"invalid request: {summary}",
-        [error_details_pb2.BadRequest(field_violations=violations)],
+def status_for(exc: BaseException, *, action: str) -> grpc.Status:
+    """The status a caller gets for a failure of ``action``."""
+    if not isinstance(exc, FacadeError):
+        log.error("unexpected failure", exc_info=exc, extra={"action": action})
+        exc = Unexpected(exc)
+    return _builder(type(exc))(exc, action)
+
+
+Builder = Callable[[FacadeError, str], grpc.Status]
+
+
+def _builder(kind: type[FacadeError]) -> Builder:
+    """The builder of the nearest class along ``kind``'s MRO (FacadeError's at worst)."""
+    return next(_BUILDERS[klass] for klass in kind.__mro__ if klass in _BUILDERS)
+
+
+def _error_info(exc: FacadeError, action: str, domain: str = FACADE_DOMAIN) -> error_details_pb2.ErrorInfo:
+    metadata = {key: bounded(value) for key, value in exc.metadata().items()}
+    return error_details_pb2.ErrorInfo(
+        reason=bounded(exc.reason), domain=domain, metadata={"action": action, **metadata}
     )
 
 
-def status_for(exc: Exception, *, action: str, host: str) -> grpc.Status:
-    """The status a caller gets for a failure of ``action`` against TIW at ``host``."""
-    if isinstance(exc, TiwError):
-        code = grpc_code_for(exc.code)
-        if code == grpc.StatusCode.INTERNAL:
-            log.error(
-                "TIW rejected the facade's credentials or signature: check TENCENTCLOUD_SECRET_ID/KEY "
-                "and the clock",
-                extra={"action": action, "tiw_code": exc.code, "tiw_request_id": exc.request_id},
-            )
-        metadata = {"action": action, "request_id": exc.request_id}
-        info = error_details_pb2.ErrorInfo(reason=exc.code, domain=host, metadata=metadata)
-        return build_status(code, exc.message or exc.code, [info])
-    if isinstance(exc, QuotaExceeded):
-        return _quota_exceeded(exc)
-    if isinstance(exc, LimiterClosed):
-        info = error_details_pb2.ErrorInfo(
-            reason="SHUTTING_DOWN", domain=FACADE_DOMAIN, metadata={"action": action}
+def _tiw_error(exc: FacadeError, action: str) -> grpc.Status:
+    assert isinstance(exc, TiwError)
+    code = grpc_code_for(exc.code)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error(
+            "TIW rejected the facade's credentials or signature: check TENCENTCLOUD_SECRET_ID/KEY "
+            "and the clock",
+            extra={"action": action, "tiw_code": exc.code, "tiw_request_id": exc.request_id},
         )
-        return build_status(
-            grpc.StatusCode.UNAVAILABLE, "the facade is shutting down; retry on another replica", [info]
-        )
-    if isinstance(exc, UpstreamTimeout):
-        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=host, metadata={"action": action})
-        return build_status(TIMEOUT_CODE, str(exc), [info])
-    if isinstance(exc, TransportError):
-        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=host, metadata={"action": action})
-        return build_status(TRANSPORT_CODE, str(exc), [info])
-    log.exception("unexpected failure", exc_info=exc, extra={"action": action})
-    info = error_details_pb2.ErrorInfo(reason="Unexpected", domain=FACADE_DOMAIN, metadata={"action": action})
-    return build_status(FALLBACK_CODE, f"unexpected failure: {type(exc).__name__}", [info])
+    return build_status(code, bounded(exc.message or exc.code), [_error_info(exc, action, TIW_DOMAIN)])
 
 
-def _quota_exceeded(exc: QuotaExceeded) -> grpc.Status:
-    seconds = max(exc.retry_after, 0.0)
+def _facade_error(exc: FacadeError, action: str) -> grpc.Status:
+    code = next(FAILURE_CODES[k] for k in type(exc).__mro__ if k in FAILURE_CODES)
+    return build_status(code, bounded(str(exc)), [_error_info(exc, action)])
+
+
+def _invalid_request(exc: FacadeError, action: str) -> grpc.Status:
+    assert isinstance(exc, InvalidRequest)
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        for field, description in exc.violations
+    ]
+    return build_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        str(exc),
+        [error_details_pb2.BadRequest(field_violations=violations), _error_info(exc, action)],
+    )
+
+
+def _rate_limited(exc: FacadeError, action: str) -> grpc.Status:
+    assert isinstance(exc, RateLimited)
+    seconds = exc.retry_after
     delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
-    message = f"{exc.action}: rate limit, {_WHY[exc.reason]}; retry in {seconds:.3f}s"
+    why = _WHY.get(exc.limiter_reason, exc.limiter_reason)
     return build_status(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        message,
-        [error_details_pb2.RetryInfo(retry_delay=delay), *_quota_details(exc.action, exc.reason)],
+        f"{exc.action}: rate limit, {why}; retry in {seconds:.3f}s",
+        [error_details_pb2.RetryInfo(retry_delay=delay), *_quota_details(exc.action, exc.limiter_reason)],
     )
 
 
@@ -126,18 +180,29 @@ def _quota_exceeded(exc: QuotaExceeded) -> grpc.Status:
 def _quota_details(action: str, reason: str) -> tuple[any_pb2.Any, any_pb2.Any]:
     """QuotaFailure and ErrorInfo of a refusal, packed once: they depend only on action and reason,
     and callers over the limit are refused in bulk."""
+    why = _WHY.get(reason, reason)
     quota = error_details_pb2.QuotaFailure(
         violations=[
             error_details_pb2.QuotaFailure.Violation(
                 subject=f"action:{action}",
-                description=f"TIW allows a limited number of {action} requests per second; {_WHY[reason]}",
+                description=f"TIW allows a limited number of {action} requests per second; {why}",
             )
         ]
     )
     info = error_details_pb2.ErrorInfo(
-        reason="RATE_LIMITED", domain=FACADE_DOMAIN, metadata={"action": action, "limiter_reason": reason}
+        reason=RateLimited.reason,
+        domain=FACADE_DOMAIN,
+        metadata={"action": action, "limiter_reason": reason, "outcome": "not_sent"},
     )
     return _pack(quota), _pack(info)
+
+
+_BUILDERS: dict[type[FacadeError], Builder] = {
+    FacadeError: _facade_error,
+    TiwError: _tiw_error,
+    InvalidRequest: _invalid_request,
+    RateLimited: _rate_limited,
+}
 
 
 def _pack(detail: object) -> any_pb2.Any:

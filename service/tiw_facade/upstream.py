@@ -1,10 +1,8 @@
-"""The TIW client: signed requests over one pooled keep-alive session, retried only where safe.
+"""The TIW client: admission, signing, sending through a transport, retries where safe, TIW's envelope.
 
-Knows HTTP and TIW's envelope, nothing of gRPC: callers pass an absolute ``time.monotonic()``
-deadline and get back TIW's ``Response`` object or one of the exceptions below.
-
-aiohttp rather than httpx: on this kind of machine httpx 0.28 costs 3-4x aiohttp's CPU per call and
-slows down as calls in flight grow (../shared/reference/performance-notes.md; bench/ confirms it).
+Knows TIW's envelope, nothing of gRPC or of HTTP libraries: callers pass an absolute
+``time.monotonic()`` deadline and a retry policy, and get back the decoded ``Response`` or one of
+the failures module's exceptions.
 """
 
 from __future__ import annotations
@@ -15,26 +13,32 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
-import yarl
-
+from tiw_facade.failures import (
+    Outcome,
+    RateLimited,
+    ShuttingDown,
+    TiwError,
+    UpstreamFailure,
+    UpstreamHttpError,
+    UpstreamMalformed,
+    UpstreamTimeout,
+)
+from tiw_facade.limiter import LimiterClosed, QuotaExceeded
+from tiw_facade.metrics import Metrics
 from tiw_facade.signing import Credentials, Signer
+from tiw_facade.transport import AiohttpTransport, Transport
 
 if TYPE_CHECKING:  # the client is handed these; it needs only their types
-    from prometheus_client import Counter, Histogram
-
-    from tiw_facade.limiter import Limiter
-    from tiw_facade.metrics import Metrics
+    from tiw_facade.limiter import Lease, Limiter
     from tiw_facade.settings import Settings
 
 log = logging.getLogger("tiw_facade.upstream")
 
-# Connecting should be quick; a connect time-out proves the request never left, so even
-# CreateSnapshotTask may be re-sent after one.
-CONNECT_TIMEOUT = 2.0
+T = TypeVar("T")
+
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 1.0
 # Below this much time left, an attempt cannot usefully complete: a round trip to TIW takes longer.
@@ -44,38 +48,9 @@ MIN_ATTEMPT_TIME = 0.05
 # its token is not returned a window after giving up, as an answered one is, but held this much
 # longer, so that a late arrival cannot share a 1-second window with the token's next request.
 UNANSWERED_HOLD = 1.0
-# Idle keep-alive connections are dropped before a typical server-side idle time-out (60 s), so a
-# request rarely meets a connection the server is closing — which would be an unsafe failure to
-# retry for CreateSnapshotTask.
-KEEPALIVE_TIMEOUT = 15.0
 THROTTLE_WINDOW = 1.0
-
-
-class TiwError(Exception):
-    """TIW answered with an error envelope."""
-
-    def __init__(self, code: str, message: str, request_id: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-
-
-class TransportError(Exception):
-    """No TIW answer could be read. ``reason`` is a short token (``HTTP_502``, ``ConnectionError``,
-    ``MalformedResponse``); ``delivered`` says whether TIW may have received the request."""
-
-    def __init__(self, reason: str, detail: str, *, delivered: bool) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.delivered = delivered
-
-
-class UpstreamTimeout(TransportError):
-    """The attempt or the caller's deadline ran out before TIW answered."""
-
-    def __init__(self, detail: str, *, delivered: bool = True) -> None:
-        super().__init__("Timeout", detail, delivered=delivered)
+# TIW's codes that say it refused the request without executing it: safe to re-send for every action.
+NOT_EXECUTED = ("RequestLimitExceeded", "AuthFailure.SignatureExpire")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +63,8 @@ class RetryPolicy:
     success_after_lost_answer: str | None = None
 
 
-READS = RetryPolicy(resend_maybe_delivered=True)
-POLICIES: Mapping[str, RetryPolicy] = {
-    # No idempotency token: a duplicate snapshot task is worse than an error.
-    "CreateSnapshotTask": RetryPolicy(resend_maybe_delivered=False),
-    "StopWhiteboardPush": RetryPolicy(
-        resend_maybe_delivered=True, success_after_lost_answer="UnsupportedOperation.TaskHasAlreadyStopped"
-    ),
-}
+# The default for an action nobody declared safe: never re-send what TIW may have received.
+NEVER_RESEND = RetryPolicy(resend_maybe_delivered=False)
 
 
 def encode(params: Mapping[str, Any]) -> bytes:
@@ -103,180 +72,194 @@ def encode(params: Mapping[str, Any]) -> bytes:
     return json.dumps(params, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _as_is(answer: dict[str, Any]) -> dict[str, Any]:
+    return answer
+
+
 class TiwClient:
-    def __init__(self, settings: Settings, limiter: Limiter, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: Limiter,
+        metrics: Metrics | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         self._settings = settings
         self._limiter = limiter
-        self._metrics = metrics
-        # Parsed once: aiohttp would otherwise parse and normalise the URL on every request.
-        self._url = yarl.URL(settings.endpoint + "/", encoded=True)
+        self._metrics = metrics or Metrics.unobserved()
+        self._transport = transport or AiohttpTransport(
+            settings.endpoint + "/",
+            max_answer_bytes=settings.max_answer_bytes,
+            connect_timeout=settings.connect_timeout,
+            # The limiter already bounds calls in flight (a token per attempt); this only guards
+            # against a misconfiguration opening unbounded sockets.
+            pool_limit=max(100, settings.rate_limit * 10),
+        )
         self._signer = Signer(
             Credentials(settings.secret_id, settings.secret_key, settings.session_token),
             settings.upstream_host,
             region=settings.region,
             language=settings.language,
         )
-        self._session: aiohttp.ClientSession | None = None
-        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            # The limiter already bounds calls in flight (a token per attempt); this only guards
-            # against a misconfiguration opening unbounded sockets.
-            limit=max(100, self._settings.rate_limit * 10),
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
-            ttl_dns_cache=60,
-        )
-        # TIW sets no cookies: a dummy jar spares the cookie bookkeeping on every request.
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
-            raise_for_status=False,
-        )
+        await self._transport.start()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._transport.aclose()
 
-    async def call(self, action: str, params: Mapping[str, Any], *, deadline: float | None) -> dict[str, Any]:
-        """Send ``action`` with ``params`` and return TIW's ``Response`` object (without ``Error``)."""
+    async def call(
+        self,
+        action: str,
+        params: Mapping[str, Any],
+        *,
+        deadline: float | None,
+        policy: RetryPolicy = NEVER_RESEND,
+        decode: Callable[[dict[str, Any]], T] = _as_is,  # type: ignore[assignment]
+    ) -> T:
+        """Send ``action`` with ``params``; return ``decode`` of TIW's ``Response`` (without ``Error``).
+
+        ``decode`` runs inside the attempt, so an answer it rejects (``ValueError``) counts as the
+        failed upstream request it is (``UPSTREAM_MALFORMED``), not as a success.
+        """
         budget_end = deadline if deadline is not None else time.monotonic() + self._settings.upstream_timeout
-        policy = POLICIES.get(action, READS)
         body = encode(params)
         answer_lost = False
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(action, body, budget_end)
-            except (TiwError, TransportError) as exc:
-                if isinstance(exc, TiwError) and answer_lost and exc.code == policy.success_after_lost_answer:
+                return await self._attempt(action, body, budget_end, decode)
+            except TiwError as exc:
+                if answer_lost and exc.code == policy.success_after_lost_answer:
                     log.info("earlier attempt succeeded; its answer was lost", extra={"action": action})
-                    return {"RequestId": exc.request_id}
-                reason = _retry_reason(exc, policy)
-                if isinstance(exc, TiwError) and exc.code.startswith("RequestLimitExceeded"):
+                    return self._decode(decode, {"RequestId": exc.request_id})
+                if exc.code.startswith("RequestLimitExceeded"):
                     # Someone else on the account used the quota: hold this action for a window.
                     self._limiter.pause(action, THROTTLE_WINDOW)
-                if reason is None or attempt >= self._settings.max_attempts:
-                    raise
-                delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
-                if time.monotonic() + delay + MIN_ATTEMPT_TIME >= budget_end:
-                    raise
-                answer_lost = answer_lost or (isinstance(exc, TransportError) and exc.delivered)
-                if self._metrics is not None:
-                    self._metrics.upstream_retries.labels(action=action, reason=reason).inc()
-                log.debug("retrying", extra={"action": action, "reason": reason, "attempt": attempt})
-                await asyncio.sleep(delay)
+                reason = _retry_reason(exc, policy)
+                failure: TiwError | UpstreamFailure = exc
+            except UpstreamFailure as exc:
+                reason = _retry_reason(exc, policy)
+                failure = exc
+            if reason is None or attempt >= self._settings.max_attempts:
+                raise failure
+            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+            if time.monotonic() + delay + MIN_ATTEMPT_TIME >= budget_end:
+                raise failure
+            answer_lost = answer_lost or failure.outcome is Outcome.UNKNOWN
+            self._metrics.action(action).retried(reason).inc()
+            log.debug("retrying", extra={"action": action, "reason": reason, "attempt": attempt})
+            await asyncio.sleep(delay)
 
-    async def _attempt(self, action: str, body: bytes, budget_end: float) -> dict[str, Any]:
+    async def _attempt(
+        self, action: str, body: bytes, budget_end: float, decode: Callable[[dict[str, Any]], T]
+    ) -> T:
         remaining = budget_end - time.monotonic()
         if remaining < MIN_ATTEMPT_TIME:
-            raise UpstreamTimeout("deadline exhausted before the request was sent", delivered=False)
-        # A slot that leaves no time to send would spend a token for nothing.
-        lease = await self._limiter.acquire(
-            action,
-            deadline=budget_end - MIN_ATTEMPT_TIME,
-            hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
-        )
-        code = "Cancelled"  # unless the attempt ends otherwise: the caller went away mid-flight
+            raise UpstreamTimeout(
+                "the deadline was spent before the request was sent", outcome=Outcome.NOT_SENT
+            )
+        lease = await self._admit(action, budget_end, remaining)
+        # One attempt may take TIW_UPSTREAM_TIMEOUT at most, so a lost request on a long caller
+        # deadline still leaves time to try again where that is safe.
+        remaining = min(budget_end - time.monotonic(), self._settings.upstream_timeout)
+        if remaining < MIN_ATTEMPT_TIME:  # the wait for a slot used the time up: nothing is sent
+            lease.release()
+            raise UpstreamTimeout(
+                "the deadline was spent waiting for a rate-limit slot", outcome=Outcome.NOT_SENT
+            )
+        code = "CANCELLED"  # unless the attempt ends otherwise: the caller went away mid-flight
         started = time.perf_counter()
         # Whether we know TIW saw the request no later than now (answered, refused, never sent). When
         # we do not (time-out, cancellation) the token is left to come back when its hold ends.
         settled = False
         try:
-            # One attempt may take TIW_UPSTREAM_TIMEOUT at most, so a lost request on a long caller
-            # deadline still leaves time to try again where that is safe.
-            remaining = min(budget_end - time.monotonic(), self._settings.upstream_timeout)
-            if remaining < MIN_ATTEMPT_TIME:
-                raise UpstreamTimeout(
-                    "deadline exhausted while waiting for a rate-limit slot", delivered=False
-                )
-            status, raw = await self._send(action, body, remaining)
+            headers = self._signer.headers(action, body, int(time.time()))  # fresh for every attempt
+            status, raw = await self._transport.post(body, headers, remaining)
             settled = True
             answer = _parse(status, raw)
             if "Error" in answer:
                 error = answer["Error"]
-                code = str(error.get("Code") or "Unknown")
-                raise TiwError(code, str(error.get("Message") or ""), str(answer.get("RequestId") or ""))
+                raise TiwError(
+                    str(error.get("Code") or "Unknown"),
+                    str(error.get("Message") or ""),
+                    str(answer.get("RequestId") or ""),
+                )
+            result = self._decode(decode, answer)
             code = "OK"
-            return answer
-        except TransportError as exc:
+            return result
+        except (TiwError, UpstreamFailure) as exc:
             code = exc.reason
-            settled = not (isinstance(exc, UpstreamTimeout) and exc.delivered)
+            settled = settled or exc.outcome is Outcome.NOT_SENT
             raise
         finally:
             if settled:
                 lease.release()
-            if self._metrics is not None:
-                self._record(action, code, time.perf_counter() - started)
+            series = self._metrics.action(action)
+            series.upstream(code).inc()
+            series.upstream_duration.observe(time.perf_counter() - started)
 
-    def _record(self, action: str, code: str, seconds: float) -> None:
-        """Count one attempt; the metric children are bound once per (action, code), not per call."""
-        children = self._children.get((action, code))
-        if children is None:
-            assert self._metrics is not None
-            children = self._children[(action, code)] = (
-                self._metrics.upstream_requests.labels(action=action, code=code),
-                self._metrics.upstream_duration.labels(action=action),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
-
-    async def _send(self, action: str, body: bytes, timeout_seconds: float) -> tuple[int, bytes]:
-        """One HTTP exchange, signed now so that a re-sent request carries a fresh timestamp."""
-        session = self._session
-        if session is None:
-            raise RuntimeError("TiwClient.start() was not awaited")
-        headers = self._signer.headers(action, body, int(time.time()))
-        timeout = aiohttp.ClientTimeout(
-            total=timeout_seconds, sock_connect=min(timeout_seconds, CONNECT_TIMEOUT)
-        )
+    async def _admit(self, action: str, budget_end: float, remaining: float) -> Lease:
+        """A token for one attempt; the limiter's refusals become the failures module's."""
         try:
-            async with session.post(self._url, data=body, headers=headers, timeout=timeout) as response:
-                return response.status, await response.read()
-        except aiohttp.ConnectionTimeoutError as exc:  # before ClientConnectorError: not a subclass
-            raise TransportError(
-                "ConnectionError", f"connecting to TIW timed out: {exc}", delivered=False
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise TransportError(
-                "ConnectionError", f"cannot connect to TIW: {exc.os_error}", delivered=False
-            ) from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"TIW did not answer {action} within {timeout_seconds:.3f}s") from exc
-        except aiohttp.ClientError as exc:  # the connection broke: whatever arrived, arrived before
-            raise TransportError(
-                "ConnectionError", f"connection to TIW failed: {exc!r}", delivered=True
+            # A slot that leaves no time to send would spend a token for nothing.
+            return await self._limiter.acquire(
+                action,
+                deadline=budget_end - MIN_ATTEMPT_TIME,
+                hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
+            )
+        except QuotaExceeded as exc:
+            raise RateLimited(exc.action, exc.reason, exc.retry_after) from exc
+        except LimiterClosed as exc:
+            raise ShuttingDown() from exc
+
+    @staticmethod
+    def _decode(decode: Callable[[dict[str, Any]], T], answer: dict[str, Any]) -> T:
+        try:
+            return decode(answer)
+        except ValueError as exc:  # e.g. translate.MalformedAnswer: a field of the wrong JSON type
+            raise UpstreamMalformed(
+                f"TIW's answer does not fit the contract: {exc}", request_id=_request_id(answer)
             ) from exc
 
 
 def _parse(status: int, raw: bytes) -> dict[str, Any]:
-    if status != 200:
-        raise TransportError(f"HTTP_{status}", f"TIW answered HTTP {status}", delivered=True)
+    """TIW's ``Response`` object, or the failure that says why there is none."""
+    if status != 200:  # redirects too: TIW answers 200 to everything it processes
+        raise UpstreamHttpError(status)
     try:
         envelope = json.loads(raw)
     except ValueError:
-        envelope = None
+        raise UpstreamMalformed("TIW's answer is not JSON") from None
     answer = envelope.get("Response") if isinstance(envelope, dict) else None
-    if not isinstance(answer, dict) or ("Error" in answer and not isinstance(answer["Error"], dict)):
-        raise TransportError("MalformedResponse", "TIW's answer is not a TIW JSON envelope", delivered=True)
+    if not isinstance(answer, dict):
+        raise UpstreamMalformed("TIW's answer is not a TIW envelope (no Response object)")
+    if "Error" in answer and not isinstance(answer["Error"], dict):
+        raise UpstreamMalformed(
+            "TIW's answer has an Error that is not an object", request_id=_request_id(answer)
+        )
     return answer
 
 
-def _retry_reason(exc: TiwError | TransportError, policy: RetryPolicy) -> str | None:
+def _request_id(answer: Mapping[str, Any]) -> str:
+    request_id = answer.get("RequestId")
+    return request_id if isinstance(request_id, str) else ""
+
+
+def _retry_reason(exc: TiwError | UpstreamFailure, policy: RetryPolicy) -> str | None:
     """Why ``exc`` may be retried under ``policy``, or None when it must not be."""
     if isinstance(exc, TiwError):
-        if exc.code.startswith("RequestLimitExceeded") or exc.code == "AuthFailure.SignatureExpire":
-            return exc.code  # TIW refused without executing: safe for every action
+        refused = next((family for family in NOT_EXECUTED if exc.code.startswith(family)), None)
+        if refused is not None:
+            return refused  # TIW refused without executing: safe for every action (one label per family)
         if exc.code.startswith("InternalError") and policy.resend_maybe_delivered:
             return "InternalError"
         return None
-    if not exc.delivered:
+    if exc.outcome is Outcome.NOT_SENT:
         return exc.reason
-    if policy.resend_maybe_delivered and (
-        isinstance(exc, UpstreamTimeout) or exc.reason == "ConnectionError" or exc.reason.startswith("HTTP_5")
-    ):
-        return exc.reason
-    return None
+    if isinstance(exc, UpstreamMalformed):
+        return None  # TIW answered: the same request would most likely get the same answer
+    if isinstance(exc, UpstreamHttpError) and not 500 <= exc.status <= 599:
+        return None  # a redirect or a client error: sending again changes nothing
+    return exc.reason if policy.resend_maybe_delivered else None

@@ -32,6 +32,8 @@ class TiwServiceStub:
     while its deadline allows, and otherwise fails at once with RESOURCE_EXHAUSTED and RetryInfo.
     TIW errors arrive as gRPC statuses whose google.rpc.ErrorInfo carries the exact TIW error code
     as `reason` and TIW's RequestId in `metadata["request_id"]`.
+    Each method's idempotency_level is what the facade's retries follow: NO_SIDE_EFFECTS and
+    IDEMPOTENT requests may be re-sent after a lost answer; an unmarked one never is.
     """
 
     def __init__(self, channel):
@@ -74,12 +76,15 @@ class TiwServiceServicer:
     while its deadline allows, and otherwise fails at once with RESOURCE_EXHAUSTED and RetryInfo.
     TIW errors arrive as gRPC statuses whose google.rpc.ErrorInfo carries the exact TIW error code
     as `reason` and TIW's RequestId in `metadata["request_id"]`.
+    Each method's idempotency_level is what the facade's retries follow: NO_SIDE_EFFECTS and
+    IDEMPOTENT requests may be re-sent after a lost answer; an unmarked one never is.
     """
 
     def CreateSnapshotTask(self, request, context):
         """CreateSnapshotTask creates a whiteboard snapshot task (board-writing images). When the task
         ends, TIW notifies CallbackURL if one was given. Limit: 20 requests/second.
-        Never retried by the facade once the request may have reached TIW (no duplicate tasks).
+        Never retried by the facade once the request may have reached TIW (no duplicate tasks), hence
+        no idempotency_level.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +107,7 @@ class TiwServiceServicer:
 
     def StopWhiteboardPush(self, request, context):
         """StopWhiteboardPush stops a whiteboard push task. Limit: 20 requests/second.
+        Stopping twice changes nothing (TIW answers UnsupportedOperation.TaskHasAlreadyStopped).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -158,6 +164,8 @@ class TiwService:
     while its deadline allows, and otherwise fails at once with RESOURCE_EXHAUSTED and RetryInfo.
     TIW errors arrive as gRPC statuses whose google.rpc.ErrorInfo carries the exact TIW error code
     as `reason` and TIW's RequestId in `metadata["request_id"]`.
+    Each method's idempotency_level is what the facade's retries follow: NO_SIDE_EFFECTS and
+    IDEMPOTENT requests may be re-sent after a lost answer; an unmarked one never is.
     """
 
     @staticmethod

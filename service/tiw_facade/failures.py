@@ -1,0 +1,176 @@
+"""Every way a call through the facade can fail, as one hierarchy of typed exceptions.
+
+A leaf module: it imports nothing of the facade and knows nothing of gRPC or HTTP libraries. Each
+class carries what a caller or an operator needs to know about the failure:
+
+- ``reason``: a stable UPPER_SNAKE_CASE token naming the failure (TIW's own error code verbatim for
+  ``TiwError``), used as ``ErrorInfo.reason``, as the access log's ``tiw_code`` and as the
+  ``code`` label of ``tiw_upstream_requests_total``;
+- ``outcome``: whether TIW may have executed the request (``unknown``) or provably never got it
+  (``not_sent``, safe to send again); ``None`` where the question does not arise;
+- ``request_id``: TIW's RequestId, when an answer carried one.
+
+Foreign exceptions (aiohttp's, asyncio's) are mapped to these in one place, the transport; the
+limiter's in one other, the client's admission step. errors.py maps these classes, by type, to gRPC
+statuses.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+
+class Outcome(enum.StrEnum):
+    """What the facade knows about whether TIW received (and so may have executed) a request."""
+
+    NOT_SENT = "not_sent"  # TIW never saw it: sending it again cannot duplicate anything
+    UNKNOWN = "unknown"  # it may have been executed; its answer never arrived (or was unusable)
+
+
+class FacadeError(Exception):
+    """Base of every failure the facade answers a call with."""
+
+    reason: str = "INTERNAL"
+    outcome: Outcome | None = None
+    request_id: str = ""
+
+    def metadata(self) -> dict[str, str]:
+        """What, besides the action, a caller gets in ``ErrorInfo.metadata``: only what is known."""
+        found: dict[str, str] = {}
+        if self.request_id:
+            found["request_id"] = self.request_id
+        if self.outcome is not None:
+            found["outcome"] = self.outcome.value
+        return found
+
+
+class InvalidRequest(FacadeError):
+    """The caller's request breaks the contract's rules; checked before anything is sent (no quota spent).
+
+    ``violations`` are ``(field, description)`` pairs, the field named by its TIW path.
+    """
+
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
+        self.violations = tuple(violations)
+        super().__init__("invalid request: " + "; ".join(f"{f} {d}" for f, d in self.violations))
+
+
+class TiwError(FacadeError):
+    """TIW answered with its error envelope: ``{"Response": {"Error": {"Code", "Message"}, "RequestId"}}``.
+
+    ``reason`` is TIW's code verbatim (``InvalidParameter.TaskNotFound``).
+    """
+
+    def __init__(self, code: str, message: str, request_id: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = self.reason = code
+        self.message = message
+        self.request_id = request_id
+
+
+class RateLimited(FacadeError):
+    """The facade's own rate limiter refused the call: no slot within its deadline, within the longest
+    wait allowed, or no room in the queue. Nothing was sent."""
+
+    reason = "RATE_LIMITED"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self, action: str, limiter_reason: str, retry_after: float) -> None:
+        super().__init__(f"{action}: rate limit ({limiter_reason}); retry in {retry_after:.3f}s")
+        self.action = action
+        self.limiter_reason = limiter_reason  # deadline, max_wait or queue_full
+        self.retry_after = max(0.0, retry_after)
+
+
+class ShuttingDown(FacadeError):
+    """The facade is stopping and admits no more requests; the call should go to another replica."""
+
+    reason = "SHUTTING_DOWN"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self) -> None:
+        super().__init__("the facade is shutting down; retry on another replica")
+
+
+class UpstreamFailure(FacadeError):
+    """No usable answer came from TIW. Base of the transport-level failures below."""
+
+    outcome = Outcome.UNKNOWN
+
+
+class UpstreamUnreachable(UpstreamFailure):
+    """No connection to TIW could be made (refused, DNS, connect time-out, TLS handshake): provably
+    not sent."""
+
+    reason = "UPSTREAM_UNREACHABLE"
+    outcome = Outcome.NOT_SENT
+
+
+class UpstreamTimeout(UpstreamFailure):
+    """TIW did not answer within the attempt's time, or the call's deadline left no time to send.
+
+    ``outcome`` is ``not_sent`` when the time ran out before the request left, else ``unknown``.
+    """
+
+    reason = "UPSTREAM_TIMEOUT"
+
+    def __init__(self, message: str, *, outcome: Outcome = Outcome.UNKNOWN) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class UpstreamConnectionLost(UpstreamFailure):
+    """The connection broke after the request may have been written: TIW may have executed it."""
+
+    reason = "UPSTREAM_CONNECTION_LOST"
+
+
+class UpstreamHttpError(UpstreamFailure):
+    """TIW (or a proxy before it) answered an HTTP status other than 200, redirects included: TIW
+    answers 200 to everything it processes, errors too."""
+
+    reason = "UPSTREAM_HTTP_ERROR"
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"TIW answered HTTP {status}")
+        self.status = status
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "http_status": str(self.status)}
+
+
+class UpstreamMalformed(UpstreamFailure):
+    """TIW answered 200 with something unusable: not JSON, not its envelope, too large, or a
+    ``Response`` that does not fit the contract's message. ``request_id`` is kept when readable."""
+
+    reason = "UPSTREAM_MALFORMED"
+
+    def __init__(self, message: str, *, request_id: str = "") -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class Unexpected(FacadeError):
+    """A fault in the facade itself (a bug): logged with its traceback; the caller gets only its type."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"unexpected failure: {type(cause).__name__}")
+
+
+# The facade's own reasons, for documentation and tests: every concrete class but TiwError.
+FACADE_FAILURES: tuple[type[FacadeError], ...] = (
+    InvalidRequest,
+    RateLimited,
+    ShuttingDown,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    UpstreamConnectionLost,
+    UpstreamHttpError,
+    UpstreamMalformed,
+    Unexpected,
+)
