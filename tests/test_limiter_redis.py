@@ -16,18 +16,15 @@ from support import LoopLag, SimulatedTiw, count_between, eventually, max_in_win
 from support.proxy import DelayProxy
 from support.redis_server import RedisServer
 from tiw_facade.limiter import QuotaExceeded, create_limiter
-from tiw_facade.limiter.shared import (
+from tiw_facade.limiter._modes import Mode
+from tiw_facade.limiter._store import (
     ACQUIRE_SCRIPT,
-    DEGRADED,
-    RECOVERING,
+    HEARTBEAT_SCRIPT,
     RELEASE_SCRIPT,
     SEED_SCRIPT,
-    SHARED,
-    SUSPECT,
-    RedisLimiter,
-    SharedLease,
-    redact,
+    RedisStore,
 )
+from tiw_facade.limiter.shared import SILENT_AFTER, RedisLimiter, SharedLease, redact
 from tiw_facade.metrics import Metrics
 from tiw_facade.settings import Settings
 
@@ -68,6 +65,17 @@ def replica(url: str, *, limit: int = 20, window: float = 1.0, **kwargs: object)
     return RedisLimiter(url=url, **options)  # type: ignore[arg-type]
 
 
+def leases_key(rate: RedisLimiter, action: str = A) -> str:
+    assert isinstance(rate.store, RedisStore)
+    return rate.store.leases_key(action)
+
+
+async def warm(*replicas: RedisLimiter) -> None:
+    """Join Redis and wait out a new epoch's hold-off (a fresh Redis looks like one that restarted)."""
+    for rate in replicas:
+        (await rate.acquire("warm-up", deadline=None, hold=1)).release()
+
+
 def ago(redis_time: tuple[int, int]) -> float:
     return redis_time[0] + redis_time[1] / 1e6
 
@@ -81,6 +89,7 @@ async def test_three_replicas_share_one_real_window_of_20(redis_server: RedisSer
     metrics = [Metrics("test") for _ in range(3)]
     # A long poll interval: tokens must be taken on Redis's schedule, not found by polling.
     replicas = [replica(redis_server.url, metrics=m, poll_interval=0.25) for m in metrics]
+    await warm(*replicas)
     upstream = SimulatedTiw(seed=7)  # one TIW, seen by all replicas
     stalls = asyncio.create_task(upstream.stalls(every=(0.3, 0.9), length=(0.02, 0.12)))
     lag = LoopLag()
@@ -118,20 +127,23 @@ async def test_scores_are_in_redis_time_never_the_replicas(
 ) -> None:
     """The scripts read TIME themselves, and no replica clock is sent: with this process's wall
     clock a day off, leases still sit at Redis-now + hold + window."""
-    assert all("redis.call('TIME')" in script for script in (ACQUIRE_SCRIPT, RELEASE_SCRIPT, SEED_SCRIPT))
+    assert all(
+        "redis.call('TIME')" in script
+        for script in (ACQUIRE_SCRIPT, RELEASE_SCRIPT, SEED_SCRIPT, HEARTBEAT_SCRIPT)
+    )
     real_time = time.time
     monkeypatch.setattr(time, "time", lambda: real_time() + 86_400)
     rate = replica(redis_server.url, window=1.0)
-    leases_key = rate.keys(A)[0]
+    key = leases_key(rate)
     async with redis_client.monitor() as monitor:
         lease = await rate.acquire(A, deadline=None, hold=2.0)
         taken = ago(await redis_client.time())
-        ((_, provisional),) = await scores(redis_client, leases_key)
+        ((_, provisional),) = await scores(redis_client, key)
         assert abs(provisional / 1e6 - (taken + 3.0)) < 0.05
         lease.release()
         await asyncio.sleep(0.05)
         released = ago(await redis_client.time())
-        ((_, back),) = await scores(redis_client, leases_key)
+        ((_, back),) = await scores(redis_client, key)
         assert abs(back / 1e6 - (released + 1.0)) < 0.1
         await redis_client.echo("that is all")
         commands = []
@@ -141,11 +153,21 @@ async def test_scores_are_in_redis_time_never_the_replicas(
             commands.append((entry["client_type"], entry["command"]))
     await rate.aclose()
     assert ("lua", "TIME") in commands
+    redis_now = ago(await redis_client.time())
+    heartbeats = 0
     for _, command in commands:
-        if command.startswith("EVALSHA"):
-            # sha, key count, keys, then limit, hold_us, window_us, member: nothing like a timestamp
-            for word in command.split():
-                assert not (word.isdigit() and int(word) > 10**9), command
+        if not command.startswith("EVALSHA"):
+            continue
+        words = command.split()
+        if words[3].endswith(":replicas"):
+            # The heartbeat's "register no later than": in Redis's clock, as measured from Redis.
+            heartbeats += 1
+            assert abs(int(words[-1]) / 1e6 - redis_now) < 5, command
+            words = words[:-1]
+        # Otherwise sha, key count, keys, limit, hold_us, window_us, member...: nothing like a timestamp
+        for word in words:
+            assert not (word.isdigit() and int(word) > 10**9), command
+    assert heartbeats >= 1
 
 
 async def test_at_once_refusal_and_estimate_from_redis(redis_server: RedisServer) -> None:
@@ -196,6 +218,7 @@ async def test_a_crashed_replicas_lease_frees_after_hold_plus_window(redis_serve
 async def test_pause_holds_every_replica(redis_server: RedisServer) -> None:
     metrics = Metrics("test")
     throttled, other = replica(redis_server.url, limit=5, metrics=metrics), replica(redis_server.url, limit=5)
+    await warm(throttled, other)
     throttled.pause(A, 0.4)
     await asyncio.sleep(0.02)  # the pause reaches Redis in the background
     started = time.monotonic()
@@ -213,7 +236,8 @@ async def test_pause_holds_every_replica(redis_server: RedisServer) -> None:
 
 async def test_cancelled_callers_leave_no_token_taken(redis_server: RedisServer, redis_client: Redis) -> None:
     rate = replica(redis_server.url, limit=1, window=0.1)
-    leases_key = rate.keys(A)[0]
+    await warm(rate)
+    key = leases_key(rate)
     # Cancelled while its admission is on its way to Redis: Redis admits, the token is handed back.
     for _ in range(5):
         caller = asyncio.create_task(rate.acquire(A, deadline=None, hold=5))
@@ -221,7 +245,7 @@ async def test_cancelled_callers_leave_no_token_taken(redis_server: RedisServer,
         caller.cancel()
         await asyncio.gather(caller, return_exceptions=True)
     await asyncio.sleep(0.05)
-    assert await redis_client.zcard(leases_key) == 0
+    assert await redis_client.zcard(key) == 0
     # Cancelled while queued: the next waiter gets the token on its return.
     held = await rate.acquire(A, deadline=None, hold=5)
     leaving = asyncio.create_task(rate.acquire(A, deadline=None, hold=5))
@@ -249,32 +273,29 @@ async def test_factory_builds_the_shared_limiter_from_settings() -> None:
     await rate.aclose()
 
 
-async def test_unreachable_redis_at_start_degrades_at_once_after_a_quarantine(
+async def test_a_replica_that_never_reached_redis_degrades_at_once_and_admits_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A refused connection degrades at once (nothing listens there; load never looks like that),
-    but the local share starts full for a window: what other replicas took through Redis just
-    before is unknown here."""
+    """A refused connection degrades at once (nothing listens there; load never looks like that).
+    But a replica that never registered in Redis has no room kept for it by the others, who may well
+    reach Redis: it admits nothing locally, refuses callers with a finite retry, and says why."""
     metrics = Metrics("test")
     settings = Settings(
         secret_id=ACCOUNT, secret_key="k", redis_url="redis://:pw@127.0.0.1:9/0", expected_replicas=2
     )
     rate = create_limiter(settings, metrics)
-    started = time.monotonic()
-    first = asyncio.create_task(rate.acquire(A, deadline=None, hold=1))
+    first = asyncio.create_task(rate.acquire(A, deadline=time.monotonic() + 1.5, hold=1))
     await eventually(lambda: rate.degraded, within=0.5)
     assert sample(metrics, "tiw_limiter_degraded") == 1
-    # A caller who cannot wait out the quarantine is refused at once, told when to come back.
     with pytest.raises(QuotaExceeded) as refused:
         await rate.acquire(A, deadline=time.monotonic() + 0.3, hold=1)
     assert refused.value.reason == "deadline"
     assert 0.5 < refused.value.retry_after <= 1.0
-    leases = [await first] + [await rate.acquire(A, deadline=None, hold=1) for _ in range(9)]  # the share
-    assert 1.0 <= time.monotonic() - started < 1.5
     with pytest.raises(QuotaExceeded):
-        await rate.acquire(A, deadline=time.monotonic() + 0.1, hold=1)
-    for lease in leases:
-        lease.release()
+        await first  # waited to its deadline: nothing was admitted locally
+    health = rate.health()
+    assert health["degraded"] is True and "stopped" in str(health["detail"])
+    assert "never registered" in caplog.text
     assert "pw@" not in caplog.text
     await rate.aclose()
 
@@ -318,7 +339,7 @@ async def test_one_slow_reply_does_not_degrade_and_its_admission_is_settled(
     await asyncio.sleep(0.05)
     redis_now = ago(await redis_client.time())
     # Only our lease, at its real return; not the timed-out one, kept for its provisional 5 s hold.
-    members = await scores(redis_client, rate.keys(A)[0])
+    members = await scores(redis_client, leases_key(rate))
     assert isinstance(lease, SharedLease)
     assert [member for member, _ in members] == [lease.member.encode()]
     assert all(back / 1e6 < redis_now + 0.1 for _, back in members)
@@ -337,23 +358,23 @@ class Modes:
 
     def __init__(self, replicas: list[RedisLimiter]) -> None:
         self.replicas = replicas
-        self.changes: list[list[tuple[float, str]]] = [[] for _ in replicas]
+        self.changes: list[list[tuple[float, Mode]]] = [[] for _ in replicas]
 
     async def sample(self) -> None:
         """Until cancelled."""
         while True:
             now = time.monotonic()
             for rate, changes in zip(self.replicas, self.changes, strict=True):
-                mode = rate._mode  # the state machine itself is what these tests watch
+                mode = rate.mode  # the state machine itself is what these tests watch
                 if not changes or changes[-1][1] != mode:
                     changes.append((now, mode))
             await asyncio.sleep(0.002)
 
-    def sequence(self, index: int) -> list[str]:
+    def sequence(self, index: int) -> list[Mode]:
         """The modes replica ``index`` went through, in order."""
         return [mode for _, mode in self.changes[index]]
 
-    def entered(self, index: int, mode: str) -> list[float]:
+    def entered(self, index: int, mode: Mode) -> list[float]:
         return [at for at, seen in self.changes[index] if seen == mode]
 
 
@@ -375,26 +396,33 @@ def assert_one_outage_seen(
     # Before the kill, never degraded (on a busy machine a time-out at start-up may make a replica
     # suspect, then recover). From the kill on: degraded once, recovered once, shared.
     changes = modes.changes[index]
-    assert DEGRADED not in [mode for at, mode in changes if at < killed], changes
+    assert Mode.DEGRADED not in [mode for at, mode in changes if at < killed], changes
     since = [mode for at, mode in changes if at >= killed]
-    assert since in ([DEGRADED, RECOVERING, SHARED], [SUSPECT, DEGRADED, RECOVERING, SHARED]), changes
-    (degraded_at,) = modes.entered(index, DEGRADED)
-    (recovering_at,) = [at for at in modes.entered(index, RECOVERING) if at >= killed]
-    shared_at = modes.entered(index, SHARED)[-1]
-    # Quarantine: nothing admitted for a window after degrading (the sampler sees it a little late).
-    assert count_between(upstream.admissions, degraded_at + 0.01, killed + 1.0 - 0.01) == 0
-    if restarted - killed > 1.0:
-        local = [t for t in upstream.arrivals if killed + 1.0 <= t < restarted]
+    assert since in (
+        [Mode.DEGRADED, Mode.RECOVERING, Mode.SHARED],
+        [Mode.SUSPECT, Mode.DEGRADED, Mode.RECOVERING, Mode.SHARED],
+    ), changes
+    (degraded_at,) = modes.entered(index, Mode.DEGRADED)
+    (recovering_at,) = [at for at in modes.entered(index, Mode.RECOVERING) if at >= killed]
+    shared_at = modes.entered(index, Mode.SHARED)[-1]
+    # Quarantine: nothing admitted until the others could see this replica's registration silent
+    # (SILENT_AFTER after its last heartbeat, at most a probe interval before the kill) and a window
+    # more (the sampler sees the switch a little late), unless shared limiting (a complete count in
+    # Redis) resumed first.
+    quarantine_end = min(killed + SILENT_AFTER + 1.0 - 0.4, shared_at - 0.01)
+    assert count_between(upstream.admissions, degraded_at + 0.01, quarantine_end) == 0
+    if restarted - killed > SILENT_AFTER + 1.0:
+        local = [t for t in upstream.arrivals if killed + 1.5 <= t < restarted]
         assert len(local) >= 5 and max_in_window(local) <= 6  # the local share, and used
     assert recovering_at >= restarted
     assert shared_at - recovering_at >= hold_off - 0.01  # until every replica could have seeded
-    # Meanwhile, the local share (the sampler sees the switch to SHARED a little late: slack).
+    # Meanwhile, the local share (the sampler sees the switch to Mode.SHARED a little late: slack).
     recovering = [t for t in upstream.arrivals if recovering_at <= t < shared_at - 0.1]
     assert max_in_window(recovering) <= 6
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("outage", [0.4, 1.6], ids=["outage-shorter-than-a-window", "outage-longer"])
+@pytest.mark.parametrize("outage", [0.4, 2.6], ids=["outage-shorter-than-a-window", "outage-longer"])
 async def test_saturated_replicas_stay_exact_through_an_outage_and_a_recovery(
     outage: float, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -414,12 +442,14 @@ async def test_saturated_replicas_stay_exact_through_an_outage_and_a_recovery(
                 account=ACCOUNT,
                 limit=20,
                 degraded_limit=settings.degraded_rate_limit,
+                expected_replicas=3,
                 timeout=settings.redis_timeout,
                 metrics=m,
             )
             for m in metrics
         ]
         hold_off = replicas[0]._hold_off
+        await warm(*replicas)
         upstreams = [SimulatedTiw(seed=n) for n in range(3)]
         modes = Modes(replicas)
         sampling = asyncio.create_task(modes.sample())
@@ -439,7 +469,7 @@ async def test_saturated_replicas_stay_exact_through_an_outage_and_a_recovery(
         restarted = time.monotonic()
         server.start()
         await eventually(lambda: not any(r.degraded for r in replicas), within=1.0)
-        await eventually(lambda: all(r._mode == SHARED for r in replicas), within=hold_off + 1.0)
+        await eventually(lambda: all(r.mode is Mode.SHARED for r in replicas), within=hold_off + 1.0)
         await load
         sampling.cancel()
         for r, m in zip(replicas, metrics, strict=True):
@@ -479,6 +509,7 @@ async def test_a_redis_slow_for_a_moment_degrades_nobody(slow: str, caplog: pyte
                 RedisLimiter(url=p.url, account=ACCOUNT, limit=20, degraded_limit=6, timeout=0.1, metrics=m)
                 for p, m in zip(proxies, metrics, strict=True)
             ]
+            await warm(*replicas)
             upstreams = [SimulatedTiw(seed=n) for n in range(3)]
             modes = Modes(replicas)
             sampling = asyncio.create_task(modes.sample())
@@ -507,9 +538,9 @@ async def test_a_redis_slow_for_a_moment_degrades_nobody(slow: str, caplog: pyte
     slowed = [0] if slow == "one-replica" else [0, 1, 2]
     for index in slowed:
         assert sample(metrics[index], "tiw_limiter_backend_errors_total") >= 1
-        assert SUSPECT in modes.sequence(index), modes.changes[index]
+        assert Mode.SUSPECT in modes.sequence(index), modes.changes[index]
     for index in range(3):
-        assert DEGRADED not in modes.sequence(index), modes.changes[index]
+        assert Mode.DEGRADED not in modes.sequence(index), modes.changes[index]
         assert sample(metrics[index], "tiw_limiter_degraded") == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     arrivals = [t for upstream in upstreams for t in upstream.arrivals]

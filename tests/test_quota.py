@@ -59,7 +59,7 @@ async def hold_tokens(facade: Facade, count: int, seconds: float) -> list[asynci
         asyncio.ensure_future(facade.stub.DescribeWhiteboardPush(push(), timeout=10)) for _ in range(count)
     ]
     await wait_until(lambda: facade.emulator.stats()["DescribeWhiteboardPush"].accepted >= count)
-    return held  # type: ignore[return-value]
+    return held
 
 
 async def test_a_slot_beyond_the_deadline_fails_at_once(start_facade: StartFacade) -> None:

@@ -1,5 +1,6 @@
-"""A TCP proxy in the test's own event loop that can hold replies back: a Redis that is merely slow
-for one client, without touching Redis itself (which other clients keep using at full speed)."""
+"""A TCP proxy in the test's own event loop that can hold replies back or cut its client off: a Redis
+that is slow or unreachable for one client, without touching Redis itself (which other clients keep
+using at full speed)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class DelayProxy:
         self.target_port = target_port
         self.delay = 0.0
         self.port = 0
+        self.cut_off = False
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -31,6 +33,22 @@ class DelayProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    async def cut(self) -> None:
+        """Cut the client off: its connections drop and new ones are refused (it may reconnect
+        after ``restore``), while Redis itself stays up for everyone else."""
+        self.cut_off = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if server is not None:
+            await server.wait_closed()
+
+    async def restore(self) -> None:
+        self.cut_off = False
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
     async def __aexit__(self, *exc_info: object) -> None:
         if self._server is not None:
             self._server.close()
@@ -40,6 +58,9 @@ class DelayProxy:
             await self._server.wait_closed()
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            client_writer.close()
+            return
         self._writers.add(client_writer)
         try:
             server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)

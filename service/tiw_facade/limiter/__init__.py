@@ -112,6 +112,7 @@ def create_limiter(settings: Settings, metrics: Metrics | None = None, *, window
         account=settings.account,
         limit=settings.rate_limit,
         degraded_limit=settings.degraded_rate_limit,
+        expected_replicas=settings.expected_replicas,
         timeout=settings.redis_timeout,
         window=window,
         max_queue_wait=settings.max_queue_wait,

@@ -4,7 +4,7 @@ The in-process limiter admits against a ledger; the shared limiter keeps one too
 leases, so that when Redis goes away its local share starts from what it really has in flight, and
 when Redis is back it can tell Redis what it took meanwhile.
 
-All times are ``time.monotonic()`` seconds.
+All times are seconds of the limiter's clock (``time.monotonic`` unless a test injects another).
 """
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
+
+# A monotonic time source in seconds (model: envoyproxy/ratelimit's TimeSource): tests pass a
+# virtual one to step through time instead of sleeping.
+Clock = Callable[[], float]
 
 # A lease's life. HELD: the attempt is running. LATE: released after its hold ran out; it still comes
 # back at its expiry (as Redis does: a release never pushes a token's return later). RELEASED:
@@ -36,7 +40,7 @@ class LocalLease:
 
     def release(self) -> None:
         if self.state == HELD:
-            self._ledger.release(self, time.monotonic())
+            self._ledger.release(self, self._ledger.clock())
 
 
 L = TypeVar("L", bound=LocalLease)
@@ -45,10 +49,11 @@ L = TypeVar("L", bound=LocalLease)
 class Ledger:
     """Leases in flight and tokens on their way back, for one action."""
 
-    __slots__ = ("_expiries", "_returning", "_seq", "held", "window")
+    __slots__ = ("_expiries", "_returning", "_seq", "clock", "held", "window")
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, clock: Clock = time.monotonic) -> None:
         self.window = window
+        self.clock = clock
         self.held = 0  # HELD and LATE leases: tokens whose return time is not final yet
         # Released leases, in release order, which is also return order: every release adds the
         # same window to a monotonic clock. That keeps release O(1) and the next return at [0].

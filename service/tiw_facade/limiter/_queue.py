@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tiw_facade.limiter import Lease, Limiter, LimiterClosed, QuotaExceeded, Reason
+from tiw_facade.limiter._ledger import Clock
+from tiw_facade.metrics import Metrics
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Gauge, Histogram
-
-    from tiw_facade.metrics import Metrics
+    from tiw_facade.metrics import ActionSeries
 
 log = logging.getLogger("tiw_facade.limiter")
 
@@ -39,6 +39,23 @@ class Outlook:
     not_before: float = 0.0  # no token at all before this (a shared limiter's quarantine)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Granted:
+    """A backend's yes: the token."""
+
+    lease: Lease
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryAt:
+    """A backend's not yet: no token before ``when`` (the clock's seconds); ask again then."""
+
+    when: float
+
+
+Taken = Granted | RetryAt
+
+
 class _Waiter:
     __slots__ = ("future", "hold")
 
@@ -47,31 +64,12 @@ class _Waiter:
         self.hold = hold
 
 
-class _ActionMetrics:
-    """The metric children of one action, looked up once (``labels()`` takes a lock and a dict)."""
-
-    __slots__ = ("_rejected", "admitted", "depth", "paused", "wait")
-
-    def __init__(self, metrics: Metrics, action: str) -> None:
-        self.admitted: Counter = metrics.limiter_admitted.labels(action=action)
-        self.wait: Histogram = metrics.limiter_wait_seconds.labels(action=action)
-        self.depth: Gauge = metrics.limiter_queue_depth.labels(action=action)
-        self.paused: Counter = metrics.limiter_paused.labels(action=action)
-        self._rejected = {
-            reason: metrics.limiter_rejected.labels(action=action, reason=reason)
-            for reason in ("deadline", "max_wait", "queue_full")
-        }
-
-    def rejected(self, reason: Reason) -> None:
-        self._rejected[reason].inc()
-
-
 class ActionState:
     """One action's queue and pump."""
 
     __slots__ = ("action", "live", "metrics", "paused_until", "pump", "queue", "wake")
 
-    def __init__(self, action: str, metrics: Metrics | None) -> None:
+    def __init__(self, action: str, metrics: ActionSeries) -> None:
         self.action = action
         # Waiters in arrival order. Those that left (granted, timed out, cancelled: future done)
         # stay until they reach the head, so leaving is O(1); `live` counts the others.
@@ -80,7 +78,7 @@ class ActionState:
         self.pump: asyncio.Task[None] | None = None
         self.wake: asyncio.Future[None] | None = None  # the pump's current sleep
         self.paused_until = 0.0
-        self.metrics = _ActionMetrics(metrics, action) if metrics is not None else None
+        self.metrics = metrics
 
     def head(self) -> _Waiter | None:
         queue = self.queue
@@ -90,8 +88,7 @@ class ActionState:
 
     def set_live(self, live: int) -> None:
         self.live = live
-        if self.metrics is not None:
-            self.metrics.depth.set(live)
+        self.metrics.depth.set(live)
 
     def poke(self) -> None:
         """A token came back out of schedule (a discarded lease): let the pump look now."""
@@ -116,7 +113,9 @@ class QueuedLimiter(Limiter):
         max_queue_wait: float,
         max_queue_length: int,
         metrics: Metrics | None,
+        clock: Clock = time.monotonic,
     ) -> None:
+        metrics = metrics or Metrics.unobserved()
         if limit < 1 or window <= 0:
             raise ValueError("limit must be >= 1 and window > 0")
         self._limit = limit
@@ -124,16 +123,16 @@ class QueuedLimiter(Limiter):
         self._max_queue_wait = max_queue_wait
         self._max_queue_length = max_queue_length
         self._metrics = metrics
+        self._clock = clock
         self._states: dict[str, ActionState] = {}
         self._closed = False
-        if metrics is not None:
-            metrics.limiter_backend.labels(backend=self.backend).set(1)
+        metrics.limiter_backend.labels(backend=self.backend).set(1)
 
     # --- what a backend provides ---
 
     @abc.abstractmethod
-    async def _take(self, action: str, hold: float, now: float) -> Lease | float:
-        """A token for an attempt of at most ``hold`` seconds, or the monotonic time to ask again."""
+    async def _take(self, action: str, hold: float, now: float) -> Taken:
+        """A token for an attempt of at most ``hold`` seconds, or when to ask again."""
 
     @abc.abstractmethod
     def _outlook(self, action: str, now: float) -> Outlook:
@@ -148,26 +147,25 @@ class QueuedLimiter(Limiter):
     def _state(self, action: str) -> ActionState:
         state = self._states.get(action)
         if state is None:
-            state = self._states[action] = ActionState(action, self._metrics)
+            state = self._states[action] = ActionState(action, self._metrics.action(action))
         return state
 
     async def acquire(self, action: str, *, deadline: float | None, hold: float) -> Lease:
         if self._closed:
             raise LimiterClosed("the rate limiter is closed")
         state = self._states.get(action) or self._state(action)
-        now = time.monotonic()
+        now = self._clock()
         if deadline is not None and deadline <= now:
             raise self._refuse(state, "deadline", self._estimate(state, 0, now) - now)
         hold = max(hold, 0.0)
         if state.live == 0 and now >= state.paused_until:
             # Nobody queued: take a token directly (FIFO holds: there is no one to overtake).
             taken = await self._take(action, hold, now)
-            if not isinstance(taken, float):
-                if state.metrics is not None:
-                    state.metrics.admitted.inc()
-                    state.metrics.wait.observe(0.0)
-                return taken
-            now = time.monotonic()  # the backend may have awaited (Redis)
+            if isinstance(taken, Granted):
+                state.metrics.admitted.inc()
+                state.metrics.wait.observe(0.0)
+                return taken.lease
+            now = self._clock()  # the backend may have awaited (Redis)
         return await self._wait(state, deadline, hold, now)
 
     async def _wait(self, state: ActionState, deadline: float | None, hold: float, now: float) -> Lease:
@@ -204,9 +202,8 @@ class QueuedLimiter(Limiter):
             raise
         finally:
             timer.cancel()
-        if state.metrics is not None:
-            state.metrics.admitted.inc()
-            state.metrics.wait.observe(time.monotonic() - now)
+        state.metrics.admitted.inc()
+        state.metrics.wait.observe(self._clock() - now)
         return lease
 
     def _expire(self, state: ActionState, waiter: _Waiter, reason: Reason) -> None:
@@ -214,12 +211,11 @@ class QueuedLimiter(Limiter):
         if waiter.future.done():
             return
         state.set_live(state.live - 1)
-        now = time.monotonic()
+        now = self._clock()
         waiter.future.set_exception(self._refuse(state, reason, self._estimate(state, 0, now) - now))
 
     def _refuse(self, state: ActionState, reason: Reason, retry_after: float) -> QuotaExceeded:
-        if state.metrics is not None:
-            state.metrics.rejected(reason)
+        state.metrics.rejected(reason).inc()
         return QuotaExceeded(state.action, reason, retry_after)
 
     def _estimate(self, state: ActionState, position: int, now: float) -> float:
@@ -246,21 +242,21 @@ class QueuedLimiter(Limiter):
         """Hand tokens to the queue's head, in order, while anyone waits."""
         try:
             while (waiter := state.head()) is not None:
-                now = time.monotonic()
+                now = self._clock()
                 if now < state.paused_until:
-                    taken: Lease | float = state.paused_until
+                    taken: Taken = RetryAt(state.paused_until)
                 else:
                     taken = await self._take(state.action, waiter.hold, now)
-                if isinstance(taken, float):
-                    await self._sleep_until(state, taken)
+                if isinstance(taken, RetryAt):
+                    await self._sleep_until(state, taken.when)
                 elif waiter.future.done():
                     # The head left (cancelled, timed out) while the backend was asked.
-                    self._discard(state.action, taken)
+                    self._discard(state.action, taken.lease)
                 else:
                     # Only the pump removes from the left, so the head is still queue[0].
                     state.queue.popleft()
                     state.set_live(state.live - 1)
-                    waiter.future.set_result(taken)
+                    waiter.future.set_result(taken.lease)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -274,7 +270,7 @@ class QueuedLimiter(Limiter):
     async def _sleep_until(self, state: ActionState, when: float) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        handle = loop.call_later(max(0.0, when - time.monotonic()), wake, future)
+        handle = loop.call_later(max(0.0, when - self._clock()), wake, future)
         state.wake = future
         try:
             await future
@@ -284,9 +280,8 @@ class QueuedLimiter(Limiter):
 
     def pause(self, action: str, seconds: float = 1.0) -> None:
         state = self._state(action)
-        state.paused_until = max(state.paused_until, time.monotonic() + seconds)
-        if state.metrics is not None:
-            state.metrics.paused.inc()
+        state.paused_until = max(state.paused_until, self._clock() + seconds)
+        state.metrics.paused.inc()
 
     async def aclose(self) -> None:
         self._closed = True

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from tiw_facade.limiter import Lease
 from tiw_facade.limiter._ledger import Ledger, LocalLease
-from tiw_facade.limiter._queue import Outlook, QueuedLimiter
+from tiw_facade.limiter._queue import Granted, Outlook, QueuedLimiter, RetryAt, Taken
 
 if TYPE_CHECKING:
     from tiw_facade.metrics import Metrics
@@ -42,15 +42,15 @@ class MemoryLimiter(QueuedLimiter):
     def _ledger(self, action: str) -> Ledger:
         ledger = self._ledgers.get(action)
         if ledger is None:
-            ledger = self._ledgers[action] = Ledger(self._window)
+            ledger = self._ledgers[action] = Ledger(self._window, self._clock)
         return ledger
 
-    async def _take(self, action: str, hold: float, now: float) -> Lease | float:
+    async def _take(self, action: str, hold: float, now: float) -> Taken:
         ledger = self._ledger(action)
         back = ledger.room(now, self._limit)
         if back is not None:
-            return back
-        return ledger.add(LocalLease(ledger, now + hold + self._window))
+            return RetryAt(back)
+        return Granted(ledger.add(LocalLease(ledger, now + hold + self._window)))
 
     def _outlook(self, action: str, now: float) -> Outlook:
         returning, in_flight = self._ledger(action).outlook(now)
