@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only overhead,quota,local] [--profile] [--output FILE]``."""
+"""``python -m bench [--quick] [--only overhead,quota,local,http-clients] [--profile] [--output FILE]``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import local, overhead, profiling, quota, report
+from bench import http_clients, local, overhead, profiling, quota, report
 from bench.common import Budget, Section
 from bench.procs import ROOT, BenchError, Processes
 
@@ -18,6 +18,7 @@ SUITES: dict[str, Callable[[Processes, Budget], Section]] = {
     "overhead": overhead.run,
     "quota": quota.run,
     "local": local.run,
+    "http-clients": http_clients.run,
 }
 BENCH_DIR = Path(__file__).resolve().parent
 FULL_OUTPUT = BENCH_DIR / "RESULTS.md"
