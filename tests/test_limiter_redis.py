@@ -346,6 +346,32 @@ async def test_one_slow_reply_does_not_degrade_and_its_admission_is_settled(
     await rate.aclose()
 
 
+async def test_a_token_granted_after_the_callers_deadline_is_free_again_at_once(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """Redis admits the caller, but the answer lands after the caller's deadline (a slow round trip;
+    the same happens when a busy event loop resumes the caller late). The caller can no longer send:
+    it is refused, and the token is handed back unused, free again at once. (Released unused, it
+    would stay out a whole window: one slot of the quota lost for every such grant.)"""
+    metrics = Metrics("test")
+    async with DelayProxy(redis_server.port) as proxy:
+        rate = replica(proxy.url, window=10.0, metrics=metrics)
+        await warm(rate)
+        proxy.delay = 0.2  # replies only: Redis runs each script at once
+        with pytest.raises(QuotaExceeded) as refused:
+            await rate.acquire(A, deadline=time.monotonic() + 0.05, hold=1.0)
+        assert refused.value.reason == "deadline"
+        assert sample(metrics, "tiw_limiter_admitted_total", action=A) == 0
+        assert sample(metrics, "tiw_limiter_rejected_total", action=A, reason="deadline") == 1
+        for _ in range(500):  # handed back in one round trip (0.2 s through the proxy), not 10 s
+            if not await redis_client.zcard(leases_key(rate)):
+                break
+            await asyncio.sleep(0.01)
+        assert await redis_client.zcard(leases_key(rate)) == 0
+        proxy.delay = 0.0
+        await rate.aclose()
+
+
 def test_logged_redis_addresses_carry_no_credentials() -> None:
     assert redact("redis://:pw@redis:6379/0") == "redis://redis:6379/0"
     assert redact("rediss://user:pw@cache.example:6380/1?password=x") == "rediss://cache.example:6380/1"

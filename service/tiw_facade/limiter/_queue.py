@@ -162,11 +162,26 @@ class QueuedLimiter(Limiter):
             # Nobody queued: take a token directly (FIFO holds: there is no one to overtake).
             taken = await self._take(action, hold, now)
             if isinstance(taken, Granted):
-                state.metrics.admitted.inc()
-                state.metrics.wait.observe(0.0)
-                return taken.lease
+                return self._hand_over(state, taken.lease, deadline, since=now)
             now = self._clock()  # the backend may have awaited (Redis)
         return await self._wait(state, deadline, hold, now)
+
+    def _hand_over(self, state: ActionState, lease: Lease, deadline: float | None, *, since: float) -> Lease:
+        """The lease, to a caller running again now; unless its deadline passed meanwhile.
+
+        A grant can land after the deadline: a shared backend answers a round trip after it was
+        asked, and a busy event loop resumes the caller late. A caller past its deadline sends
+        nothing, and a token released unused would still be out for a whole window: a slot of the
+        quota lost for every such grant. Handed back unused instead, it is free again at once.
+        """
+        now = self._clock()
+        if deadline is not None and now >= deadline:
+            self._discard(state.action, lease)
+            state.poke()
+            raise self._refuse(state, "deadline", self._estimate(state, 0, now) - now)
+        state.metrics.admitted.inc()
+        state.metrics.wait.observe(now - since)
+        return lease
 
     async def _wait(self, state: ActionState, deadline: float | None, hold: float, now: float) -> Lease:
         if state.live >= self._max_queue_length:
@@ -202,9 +217,7 @@ class QueuedLimiter(Limiter):
             raise
         finally:
             timer.cancel()
-        state.metrics.admitted.inc()
-        state.metrics.wait.observe(self._clock() - now)
-        return lease
+        return self._hand_over(state, lease, deadline, since=now)
 
     def _expire(self, state: ActionState, waiter: _Waiter, reason: Reason) -> None:
         """The waiter's deadline (or longest wait) passed before it got a token."""

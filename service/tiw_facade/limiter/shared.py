@@ -318,7 +318,15 @@ class RedisLimiter(QueuedLimiter):
         if call.cancelled() or call.exception() is not None:
             return
         if isinstance(call.result(), Admitted) and not self._closed:
-            self._spawn(self._call(self.store.forget(action, member)))
+            self._spawn(self._forget(action, member))
+
+    async def _forget(self, action: str, member: str) -> None:
+        try:
+            await self.store.forget(action, member)
+        except STORE_ERRORS as exc:
+            self._failed(exc)
+        else:
+            self._returned(action)
 
     # --- telling Redis how leases ended, and pauses ---
 
@@ -335,11 +343,19 @@ class RedisLimiter(QueuedLimiter):
         try:
             if lease.state == BACK:
                 await self.store.forget(lease.action, lease.member)
+                self._returned(lease.action)
             else:
                 await self.store.release(lease.action, lease.member)
         except STORE_ERRORS as exc:
             self._unsynced[lease.member] = lease
             self._failed(exc)
+
+    def _returned(self, action: str) -> None:
+        """A token is back in Redis out of schedule (handed back unused): our pump may take it now,
+        rather than when it next polls."""
+        state = self._states.get(action)
+        if state is not None:
+            state.poke()
 
     def pause(self, action: str, seconds: float = 1.0) -> None:
         super().pause(action, seconds)
