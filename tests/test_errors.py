@@ -15,6 +15,7 @@ from tiw_facade.errors import (
     FACADE_DOMAIN,
     FAILURE_CODES,
     MAX_TIW_TEXT_BYTES,
+    MAX_TOKEN_BYTES,
     TIW_DOMAIN,
     bounded,
     grpc_code_for,
@@ -24,6 +25,7 @@ from tiw_facade.failures import (
     FACADE_FAILURES,
     FacadeError,
     InvalidRequest,
+    MalformedRequest,
     Outcome,
     RateLimited,
     ShuttingDown,
@@ -182,6 +184,37 @@ def test_tiw_text_is_bounded(text: str) -> None:
     assert bounded("short") == "short"
 
 
+def _trailer_bytes(status: grpc.Status) -> int:
+    """What the status costs in HTTP/2 trailers: grpc-message percent-encoded (every byte outside
+    printable ASCII, and %, takes three), the details base64-encoded."""
+    message = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in status.details.encode())
+    ((_, value),) = status.trailing_metadata
+    return message + (len(value) + 2) // 3 * 4
+
+
+def test_a_hostile_tiw_error_fits_in_the_trailers() -> None:
+    # 10 KB of everything TIW's envelope could carry, Chinese (which percent-encoding triples).
+    huge = "推" * 10_000
+    status = status_for(TiwError("FailedOperation." + "A" * 10_000, huge, huge), action="A")
+    _, (info,) = details(status)
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert len(status.details.encode()) <= MAX_TIW_TEXT_BYTES
+    assert len(info.reason.encode()) <= MAX_TOKEN_BYTES
+    assert len(info.metadata["request_id"].encode()) <= MAX_TOKEN_BYTES
+    # gRPC refuses trailers beyond 8 KiB by default, other headers included.
+    assert _trailer_bytes(status) < 6 * 1024
+
+
+@pytest.mark.parametrize("text", ["bad \ud800 surrogate", "\udfff" * 2_000])
+def test_text_that_is_not_utf8_still_makes_a_status(text: str) -> None:
+    # JSON's "\ud800" decodes to a lone surrogate, which protobuf and gRPC refuse to encode.
+    status = status_for(TiwError("FailedOperation", text, text), action="A")
+    _, (info,) = details(status)
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert "?" in status.details and "?" in info.metadata["request_id"]
+    assert bounded(text).encode()  # encodable
+
+
 def test_quota_exceeded_has_retry_info_and_quota_failure() -> None:
     status = status_for(RateLimited("CreateSnapshotTask", "deadline", 0.75), action="CreateSnapshotTask")
     assert status.code is C.RESOURCE_EXHAUSTED
@@ -237,6 +270,7 @@ def test_readme_failure_table_is_the_code_table() -> None:
             UpstreamTimeout: "`unknown` or `not_sent`",
             Unexpected: "—",
             InvalidRequest: "—",
+            MalformedRequest: "—",
         }.get(kind, f"`{kind.outcome}`" if kind.outcome else "—")
         expected.append([f"`{kind.reason}`", f"`{code.name}`", outcome])
     assert [row[:3] for row in rows] == expected

@@ -273,3 +273,22 @@ async def test_the_facade_logs_the_tiw_code_of_a_failed_call(facade: Facade) -> 
     assert line["tiw_code"] == "ResourceNotFound.TaskNotFound"
     assert line["tiw_action"] == "DescribeWhiteboardPush"
     assert line["tiw_request_id"]
+
+
+def test_upstream_codes_per_action_are_bounded() -> None:
+    from tiw_facade.metrics import MAX_CODES, OTHER_CODE
+
+    metrics = Metrics("test")
+    series = metrics.action("DescribeSnapshotTask")
+    for n in range(MAX_CODES * 3):
+        series.upstream(f"FailedOperation.Made{n}").inc()
+    samples = [
+        sample
+        for family in metrics.registry.collect()
+        if family.name == "tiw_upstream_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    ]
+    assert len(samples) == MAX_CODES + 1  # every code up to the bound, and the rest as one
+    other = [s for s in samples if s.labels["code"] == OTHER_CODE]
+    assert other and other[0].value == MAX_CODES * 2

@@ -12,8 +12,8 @@ import pytest
 from conftest import Facade, StartFacade, facade_environment, unpack_details
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from support.raw_upstream import RawUpstream, envelope, http
 from test_server import samples, scrape
-from test_upstream import RawUpstream, envelope, http
 from tiw_facade import settings as settings_module
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc

@@ -236,17 +236,25 @@ def test_a_bad_setting_stops_the_process_before_it_listens() -> None:
     assert "TIW_GRPC_PORT" in lines[0] and "not-a-port" in lines[0]
 
 
-def test_real_mode_needs_credentials() -> None:
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({}, "TENCENTCLOUD_REGION is required"),
+        # A region but no key from any source (environment, credentials file, pod identity).
+        ({"TENCENTCLOUD_REGION": "ap-guangzhou", "HOME": "/nonexistent"}, "tiw-facade: credentials:"),
+    ],
+)
+def test_real_mode_needs_credentials(env: dict[str, str], said: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tiw_facade.cli", "serve"],
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
     assert result.returncode == 2
-    assert "TENCENTCLOUD_SECRET_ID is required" in result.stderr
+    assert said in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one readable line
     assert "Traceback" not in result.stderr
 

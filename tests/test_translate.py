@@ -119,6 +119,14 @@ def test_unknown_fields_are_tolerated() -> None:
         ({"VideoInfoList": {"Width": 1}}, "VideoInfoList"),
         ({"VideoInfoList": [{"Width": "1024"}]}, "VideoInfoList[0].Width"),
         ({"VideoInfos": "x"}, "VideoInfos"),
+        ({"VideoInfos": [{"Width": 1}]}, "VideoInfos"),  # a list for an object
+        ({"RoomId": 2**63}, "RoomId"),  # beyond int64
+        ({"RoomId": [1]}, "RoomId"),
+        ({"RoomId": {"value": 1}}, "RoomId"),
+        ({"RequestId": 7}, "RequestId"),
+        ({"RequestId": ["r"]}, "RequestId"),
+        ({"TaskId": "\ud800"}, "TaskId"),  # a lone surrogate, as JSON's \ud800 makes: not UTF-8
+        ({"VideoInfoList": [{"VideoSize": 2**64}]}, "VideoInfoList[0].VideoSize"),
     ],
 )
 def test_wrong_types_name_the_field(answer: dict[str, Any], field: str) -> None:
@@ -131,6 +139,8 @@ def test_wrong_types_name_the_field(answer: dict[str, Any], field: str) -> None:
         from_tiw(answer, target)
 
 
-def test_out_of_range_integer_is_malformed_not_a_crash() -> None:
-    with pytest.raises(MalformedAnswer, match="CreateTime"):
-        from_tiw({"CreateTime": -1}, pb.DescribeSnapshotTaskResponse)
+@pytest.mark.parametrize("value", [-1, 2**64, 10**30])
+def test_out_of_range_integer_is_malformed_not_a_crash(value: int) -> None:
+    with pytest.raises(MalformedAnswer, match=r"^CreateTime:"):
+        from_tiw({"CreateTime": value}, pb.DescribeSnapshotTaskResponse)
+    assert from_tiw({"CreateTime": 2**64 - 1}, pb.DescribeSnapshotTaskResponse).create_time == 2**64 - 1

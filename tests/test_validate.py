@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf.message import Message
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
-from tiw_facade.validate import MAX_TASK_ID_LENGTH, violations
+from tiw_facade.validate import MAX_JSON_DEPTH, MAX_TASK_ID_LENGTH, violations
 
 
 def snapshot(**changes: object) -> pb.CreateSnapshotTaskRequest:
@@ -39,6 +39,8 @@ VALID = [
     snapshot(whiteboard__width=0, whiteboard__height=2560),  # the bounds themselves
     snapshot(callback_url="https://example.com:8443/cb?x=1"),
     snapshot(snapshot_mode="LatestMarksOnly"),
+    snapshot(whiteboard__init_params="[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH),  # the bound itself
+    snapshot(whiteboard__init_params='{"a": {"b": [1, {"c": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}]}}'),
     pb.DescribeSnapshotTaskRequest(task_id="f2e1728c-6e87-4481-abe1-cde8542a5a10", sdk_app_id=1400127230),
     pb.DescribeWhiteboardPushRequest(sdk_app_id=1400000001, task_id="ghucnligqtgtvk2624mb"),
     pb.StopWhiteboardPushRequest(sdk_app_id=1400000001, task_id="x" * MAX_TASK_ID_LENGTH),
@@ -59,6 +61,15 @@ INVALID = [
     (snapshot(whiteboard__height=99999), "Whiteboard.Height", "between 0 and 2560"),
     (snapshot(whiteboard__init_params="{ratio:16:9}"), "Whiteboard.InitParams", "JSON text"),
     (snapshot(whiteboard__init_params=""), "Whiteboard.InitParams", "JSON text"),
+    # Deeper than json's own stack (a RecursionError, once the status of a bug), and just too deep.
+    (snapshot(whiteboard__init_params="[" * 1000 + "]" * 1000), "Whiteboard.InitParams", "at most 32 deep"),
+    (snapshot(whiteboard__init_params="[" * 33 + "]" * 33), "Whiteboard.InitParams", "at most 32 deep"),
+    (snapshot(whiteboard__init_params='{"a":' * 33 + "1" + "}" * 33), "Whiteboard.InitParams", "at most 32"),
+    # Python's json reads these; they are not JSON, and TIW's parser would refuse them.
+    (snapshot(whiteboard__init_params="NaN"), "Whiteboard.InitParams", "NaN is not JSON"),
+    (snapshot(whiteboard__init_params='{"r": Infinity}'), "Whiteboard.InitParams", "Infinity is not JSON"),
+    (snapshot(whiteboard__init_params="[-Infinity]"), "Whiteboard.InitParams", "-Infinity is not JSON"),
+    (snapshot(whiteboard__init_params="9" * 5000), "Whiteboard.InitParams", "too many digits"),
     (snapshot(callback_url="xx/callback"), "CallbackURL", "absolute http or https URL"),
     (snapshot(callback_url="ftp://host/cb"), "CallbackURL", "absolute http or https URL"),
     (snapshot(callback_url=""), "CallbackURL", "absolute http or https URL"),

@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tiw_facade.failures import (
+    CallerMismatch,
     FacadeError,
     InvalidRequest,
     RateLimited,
@@ -67,6 +68,7 @@ _FAMILIES = sorted(
 FAILURE_CODES: dict[type[FacadeError], grpc.StatusCode] = {
     FacadeError: grpc.StatusCode.INTERNAL,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    CallerMismatch: grpc.StatusCode.PERMISSION_DENIED,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     UpstreamFailure: grpc.StatusCode.UNAVAILABLE,
@@ -79,6 +81,9 @@ FAILURE_CODES: dict[type[FacadeError], grpc.StatusCode] = {
 # into RESOURCE_EXHAUSTED. Bytes of UTF-8: a Chinese message triples in size, and more when
 # percent-encoded into grpc-message.
 MAX_TIW_TEXT_BYTES = 1024
+# ErrorInfo's reason and metadata values (TIW's code, its RequestId) are tokens, not prose: an
+# answer where they are long is hostile, and the trailers carry them besides the message.
+MAX_TOKEN_BYTES = 256
 ELLIPSIS = "…"
 
 
@@ -95,10 +100,14 @@ def grpc_code_for(tiw_code: str) -> grpc.StatusCode:
 
 
 def bounded(text: str, limit: int = MAX_TIW_TEXT_BYTES) -> str:
-    """``text`` cut to at most ``limit`` bytes of UTF-8 (at a character boundary), marked with an ellipsis."""
-    encoded = text.encode()
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (at a character boundary), marked with an ellipsis.
+
+    What cannot be UTF-8 (a lone surrogate, which JSON's ``\\ud800`` makes) becomes ``?``: protobuf
+    and gRPC would refuse the whole status otherwise, and the caller get a bare UNKNOWN.
+    """
+    encoded = text.encode(errors="replace")
     if len(encoded) <= limit:
-        return text
+        return text if text.isascii() else encoded.decode()
     cut = limit - len(ELLIPSIS.encode())
     return encoded[:cut].decode(errors="ignore") + ELLIPSIS
 
@@ -128,9 +137,9 @@ def _builder(kind: type[FacadeError]) -> Builder:
 
 
 def _error_info(exc: FacadeError, action: str, domain: str = FACADE_DOMAIN) -> error_details_pb2.ErrorInfo:
-    metadata = {key: bounded(value) for key, value in exc.metadata().items()}
+    metadata = {key: bounded(value, MAX_TOKEN_BYTES) for key, value in exc.metadata().items()}
     return error_details_pb2.ErrorInfo(
-        reason=bounded(exc.reason), domain=domain, metadata={"action": action, **metadata}
+        reason=bounded(exc.reason, MAX_TOKEN_BYTES), domain=domain, metadata={"action": action, **metadata}
     )
 
 

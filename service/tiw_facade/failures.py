@@ -58,6 +58,17 @@ class InvalidRequest(FacadeError):
         super().__init__("invalid request: " + "; ".join(f"{f} {d}" for f, d in self.violations))
 
 
+class MalformedRequest(InvalidRequest):
+    """The request's bytes are not the method's protobuf message: the caller's fault, like any
+    invalid request, answered INVALID_ARGUMENT and nothing sent upstream."""
+
+    reason = "MALFORMED_REQUEST"
+
+    def __init__(self, message_name: str) -> None:
+        FacadeError.__init__(self, f"the request is not a valid {message_name} (protobuf decoding failed)")
+        self.violations = (("", f"is not a valid {message_name}"),)
+
+
 class TiwError(FacadeError):
     """TIW answered with its error envelope: ``{"Response": {"Error": {"Code", "Message"}, "RequestId"}}``.
 
@@ -143,8 +154,10 @@ class UpstreamHttpError(UpstreamFailure):
 
 
 class UpstreamMalformed(UpstreamFailure):
-    """TIW answered 200 with something unusable: not JSON, not its envelope, too large, or a
-    ``Response`` that does not fit the contract's message. ``request_id`` is kept when readable."""
+    """TIW answered 200 with something unusable: not JSON (NaN and Infinity, or nested past the
+    parser's depth, included), not its envelope (an ``Error`` whose code is not of TIW's shape, or
+    a message or RequestId that is not text), too large, or a ``Response`` that does not fit the
+    contract's message. ``request_id`` is kept when readable."""
 
     reason = "UPSTREAM_MALFORMED"
 
@@ -162,9 +175,27 @@ class Unexpected(FacadeError):
         super().__init__(f"unexpected failure: {type(cause).__name__}")
 
 
+class CallerMismatch(FacadeError):
+    """The ``tiw-caller`` metadata names another caller than the client certificate does (mutual TLS):
+    a caller may not borrow another's name. Nothing was sent."""
+
+    reason = "CALLER_MISMATCH"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self, claimed: str, verified: str) -> None:
+        super().__init__(f"tiw-caller {claimed!r} is not the caller the client certificate names")
+        self.claimed = claimed
+        self.verified = verified
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "caller": self.verified}
+
+
 # The facade's own reasons, for documentation and tests: every concrete class but TiwError.
 FACADE_FAILURES: tuple[type[FacadeError], ...] = (
     InvalidRequest,
+    MalformedRequest,
+    CallerMismatch,
     RateLimited,
     ShuttingDown,
     UpstreamUnreachable,

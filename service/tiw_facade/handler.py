@@ -8,6 +8,7 @@ name (the RPC's name), its request and response messages, its validation rows an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,12 +22,12 @@ from google.protobuf.message import Message
 from tiw_facade import errors, translate, validate
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
 from tiw_facade.calls import CURRENT_CALL, CallRecord
-from tiw_facade.failures import FacadeError, InvalidRequest
+from tiw_facade.failures import FacadeError, InvalidRequest, MalformedRequest
 from tiw_facade.upstream import NEVER_RESEND, RetryPolicy, TiwClient
 
 SERVICE: ServiceDescriptor = tiw_pb2.DESCRIPTOR.services_by_name["TiwService"]
 
-Behavior = Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message | None]]
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message | None]]
 
 _Idempotency = descriptor_pb2.MethodOptions.IdempotencyLevel
 # Only what the proto declares safe is re-sent after a lost answer; an unmarked method never is.
@@ -64,6 +65,27 @@ def upstream_deadline(time_remaining: float | None, now: float) -> float | None:
     return now + time_remaining - min(DEADLINE_MARGIN, DEADLINE_MARGIN_SHARE * max(time_remaining, 0.0))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What the deserializer hands the handler for bytes it cannot decode."""
+
+    message_name: str
+
+
+def lenient_deserializer(request_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    """``request_class.FromString`` that never raises: grpc would answer a raising deserializer
+    UNKNOWN with a traceback, uncounted by the interceptor, which never sees the call."""
+    undecodable = Undecodable(request_class.DESCRIPTOR.full_name)
+
+    def deserialize(data: bytes) -> Message | Undecodable:
+        try:
+            return request_class.FromString(data)
+        except Exception:  # DecodeError mostly; whatever the parser says, the bytes are the caller's
+            return undecodable
+
+    return deserialize
+
+
 def build_handler(client: TiwClient) -> grpc.GenericRpcHandler:
     """The generic handler serving every RPC of TiwService through ``client``."""
     handlers = {}
@@ -72,7 +94,7 @@ def build_handler(client: TiwClient) -> grpc.GenericRpcHandler:
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _behavior(method, response_class, client),
-            request_deserializer=request_class.FromString,
+            request_deserializer=lenient_deserializer(request_class),
             response_serializer=response_class.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
@@ -83,12 +105,16 @@ def _behavior(method: MethodDescriptor, response_class: type[Message], client: T
     policy = POLICIES[action]
     decode = functools.partial(translate.from_tiw, message_class=response_class)
 
-    async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message | None:
+    async def handle(
+        request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Message | None:
         record = CURRENT_CALL.get(None)
         if record is None:  # served without the interceptor (tests): nobody reads it
             record = CallRecord()
         record.action = action
         try:
+            if isinstance(request, Undecodable):
+                raise MalformedRequest(request.message_name)
             found = validate.violations(request)
             if found:
                 raise InvalidRequest(found)

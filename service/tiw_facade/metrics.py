@@ -204,6 +204,28 @@ class Metrics:
         )
         self.build_info.labels(version=version, python_version=platform.python_version()).set(1)
 
+        # --- credentials and Tencent's clock (credentials.py, upstream.py) ---
+        self.credentials_refreshes = Counter(
+            "tiw_credentials_refreshes_total",
+            "New credentials taken into use: a new credentials file, or temporary credentials from STS.",
+            registry=r,
+        )
+        self.credentials_refresh_failures = Counter(
+            "tiw_credentials_refresh_failures_total",
+            "Failed attempts to get new credentials: an invalid credentials file, or a failed STS call.",
+            registry=r,
+        )
+        self.credentials_expiry = Gauge(
+            "tiw_credentials_expiry_timestamp_seconds",
+            "When the temporary credentials in use expire (Unix time); 0 for a long-term key.",
+            registry=r,
+        )
+        self.upstream_clock_offset = Gauge(
+            "tiw_upstream_clock_offset_seconds",
+            "Tencent's clock minus this host's, measured from the Date header of TIW's answers.",
+            registry=r,
+        )
+
     def prime(self, service: str, methods: Iterable[str], limit: int, backend: str) -> None:
         """Create every series that dashboards and alerts rely on, before the first call."""
         for method in methods:
@@ -239,6 +261,11 @@ class Metrics:
         if series is None:
             series = self._methods[key] = MethodSeries(self, grpc_type, service, method)
         return series
+
+
+# Distinct ``code`` label values of tiw_upstream_requests_total per action (TIW documents a few dozen).
+MAX_CODES = 100
+OTHER_CODE = "OTHER"
 
 
 class ActionSeries:
@@ -281,12 +308,20 @@ class ActionSeries:
         return child
 
     def upstream(self, code: str) -> CounterChild:
-        """``tiw_upstream_requests_total`` of one outcome (TIW's code, OK, or a transport failure)."""
+        """``tiw_upstream_requests_total`` of one outcome (TIW's code, OK, or a transport failure).
+
+        TIW's codes are its own to add to, so they are label values as they come; but an upstream
+        answering ever new codes must not grow the series without bound: past ``MAX_CODES`` distinct
+        codes per action, the rest count as ``OTHER``.
+        """
         child = self._upstream.get(code)
         if child is None:
-            child = self._upstream[code] = self._metrics.upstream_requests.labels(
-                action=self.action, code=code
-            )
+            if len(self._upstream) >= MAX_CODES:
+                code = OTHER_CODE
+                child = self._upstream.get(code)
+            if child is None:
+                child = self._metrics.upstream_requests.labels(action=self.action, code=code)
+                self._upstream[code] = child
         return child
 
     def retried(self, reason: str) -> CounterChild:

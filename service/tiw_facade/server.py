@@ -1,6 +1,8 @@
 """Assembly and lifecycle: the gRPC server (TiwService, health, reflection), the HTTP server
 (/metrics, /healthz), and a graceful stop.
 
+The HTTP server (pages.py) runs in threads of its own, apart from the gRPC event loop.
+
 SIGTERM → health NOT_SERVING → new RPCs refused, in-flight ones drain within the grace period →
 HTTP server, upstream sessions and limiter closed → exit 0.
 
@@ -12,22 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
+import math
 import signal
+import threading
 from typing import Any
 
 import grpc
-from aiohttp import web
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tiw_facade import __version__
+from tiw_facade import __version__, identity, tls
 from tiw_facade.handler import SERVICE, build_handler
 from tiw_facade.interceptor import RpcObserver
 from tiw_facade.limiter import Limiter, create_limiter
 from tiw_facade.metrics import Metrics
+from tiw_facade.pages import HEALTH_TIMEOUT, Answer, Exposition, Headers, Page, PageServer, listen, on_loop
 from tiw_facade.settings import Settings, variable
 from tiw_facade.upstream import TiwClient
 
@@ -41,8 +46,37 @@ class BindError(OSError):
     """A server cannot listen where its setting says; the message names the setting."""
 
 
+# RPCs besides TiwService's that may be in flight at once: health probes, reflection.
+OTHER_RPCS = 100
+
+
+def max_calls_in_flight(settings: Settings) -> int:
+    """RPCs the gRPC server holds at once; beyond it, grpc answers RESOURCE_EXHAUSTED itself.
+
+    Sized so the limiter refuses first (with RetryInfo): every call it may queue per action, every
+    call holding a slot while its upstream attempt lasts, plus probes. Each holds at most
+    ``max_request_bytes`` of request, so that product bounds the memory of calls in flight
+    (defaults: 6,100 calls x 16 KiB, about 95 MiB).
+    """
+    per_action = settings.max_queue_length + settings.rate_limit * math.ceil(settings.upstream_timeout)
+    return len(SERVICE.methods) * per_action + OTHER_RPCS
+
+
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    in_flight = max_calls_in_flight(settings)
     return [
+        # A larger request is refused by grpc before it is read (RESOURCE_EXHAUSTED, "Received
+        # message larger than max"); the default 4 MiB let callers drive memory without bound.
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        # Without BDP probing, a stream's flow-control window stays at 64 KiB: grpc otherwise
+        # widens it to megabytes and takes in an oversized message before it reads its length
+        # (100 refused 4 MiB requests cost 35 to 230 MiB of RSS). TIW's calls are far too small
+        # to gain from wider windows.
+        ("grpc.http2.bdp_probe", 0),
+        # Calls arrived but not yet taken by the event loop. grpc's defaults (1,000, then random
+        # early drops up to 3,000) cancelled bursts the limiter would have queued or refused.
+        ("grpc.server.max_pending_requests", in_flight),
+        ("grpc.server.max_pending_requests_hard_limit", in_flight),
         # grpc sets SO_REUSEPORT by default: a second facade on the same port would silently share
         # it instead of failing the way a busy HTTP port does.
         ("grpc.so_reuseport", 0),
@@ -159,6 +193,7 @@ class FacadeServer:
                 "limiter": limiter.backend,
                 "rate_limit": settings.rate_limit,
                 "reflection": settings.reflection,
+                "tls": tls.mode(settings),
                 "version": __version__,
             },
         )
@@ -166,9 +201,15 @@ class FacadeServer:
     async def _start_grpc(self, resources: contextlib.AsyncExitStack, client: TiwClient) -> None:
         settings = self.settings
         quiet = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
+        credentials = tls.server_credentials(settings)  # None: plaintext
+        callers = identity.CallerCheck(
+            frozenset({SERVICE.full_name}), mutual=bool(settings.tls_client_ca_file)
+        )
         server = grpc.aio.server(
-            interceptors=[RpcObserver(self.metrics, logging.getLogger("tiw_facade.rpc"), quiet)],
+            # The observer first (outermost), so the calls CallerCheck refuses are counted and logged.
+            interceptors=[RpcObserver(self.metrics, logging.getLogger("tiw_facade.rpc"), quiet), callers],
             options=grpc_options(settings),
+            maximum_concurrent_rpcs=max_calls_in_flight(settings),
         )
         resources.push_async_callback(self._drain, server)
         server.add_generic_rpc_handlers((build_handler(client),))
@@ -177,7 +218,10 @@ class FacadeServer:
             add_reflection(server, (SERVICE.full_name, health.SERVICE_NAME))
         address = f"{settings.bind_host}:{settings.grpc_port}"
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, credentials)
         except RuntimeError:  # grpc says no more than "Failed to bind"
             raise BindError(
                 f"{variable('grpc_port')}: cannot listen on {address} (in use, or no such local address)"
@@ -189,43 +233,38 @@ class FacadeServer:
 
     async def _start_http(self, resources: contextlib.AsyncExitStack) -> None:
         settings = self.settings
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics_page)
-        app.router.add_get("/healthz", self._healthz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        resources.push_async_callback(runner.cleanup)
-        host = settings.bind_host.strip("[]")
-        # "::" alone would make asyncio set IPV6_V6ONLY and refuse IPv4 scrapes; None listens on
-        # every interface of both families, as the gRPC server does for [::].
-        every_interface = host in ("", "::", "0.0.0.0")
-        site = web.TCPSite(runner, host=None if every_interface else host, port=settings.http_port)
+        exposition = Exposition(self.metrics.registry)
+        pages = {"/metrics": exposition.page, "/healthz": self._healthz_page(asyncio.get_running_loop())}
         try:
-            await site.start()
+            listener = listen(settings.bind_host, settings.http_port)
         except OSError as exc:
             raise BindError(
                 f"{variable('http_port')}: cannot listen on {settings.bind_host}:{settings.http_port}"
                 f" ({exc.strerror or exc})"
             ) from None
-        self.http_port = runner.addresses[0][1]  # the bound port, when TIW_HTTP_PORT is 0
+        pages_server = PageServer(listener, pages, settings.http_timeout, settings.http_max_connections)
+        self.http_port = listener.getsockname()[1]  # the bound port, when TIW_HTTP_PORT is 0
+        serve = functools.partial(pages_server.serve_forever, poll_interval=0.1)  # close() waits one poll
+        thread = threading.Thread(target=serve, name="tiw-facade-http", daemon=True)
+        thread.start()
+        resources.push_async_callback(asyncio.to_thread, pages_server.close)
 
-    async def _metrics_page(self, request: web.Request) -> web.Response:
-        response = web.Response(
-            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-        # Prometheus asks for gzip; the exposition shrinks ~10x. Chosen explicitly: aiohttp's own
-        # negotiation would prefer deflate when both are offered.
-        codings = {
-            part.split(";")[0].strip() for part in request.headers.get("Accept-Encoding", "").split(",")
-        }
-        if "gzip" in codings:
-            response.enable_compression(web.ContentCoding.gzip)
-        return response
+    def _healthz_page(self, loop: asyncio.AbstractEventLoop) -> Page:
+        """/healthz, answered from an HTTP thread: the limiter's state is read on the event loop."""
 
-    async def _healthz(self, _: web.Request) -> web.Response:
-        limiter = self._limiter.health() if self._limiter is not None else {}
-        status = "SERVING" if self._serving else "NOT_SERVING"
-        return web.json_response({"status": status, "limiter": limiter}, status=200 if self._serving else 503)
+        def state() -> tuple[int, dict[str, object]]:
+            limiter = self._limiter.health() if self._limiter is not None else {}
+            status = "SERVING" if self._serving else "NOT_SERVING"
+            return (200 if self._serving else 503), {"status": status, "limiter": limiter}
+
+        def page(_: Headers) -> Answer:
+            try:
+                code, body = on_loop(loop, state, HEALTH_TIMEOUT)
+            except (TimeoutError, RuntimeError):  # the loop is stuck, or gone (stopping)
+                code, body = 503, {"status": "UNKNOWN", "detail": "the event loop did not answer"}
+            return code, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+        return page
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then close everything.

@@ -25,6 +25,9 @@ Check = Callable[[Any], str | None]
 MAX_TASK_ID_LENGTH = 128
 MAX_DIMENSION = 2560  # TIW's documented bound for SnapshotWhiteboard Width and Height
 SNAPSHOT_MODES = ("AllMarks", "LatestMarksOnly")
+# How deep InitParams may nest arrays and objects: a whiteboard's parameters are a flat object or
+# close to it, and an unbounded depth is a RecursionError (a bug's status) rather than a violation.
+MAX_JSON_DEPTH = 32
 
 
 class Violation(NamedTuple):
@@ -65,10 +68,41 @@ def task_id(value: str) -> str | None:
 
 def json_text(value: str) -> str | None:
     try:
-        json.loads(value)
+        parsed = json.loads(value, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         return f"must be JSON text ({exc.msg} at position {exc.pos})"
+    except RecursionError:  # deeper than the parser's stack: 1 KB of "[" is enough
+        return f"must be JSON nested at most {MAX_JSON_DEPTH} deep"
+    except _NotJson as exc:
+        return f"must be JSON text ({exc})"
+    except ValueError:  # int() refuses more than 4300 digits (sys.get_int_max_str_digits)
+        return "must be JSON text (a number of too many digits)"
+    if _deeper_than(parsed, MAX_JSON_DEPTH):
+        return f"must be JSON nested at most {MAX_JSON_DEPTH} deep"
     return None
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN, Infinity and -Infinity; JSON has no such values."""
+    raise _NotJson(f"{constant} is not JSON")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests arrays and objects more than ``limit`` deep; without recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def http_url(value: str) -> str | None:
