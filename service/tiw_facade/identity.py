@@ -1,0 +1,146 @@
+"""Who is calling: the caller's name, from the ``tiw-caller`` metadata or a client certificate.
+
+Without mutual TLS a caller names itself: ``tiw-caller`` is a short name (letters, digits, ``-``,
+``_``, ``.``; at most 64), anything else is refused with INVALID_ARGUMENT before anything is sent,
+and a call without it belongs to the one shared caller ``unidentified``. With mutual TLS the
+certificate names the caller (its SPIFFE ID, else its first DNS name, else its CN), and a
+``tiw-caller`` that says otherwise is refused with PERMISSION_DENIED: a name cannot be borrowed.
+
+``CallerCheck`` (a server interceptor) resolves the name once per call and leaves it in
+``CURRENT_CALLER`` for the handler and the limiter.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+
+from tiw_facade import errors
+from tiw_facade.failures import CallerMismatch, FacadeError, InvalidRequest
+from tiw_facade.settings import Settings
+
+CALLER_KEY = "tiw-caller"
+UNIDENTIFIED = "unidentified"
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NAME_RULE = "must be 1 to 64 letters, digits, '-', '_' or '.'"
+
+# The caller of the RPC being served; each RPC runs in a task (a context) of its own.
+CURRENT_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("tiw_caller", default=UNIDENTIFIED)
+
+
+def claimed_name(values: list[str]) -> str | None:
+    """The name the ``tiw-caller`` values give, checked; None when there are none."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest([(CALLER_KEY, "must be given once")])
+    (value,) = values
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise InvalidRequest([(CALLER_KEY, NAME_RULE)])
+    return value
+
+
+def certificate_name(auth_context: Mapping[str, Any]) -> str | None:
+    """The name a verified client certificate gives, by precedence; None without a certificate.
+
+    grpc exposes the SANs already split: ``peer_spiffe_id`` (set only for one well-formed SPIFFE
+    URI), ``peer_uri``, ``peer_dns``; and the subject's ``x509_common_name``.
+    """
+    for key, accept in _PRECEDENCE:
+        for value in auth_context.get(key, ()):
+            text: str = value.decode(errors="replace")
+            if accept(text):
+                return text
+    return None
+
+
+_PRECEDENCE: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("peer_spiffe_id", bool),
+    ("peer_uri", lambda uri: uri.startswith("spiffe://")),
+    ("peer_dns", bool),
+    ("x509_common_name", bool),
+)
+
+
+def caller_of(context: grpc.aio.ServicerContext[Any, Any], *, mutual: bool = True) -> str:
+    """The caller of the call ``context`` serves.
+
+    Raises ``InvalidRequest`` naming ``tiw-caller`` for a malformed name, and ``CallerMismatch`` when a
+    client certificate names someone else. ``mutual=False`` skips reading the auth context (a
+    server without client certificates has none to read).
+    """
+    claims = [value for key, value in context.invocation_metadata() or () if key == CALLER_KEY]
+    verified = certificate_name(context.auth_context()) if mutual else None
+    if verified is not None and claims == [verified]:
+        return verified  # the certificate's own name echoed, though a SPIFFE ID does not fit NAME
+    claimed = claimed_name(claims)
+    if verified is None:
+        return claimed or UNIDENTIFIED
+    if claimed is not None:
+        raise CallerMismatch(claimed, verified)
+    return verified
+
+
+def weight_of(caller: str, settings: Settings) -> int:
+    """The caller's share of the rate limit, by ``TIW_CALLER_WEIGHTS`` (1 when not named there)."""
+    return dict(settings.caller_weights).get(caller, 1)
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """Resolves the caller of every unary RPC of ``services`` into ``CURRENT_CALLER``, or refuses it.
+
+    A refusal is answered here with the failure's rich status (ErrorInfo, and BadRequest for a
+    malformed name), so nothing of the handler runs and nothing goes upstream. Placed after the
+    RpcObserver, so refusals are counted and logged like any other answer.
+    """
+
+    def __init__(self, services: frozenset[str], *, mutual: bool) -> None:
+        self._services = services
+        self._mutual = mutual
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            service, _, action = method.lstrip("/").rpartition("/")
+            if handler is None or service not in self._services:
+                return handler
+            if handler.unary_unary is None:  # a streaming method would escape the check: say so
+                raise TypeError(f"{method}: CallerCheck knows only unary methods")
+            wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
+                self._checked(handler.unary_unary, action),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return wrapped
+
+    def _checked(self, inner: Any, action: str) -> Any:
+        mutual = self._mutual
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                caller = caller_of(context, mutual=mutual)
+            except FacadeError as exc:
+                status = errors.status_for(exc, action=action)
+                context.set_code(status.code)
+                context.set_details(status.details)
+                context.set_trailing_metadata(status.trailing_metadata)
+                return None
+            token = CURRENT_CALLER.set(caller)
+            try:
+                return await inner(request, context)
+            finally:
+                CURRENT_CALLER.reset(token)
+
+        return checked
