@@ -1,4 +1,4 @@
-"""The `tiw-facade` command: `serve` (the facade) and `emulator` (a stand-in TIW).
+"""The `tiw-facade` command: `serve` (the facade), `emulator` (a stand-in TIW) and `call` (a client).
 
 The composition root: it reads the settings, starts the embedded emulator for `serve --emulator`
 (and hands its URL and demo credentials to the settings), then the server.
@@ -16,6 +16,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
 from tiw_facade import __version__, settings
+from tiw_facade.credentials import CredentialsError
 
 log = logging.getLogger("tiw_facade")
 
@@ -60,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
+    from tiw_facade import call
+
+    call.add_arguments(
+        commands.add_parser(
+            "call",
+            help="call one action of a running facade with TIW's JSON; print TIW's JSON answer",
+            description=call.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -86,6 +97,10 @@ def load_settings(args: argparse.Namespace) -> settings.Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "call":  # a client: no settings, no logging set-up
+        from tiw_facade import call
+
+        return call.main(args)
     from tiw_facade import logs
 
     if args.command == "emulator":
@@ -107,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a busy port: the message names the setting
         log.error("cannot start", extra={"error": str(exc)})
         return 1
+    except CredentialsError as exc:  # no source, a half-configured one, or a first STS call refused
+        print(f"tiw-facade: credentials: {exc}", file=sys.stderr)
+        return 2
 
 
 async def _serve(config: settings.Settings, *, with_emulator: bool) -> int:
