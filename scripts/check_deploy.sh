@@ -21,7 +21,7 @@ export PATH="$ROOT/node_modules/.bin:$ROOT/.venv/bin:$PATH"
 # 1.27: native gRPC probes went GA there. 1.37: the newest schemas kubernetes-validate bundles.
 K8S_VERSIONS="${K8S_VERSIONS:-1.27.0 1.37.0}"
 KUSTOMIZE="${KUSTOMIZE:-kustomize}"
-OVERLAYS=(k8s/overlays/single k8s/overlays/production)
+OVERLAYS=(k8s/overlays/single k8s/overlays/production k8s/overlays/tke)
 MONITORING=k8s/monitoring
 
 step() { printf '\n==> %s\n' "$*"; }

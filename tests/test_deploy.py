@@ -46,7 +46,7 @@ DEMO = {"secret_id": DEMO_SECRET_ID, "secret_key": DEMO_SECRET_KEY, "region": DE
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-OVERLAYS = ("single", "production")
+OVERLAYS = ("single", "production", "tke")
 SERVICE_NAME = tiw_pb2.DESCRIPTOR.services_by_name["TiwService"].full_name
 ENV_NAMES = {setting.env for setting in settings.ENVIRONMENT}
 SECRET_NAME = "tiw-facade-credentials"
@@ -270,9 +270,14 @@ def test_credentials_example_has_the_secret_shape_and_no_values() -> None:
     assert example["kind"] == "Secret" and example["metadata"]["name"] == SECRET_NAME
     assert all(value == "" for value in example.get("stringData", {}).values()), "never commit credentials"
     assert "data" not in example
-    non_optional = {name for name, ref in secret_refs("single").items() if not ref.get("optional")}
-    assert set(example["stringData"]) >= non_optional
-    assert set(example["stringData"]) <= ENV_NAMES
+    volumes = deployment("single")["spec"]["template"]["spec"]["volumes"]
+    projected = {
+        item["key"]
+        for volume in volumes
+        if volume.get("secret", {}).get("secretName") == SECRET_NAME
+        for item in volume["secret"]["items"]
+    }
+    assert projected and set(example["stringData"]) == projected
     # It is a template, not part of what `kubectl apply -k` creates.
     for overlay in OVERLAYS:
         assert not objects(overlay, "Secret")

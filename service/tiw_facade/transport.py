@@ -14,7 +14,7 @@ token, and a failure's text reaches the caller.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import aiohttp
 import yarl
@@ -39,8 +39,16 @@ CONNECT_TIMEOUT = 2.0
 KEEPALIVE_TIMEOUT = 15.0
 
 
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    # The Date header: Tencent's clock, from which the client learns how far off ours is.
+    date: str | None = None
+
+
 class Transport(Protocol):
-    """What the TIW client needs of HTTP: POST a body, get back the status and the whole body."""
+    """What the TIW client needs of HTTP: POST a body, get back the status, the whole body and
+    the Date header."""
 
     async def start(self) -> None: ...
 
@@ -51,7 +59,7 @@ class Transport(Protocol):
         body: bytes,
         headers: Mapping[str, str],
         timeout: float,  # noqa: ASYNC109
-    ) -> tuple[int, bytes]:
+    ) -> Answer:
         """Raise only the failures module's ``UpstreamUnreachable``, ``UpstreamTimeout``,
         ``UpstreamConnectionLost`` or ``UpstreamMalformed``."""
         ...
@@ -102,7 +110,7 @@ class AiohttpTransport:
         body: bytes,
         headers: Mapping[str, str],
         timeout: float,  # noqa: ASYNC109 (see Transport.post)
-    ) -> tuple[int, bytes]:
+    ) -> Answer:
         session = self._session
         if session is None:
             raise RuntimeError("AiohttpTransport.start() was not awaited")
@@ -111,7 +119,8 @@ class AiohttpTransport:
             async with session.post(
                 self._url, data=body, headers=headers, timeout=limits, allow_redirects=False
             ) as response:
-                return response.status, await self._read(response)
+                body = await self._read(response)
+                return Answer(response.status, body, response.headers.get("Date"))
         except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one too
             raise UpstreamUnreachable(f"connecting to TIW at {self._where} timed out") from exc
         except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake: nothing was sent

@@ -3,6 +3,11 @@
 Knows TIW's envelope, nothing of gRPC or of HTTP libraries: callers pass an absolute
 ``time.monotonic()`` deadline and a retry policy, and get back the decoded ``Response`` or one of
 the failures module's exceptions.
+
+Owns the credentials source (credentials.py: started and closed with the client) and the estimate
+of Tencent's clock: every answer's ``Date`` header measures the offset; an answer of
+``AuthFailure.SignatureExpire`` (our clock is over 5 minutes off) makes the client sign with the
+measured offset from then on, and the refused attempt, never executed, is sent again.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tiw_facade import credentials as credentials_module
 from tiw_facade.failures import (
     Outcome,
     RateLimited,
@@ -25,10 +32,11 @@ from tiw_facade.failures import (
     UpstreamHttpError,
     UpstreamMalformed,
     UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from tiw_facade.limiter import LimiterClosed, QuotaExceeded
 from tiw_facade.metrics import Metrics
-from tiw_facade.signing import Credentials, Signer
+from tiw_facade.signing import SIGNATURE_EXPIRE, Credentials, Signer
 from tiw_facade.transport import AiohttpTransport, Transport
 
 if TYPE_CHECKING:  # the client is handed these; it needs only their types
@@ -51,6 +59,12 @@ UNANSWERED_HOLD = 1.0
 THROTTLE_WINDOW = 1.0
 # TIW's codes that say it refused the request without executing it: safe to re-send for every action.
 NOT_EXECUTED = ("RequestLimitExceeded", "AuthFailure.SignatureExpire")
+# TIW's error codes: dotted words (InvalidParameter.TaskNotFound). A code of another shape or length
+# is not one TIW sends (underscores are allowed: other Tencent Cloud APIs use them).
+TIW_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+MAX_TIW_CODE_LENGTH = 128
+# A RequestId is kept for the caller and the logs only when it is one: printable ASCII, not too long.
+REQUEST_ID = re.compile(r"[!-~]{1,128}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,18 +109,25 @@ class TiwClient:
             # against a misconfiguration opening unbounded sockets.
             pool_limit=max(100, settings.rate_limit * 10),
         )
-        self._signer = Signer(
-            Credentials(settings.secret_id, settings.secret_key, settings.session_token),
-            settings.upstream_host,
-            region=settings.region,
-            language=settings.language,
-        )
+        # Tencent's clock minus ours: measured from every answer, signed with once TIW says we are off.
+        self._clock_offset = 0.0
+        self._measured_offset: float | None = None
+        self._last_date = ""
+        self._credentials = credentials_module.from_settings(settings, self._metrics, clock=self.tencent_time)
+        self._signer: Signer | None = None  # for the credentials it was made for
+        self._signer_credentials: Credentials | None = None
 
     async def start(self) -> None:
         await self._transport.start()
+        await self._credentials.start()
 
     async def aclose(self) -> None:
+        await self._credentials.aclose()
         await self._transport.aclose()
+
+    def tencent_time(self) -> float:
+        """Unix seconds by Tencent's clock, as far as the client knows it."""
+        return time.time() + self._clock_offset
 
     async def call(
         self,
@@ -160,6 +181,8 @@ class TiwClient:
             raise UpstreamTimeout(
                 "the deadline was spent before the request was sent", outcome=Outcome.NOT_SENT
             )
+        # Before admission: a call without credentials must not spend a rate-limit token.
+        signer = await self._current_signer()
         lease = await self._admit(action, budget_end, remaining)
         # One attempt may take TIW_UPSTREAM_TIMEOUT at most, so a lost request on a long caller
         # deadline still leaves time to try again where that is safe.
@@ -175,17 +198,16 @@ class TiwClient:
         # we do not (time-out, cancellation) the token is left to come back when its hold ends.
         settled = False
         try:
-            headers = self._signer.headers(action, body, int(time.time()))  # fresh for every attempt
-            status, raw = await self._transport.post(body, headers, remaining)
+            headers = signer.headers(action, body, int(self.tencent_time()))  # fresh for every attempt
+            status, raw, date = await self._transport.post(body, headers, remaining)
             settled = True
+            self._observe_clock(date)
             answer = _parse(status, raw)
             if "Error" in answer:
-                error = answer["Error"]
-                raise TiwError(
-                    str(error.get("Code") or "Unknown"),
-                    str(error.get("Message") or ""),
-                    str(answer.get("RequestId") or ""),
-                )
+                error = _tiw_error(answer)
+                if isinstance(error, TiwError) and error.code == SIGNATURE_EXPIRE:
+                    self._correct_clock()
+                raise error
             result = self._decode(decode, answer)
             code = "OK"
             return result
@@ -199,6 +221,43 @@ class TiwClient:
             series = self._metrics.action(action)
             series.upstream(code).inc()
             series.upstream_duration.observe(time.perf_counter() - started)
+
+    async def _current_signer(self) -> Signer:
+        """The signer of the current credentials (made anew when they change: it caches their key)."""
+        try:
+            credentials = await self._credentials.get()
+        except credentials_module.CredentialsError as exc:
+            raise UpstreamUnreachable(f"no valid Tencent Cloud credentials: {exc}") from exc
+        if credentials is not self._signer_credentials or self._signer is None:
+            settings = self._settings
+            self._signer = Signer(
+                credentials, settings.upstream_host, region=settings.region, language=settings.language
+            )
+            self._signer_credentials = credentials
+        return self._signer
+
+    def _observe_clock(self, date: str | None) -> None:
+        """Measure Tencent's clock from an answer's Date header (once per new value: once a second)."""
+        if not date or date == self._last_date:
+            return
+        self._last_date = date
+        stamp = credentials_module.parse_http_date(date)
+        if stamp is None:
+            return
+        # The header has whole seconds: Tencent's time was, on average, half a second later.
+        self._measured_offset = stamp + 0.5 - time.time()
+        self._metrics.upstream_clock_offset.set(self._measured_offset)
+
+    def _correct_clock(self) -> None:
+        """TIW refused the timestamp: sign with the measured offset from now on."""
+        measured = self._measured_offset
+        if measured is None or abs(measured - self._clock_offset) < 1:
+            return  # nothing new to go by: the retry (if any) is signed as before
+        log.warning(
+            "TIW refused the signature as expired: this host's clock is off; signing by Tencent's clock",
+            extra={"clock_offset_seconds": round(measured, 1), "previous_offset_seconds": self._clock_offset},
+        )
+        self._clock_offset = measured
 
     async def _admit(self, action: str, budget_end: float, remaining: float) -> Lease:
         """A token for one attempt; the limiter's refusals become the failures module's."""
@@ -229,8 +288,10 @@ def _parse(status: int, raw: bytes) -> dict[str, Any]:
     if status != 200:  # redirects too: TIW answers 200 to everything it processes
         raise UpstreamHttpError(status)
     try:
-        envelope = json.loads(raw)
-    except ValueError:
+        envelope = json.loads(raw, parse_constant=_not_json)
+    # RecursionError: nested deeper than the parser's stack (a hostile answer; 1 MB of "[" is enough).
+    # ValueError: not JSON, NaN or Infinity, an integer too long to convert.
+    except (ValueError, RecursionError):
         raise UpstreamMalformed("TIW's answer is not JSON") from None
     answer = envelope.get("Response") if isinstance(envelope, dict) else None
     if not isinstance(answer, dict):
@@ -242,9 +303,41 @@ def _parse(status: int, raw: bytes) -> dict[str, Any]:
     return answer
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _tiw_error(answer: Mapping[str, Any]) -> TiwError | UpstreamMalformed:
+    """The failure an error envelope stands for: TIW's error, or, when the envelope is not one TIW
+    sends (a code of the wrong type or shape, a message that is not text, a RequestId that is not
+    a string), UPSTREAM_MALFORMED. TIW's code becomes a metric label and the status's reason: an
+    arbitrary string there would be a new Prometheus series, and a bloated trailer, per answer."""
+    error = answer["Error"]
+    code, message, request_id = error.get("Code"), error.get("Message"), answer.get("RequestId")
+    if not isinstance(request_id, str | None):
+        return UpstreamMalformed("TIW's error has a RequestId that is not a string")
+    if not (isinstance(code, str) and len(code) <= MAX_TIW_CODE_LENGTH and TIW_CODE.fullmatch(code)):
+        return UpstreamMalformed(
+            f"TIW's error has no error code of TIW's shape ({_kind(code)})", request_id=_request_id(answer)
+        )
+    if not isinstance(message, str | None):
+        return UpstreamMalformed("TIW's error has a Message that is not text", request_id=_request_id(answer))
+    # JSON may carry lone surrogates ("\ud800"), which no UTF-8 encoder (protobuf's, gRPC's) takes.
+    readable = (message or "").encode(errors="replace").decode()
+    return TiwError(code, readable, _request_id(answer))
+
+
+def _kind(code: Any) -> str:
+    """How a rejected code is described: never the code itself, which may be anything."""
+    if isinstance(code, str):
+        return f"a string of {len(code)} characters" if code else "an empty string"
+    return "missing" if code is None else f"a JSON {type(code).__name__}"
+
+
 def _request_id(answer: Mapping[str, Any]) -> str:
+    """TIW's RequestId, when it looks like one (TIW's are UUIDs): it goes into trailers and logs."""
     request_id = answer.get("RequestId")
-    return request_id if isinstance(request_id, str) else ""
+    return request_id if isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id) else ""
 
 
 def _retry_reason(exc: TiwError | UpstreamFailure, policy: RetryPolicy) -> str | None:

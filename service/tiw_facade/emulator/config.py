@@ -20,7 +20,8 @@ def _demo_credentials() -> Mapping[str, str]:
 @dataclass(frozen=True)
 class EmulatorConfig:
     """``clock`` (Unix seconds) drives everything that depends on time: the signature window,
-    the rate window and the tasks' states, so a test can move all three by moving one clock."""
+    the rate window, the tasks' states, the expiry of temporary credentials and the ``Date``
+    header, so a test can move them all (or run the emulator ahead of the facade) by one clock."""
 
     # SecretId -> SecretKey of the keys the emulator accepts.
     credentials: Mapping[str, str] = field(default_factory=_demo_credentials, repr=False)
@@ -41,6 +42,10 @@ class EmulatorConfig:
     # Accepted arrival times kept per action for `Emulator.arrivals` (the counters are exact anyway).
     arrival_history: int = 100_000
     clock: Callable[[], float] = time.time
+    # STS (AssumeRoleWithWebIdentity): the web identity tokens it accepts (none: it refuses every
+    # call), and the longest life of the temporary credentials it issues, whatever is asked.
+    web_identity_tokens: frozenset[str] = frozenset()
+    sts_max_seconds: float = 43200.0
 
     def __post_init__(self) -> None:
         if self.rate_limit < 1 or self.rate_window <= 0:
@@ -53,3 +58,5 @@ class EmulatorConfig:
         )
         if min(durations) < 0:
             raise ValueError("task durations must not be negative")
+        if self.sts_max_seconds <= 0:
+            raise ValueError("sts_max_seconds must be positive")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import email.utils
 import json
 import logging
 import uuid
@@ -16,7 +18,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from tiw_facade import signing
-from tiw_facade.emulator import protocol
+from tiw_facade.emulator import protocol, sts
 from tiw_facade.emulator.config import EmulatorConfig
 from tiw_facade.emulator.protocol import TiwError
 from tiw_facade.emulator.tasks import SEED_SDK_APP_ID, Fields, TaskStore
@@ -33,6 +35,7 @@ _AUTH_MESSAGES: Final = {
     "Please check your signature is correct.",
     signing.SIGNATURE_EXPIRE: "The signature has expired: X-TC-Timestamp is more than 5 minutes away "
     "from the server time.",
+    sts.TOKEN_FAILURE: "The token is invalid or has expired.",
 }
 # The admin task endpoint's fields: JSON name, keyword of add_*_task, JSON type.
 _TASK_FIELDS: Final = (
@@ -61,7 +64,10 @@ class Emulator:
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         self.config = config or EmulatorConfig()
         self._clock = self.config.clock
-        self._verifier = signing.Verifier(self.config.credentials.get, max_skew=self.config.max_clock_skew)
+        self.sts = sts.SecurityTokenService(self.config)
+        self._verifier = signing.Verifier(self._secret_key, max_skew=self.config.max_clock_skew)
+        # Accepted TIW requests per SecretId that signed them: which key a client used, and when.
+        self.signers: collections.Counter[str] = collections.Counter()
         self.tasks = TaskStore(self.config)
         self._faults = Faults()
         self._actions: dict[str, _Action] = {}
@@ -131,6 +137,7 @@ class Emulator:
             for name, schema in protocol.REQUESTS.items()
         }
         self._faults.clear()
+        self.signers.clear()
         self.tasks.reset(self._clock())
 
     def add_fault(self, fault: Fault) -> None:
@@ -163,13 +170,23 @@ class Emulator:
 
     # --- TIW ---
 
+    def _secret_key(self, secret_id: str) -> str | None:
+        return self.config.credentials.get(secret_id) or self.sts.secret_key(secret_id)
+
+    def _date(self) -> dict[str, str]:
+        """The ``Date`` header by the emulator's clock (a skewed clock shows in it, as Tencent's would)."""
+        return {"Date": email.utils.formatdate(self._clock(), usegmt=True)}
+
     async def _tiw(self, request: web.Request) -> web.Response:
         body = await request.read()
         action_name = request.headers.get("X-TC-Action", "")
         fault = self._faults.take(action_name) if self._faults else None
         if fault is not None and fault.kind in PRE_EXECUTION:
             return self._answer_fault(fault, action_name)
-        answer = self._answer(action_name, request.headers, body)
+        if action_name == sts.ACTION:  # STS shares the emulator's address: the facade's TIW_STS_ENDPOINT
+            answer = self._answer_sts(request.headers, body)
+        else:
+            answer = self._answer(action_name, request.headers, body)
         if fault is not None:
             if fault.kind is FaultKind.DROP:
                 # Executed, but the answer is lost: the client sees the connection close.
@@ -179,7 +196,15 @@ class Emulator:
                 # Cut short by stop(), so that a long injected latency never holds up a shutdown.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), fault.delay)
-        return web.Response(body=answer, content_type=protocol.CONTENT_TYPE)
+        return web.Response(body=answer, content_type=protocol.CONTENT_TYPE, headers=self._date())
+
+    def _answer_sts(self, headers: Mapping[str, str], body: bytes) -> bytes:
+        request_id = str(uuid.uuid4())
+        try:
+            fields = self.sts.assume_role(headers, protocol.parse_body(body), self._clock())
+        except TiwError as error:
+            return protocol.failure(error.code, error.message, request_id)
+        return protocol.success(fields, request_id)
 
     def _answer(self, action_name: str, headers: Mapping[str, str], body: bytes) -> bytes:
         request_id = str(uuid.uuid4())
@@ -222,6 +247,10 @@ class Emulator:
             traffic.rejected += 1
             raise TiwError("MissingParameter", "The request is missing a required parameter `Region`.")
         code = self._verifier.verify(headers, body, now)
+        # Signed correctly: the key may be a temporary one, valid only with its token and until it expires.
+        auth = signing.parse_authorization(headers["Authorization"]) if code is None else None
+        if auth is not None:
+            code = self.sts.check_token(auth.secret_id, headers.get("X-TC-Token", ""), now)
         if code is not None:
             traffic.rejected += 1
             raise TiwError(code, _AUTH_MESSAGES[code])
@@ -229,6 +258,8 @@ class Emulator:
             raise TiwError(
                 "RequestLimitExceeded", "Your current request times equals to `limit`, please retry later."
             )
+        if auth is not None:
+            self.signers[auth.secret_id] += 1
 
     def _answer_fault(self, fault: Fault, action_name: str) -> web.Response:
         action = self._actions.get(action_name)
@@ -239,12 +270,16 @@ class Emulator:
                 status=fault.status,
                 text=f"<html><body>{fault.status} injected</body></html>",
                 content_type="text/html",
+                headers=self._date(),
             )
         if fault.kind is FaultKind.MALFORMED:
-            return web.Response(body=_MALFORMED_BODY, content_type=protocol.CONTENT_TYPE)
+            return web.Response(
+                body=_MALFORMED_BODY, content_type=protocol.CONTENT_TYPE, headers=self._date()
+            )
         return web.Response(
             body=protocol.failure(fault.code, fault.message, str(uuid.uuid4())),
             content_type=protocol.CONTENT_TYPE,
+            headers=self._date(),
         )
 
     # --- admin: unsigned, never rate limited ---
