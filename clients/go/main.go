@@ -1,0 +1,325 @@
+// Command tiwclient calls tiw-facade with grpc-go and the code `buf generate` writes into gen/, and
+// checks what a caller relies on: the five RPCs, rich error details, deadlines, presence, health.
+//
+//	go run . -target 127.0.0.1:50051 -limited-target 127.0.0.1:50052 -emulator http://127.0.0.1:8090
+//
+// -target is a facade on the TIW emulator, -limited-target a second one on the same emulator with
+// TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT (to be refused), -emulator the emulator's URL
+// (its admin endpoint injects the latency behind the deadline check). It prints each check and
+// exits 1 at the first failure.
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"slices"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	tiw "tiw-facade.example/clients/go/gen/tiw/v20190919"
+)
+
+// The emulator's seeded tasks: TIW's documented examples (see tests/test_rpcs.py).
+const (
+	seedSdkAppID   = 1400000001
+	pushTask       = "ghucnligqtgtvk2624mb"
+	stopTask       = "07b4c70bpafm1b4majmb"
+	videoTask      = "ghucnligqtgtvk2624mb"
+	snapshotAppID  = 1400127230
+	snapshotTask   = "f2e1728c-6e87-4481-abe1-cde8542a5a10"
+	createAppID    = 1400123480
+	serviceName    = "tiw.v20190919.TiwService"
+	defaultTimeout = 5 * time.Second
+)
+
+type checker struct {
+	tiw     tiw.TiwServiceClient
+	limited tiw.TiwServiceClient
+	healthz healthpb.HealthClient
+	admin   string
+}
+
+func main() {
+	target := flag.String("target", "127.0.0.1:50051", "facade address")
+	limited := flag.String("limited-target", "", "facade with TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT")
+	admin := flag.String("emulator", "", "base URL of the TIW emulator behind the facades")
+	flag.Parse()
+	if *limited == "" || *admin == "" {
+		fail("usage", errors.New("-limited-target and -emulator are required (see -h)"))
+	}
+	conn := dial(*target)
+	defer conn.Close()
+	limitedConn := dial(*limited)
+	defer limitedConn.Close()
+	c := checker{tiw.NewTiwServiceClient(conn), tiw.NewTiwServiceClient(limitedConn), healthpb.NewHealthClient(conn), *admin}
+
+	checks := []struct {
+		name string
+		run  func(context.Context) error
+	}{
+		{"grpc.health.v1 Check: SERVING for \"\" and " + serviceName, c.health},
+		{"CreateSnapshotTask (seed example), then DescribeSnapshotTask: FinishTime absent while Running", c.createAndPresence},
+		{"DescribeSnapshotTask (seed example): Finished, 3 snapshots, empty ErrorMessage present", c.describeSnapshot},
+		{"DescribeWhiteboardPush (seed example)", c.describePush},
+		{"StopWhiteboardPush (seed example)", c.stopPush},
+		{"DescribeVideoGenerationTask (seed example)", c.describeVideo},
+		{"NOT_FOUND with ErrorInfo reason InvalidParameter.TaskNotFound and request_id", c.notFound},
+		{"INVALID_ARGUMENT with BadRequest field violations", c.badRequest},
+		{"RESOURCE_EXHAUSTED with RetryInfo from the rate-limited facade", c.refused},
+		{"a 300 ms deadline against a 2 s upstream delay ends DEADLINE_EXCEEDED", c.deadline},
+	}
+	for _, check := range checks {
+		// Every call carries a deadline, and metadata the way a caller adds its own.
+		ctx, cancel := context.WithTimeout(context.Background(), defaultTimeout)
+		ctx = metadata.AppendToOutgoingContext(ctx, "x-client", "tiw-facade-go-example")
+		err := check.run(ctx)
+		cancel()
+		if err != nil {
+			fail(check.name, err)
+		}
+		fmt.Println("ok  ", check.name)
+	}
+	fmt.Printf("go client: %d checks passed\n", len(checks))
+}
+
+func dial(target string) *grpc.ClientConn {
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		fail("dial "+target, err)
+	}
+	return conn
+}
+
+func fail(what string, err error) {
+	fmt.Fprintf(os.Stderr, "FAIL %s: %v\n", what, err)
+	os.Exit(1)
+}
+
+func (c checker) health(ctx context.Context) error {
+	for _, service := range []string{"", serviceName} {
+		answer, err := c.healthz.Check(ctx, &healthpb.HealthCheckRequest{Service: service})
+		if err != nil {
+			return err
+		}
+		if answer.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			return fmt.Errorf("service %q is %v", service, answer.GetStatus())
+		}
+	}
+	return nil
+}
+
+func (c checker) createAndPresence(ctx context.Context) error {
+	created, err := c.tiw.CreateSnapshotTask(ctx, &tiw.CreateSnapshotTaskRequest{
+		Whiteboard: &tiw.SnapshotWhiteboard{Width: proto.Uint64(1280), Height: proto.Uint64(720), InitParams: proto.String(`{"ratio":"16:9"}`)},
+		SdkAppId:   createAppID,
+		RoomId:     12345,
+		// Optional fields are pointers: proto.String and friends set them.
+		CallbackUrl: proto.String("http://xx/callback"),
+		Cos: &tiw.SnapshotCOS{Uin: 130001358, Region: "ap-guangzhou", Bucket: "test-123070000",
+			TargetDir: proto.String("snapshot/"), Domain: proto.String("xxx.file.com")},
+	})
+	if err != nil {
+		return err
+	}
+	if created.TaskId == nil || created.GetTaskId() == "" || created.GetRequestId() == "" {
+		return fmt.Errorf("no TaskID or RequestId in %v", created)
+	}
+	running, err := c.tiw.DescribeSnapshotTask(ctx, &tiw.DescribeSnapshotTaskRequest{TaskId: created.GetTaskId(), SdkAppId: createAppID})
+	if err != nil {
+		return err
+	}
+	if running.GetStatus() != "Running" || running.CreateTime == nil {
+		return fmt.Errorf("want a Running task with a CreateTime, got %v", running)
+	}
+	if running.FinishTime != nil { // absent, not zero: the pointer is nil
+		return fmt.Errorf("FinishTime is present (%d) on a running task", running.GetFinishTime())
+	}
+	return nil
+}
+
+func (c checker) describeSnapshot(ctx context.Context) error {
+	answer, err := c.tiw.DescribeSnapshotTask(ctx, &tiw.DescribeSnapshotTaskRequest{TaskId: snapshotTask, SdkAppId: snapshotAppID})
+	if err != nil {
+		return err
+	}
+	result := answer.GetResult()
+	if answer.GetStatus() != "Finished" || result.GetTotal() != 3 || len(result.GetSnapshots()) != 3 {
+		return fmt.Errorf("unexpected answer %v", answer)
+	}
+	if result.ErrorMessage == nil || result.GetErrorMessage() != "" { // present and empty
+		return fmt.Errorf("want ErrorMessage present and empty, got %v", result.ErrorMessage)
+	}
+	return nil
+}
+
+func (c checker) describePush(ctx context.Context) error {
+	answer, err := c.tiw.DescribeWhiteboardPush(ctx, &tiw.DescribeWhiteboardPushRequest{SdkAppId: seedSdkAppID, TaskId: pushTask})
+	if err != nil {
+		return err
+	}
+	if answer.GetTaskId() != pushTask || !slices.Contains([]string{"PREPARED", "PUSHING"}, answer.GetStatus()) {
+		return fmt.Errorf("unexpected answer %v", answer)
+	}
+	return nil
+}
+
+func (c checker) stopPush(ctx context.Context) error {
+	answer, err := c.tiw.StopWhiteboardPush(ctx, &tiw.StopWhiteboardPushRequest{SdkAppId: seedSdkAppID, TaskId: stopTask})
+	if err != nil {
+		return err
+	}
+	if answer.GetRequestId() == "" {
+		return fmt.Errorf("no RequestId in %v", answer)
+	}
+	return nil
+}
+
+func (c checker) describeVideo(ctx context.Context) error {
+	answer, err := c.tiw.DescribeVideoGenerationTask(ctx, &tiw.DescribeVideoGenerationTaskRequest{SdkAppId: seedSdkAppID, TaskId: videoTask})
+	if err != nil {
+		return err
+	}
+	if answer.GetTaskId() != videoTask || answer.GetRequestId() == "" {
+		return fmt.Errorf("unexpected answer %v", answer)
+	}
+	return nil
+}
+
+// richError is the status of a failed call, which must have the given code, and its details.
+func richError(err error, want codes.Code) (*status.Status, error) {
+	if err == nil {
+		return nil, fmt.Errorf("the call succeeded; want %v", want)
+	}
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != want {
+		return nil, fmt.Errorf("want %v, got %v", want, err)
+	}
+	return st, nil
+}
+
+// detail is the first detail of type T in a status (Details() decodes the google.rpc types that
+// the errdetails package registers).
+func detail[T proto.Message](st *status.Status) (T, error) {
+	for _, d := range st.Details() {
+		if found, ok := d.(T); ok {
+			return found, nil
+		}
+	}
+	var zero T
+	return zero, fmt.Errorf("no %T in the status details %v", zero, st.Details())
+}
+
+func (c checker) notFound(ctx context.Context) error {
+	_, err := c.tiw.DescribeSnapshotTask(ctx, &tiw.DescribeSnapshotTaskRequest{TaskId: "no-such-task", SdkAppId: snapshotAppID})
+	st, err := richError(err, codes.NotFound)
+	if err != nil {
+		return err
+	}
+	info, err := detail[*errdetails.ErrorInfo](st)
+	if err != nil {
+		return err
+	}
+	if info.GetReason() != "InvalidParameter.TaskNotFound" || info.GetMetadata()["request_id"] == "" {
+		return fmt.Errorf("unexpected ErrorInfo %v", info)
+	}
+	return nil
+}
+
+func (c checker) badRequest(ctx context.Context) error {
+	_, err := c.tiw.CreateSnapshotTask(ctx, &tiw.CreateSnapshotTaskRequest{
+		Whiteboard: &tiw.SnapshotWhiteboard{Width: proto.Uint64(4000)}, RoomId: 1,
+	})
+	st, err := richError(err, codes.InvalidArgument)
+	if err != nil {
+		return err
+	}
+	bad, err := detail[*errdetails.BadRequest](st)
+	if err != nil {
+		return err
+	}
+	var fields []string
+	for _, violation := range bad.GetFieldViolations() {
+		fields = append(fields, violation.GetField())
+	}
+	for _, want := range []string{"Whiteboard.Width", "SdkAppId"} {
+		if !slices.Contains(fields, want) {
+			return fmt.Errorf("no violation for %s in %v", want, fields)
+		}
+	}
+	return nil
+}
+
+func (c checker) refused(ctx context.Context) error {
+	request := &tiw.DescribeWhiteboardPushRequest{SdkAppId: seedSdkAppID, TaskId: pushTask}
+	// One call a second passes; the next one within the second is refused at once.
+	for range 5 {
+		_, err := c.limited.DescribeWhiteboardPush(ctx, request)
+		if err == nil {
+			continue
+		}
+		st, err := richError(err, codes.ResourceExhausted)
+		if err != nil {
+			return err
+		}
+		retry, err := detail[*errdetails.RetryInfo](st)
+		if err != nil {
+			return err
+		}
+		if retry.GetRetryDelay().AsDuration() <= 0 {
+			return fmt.Errorf("RetryInfo without a delay: %v", retry)
+		}
+		fmt.Printf("      refused; RetryInfo says retry in %v\n", retry.GetRetryDelay().AsDuration())
+		return nil
+	}
+	return errors.New("5 calls in a row were all admitted")
+}
+
+func (c checker) deadline(ctx context.Context) error {
+	action := "DescribeVideoGenerationTask"
+	if err := c.emulatorAdmin(http.MethodPost, "/_emulator/faults", fmt.Sprintf(`{"kind": "latency", "action": %q, "delay": 2}`, action)); err != nil {
+		return err
+	}
+	defer c.emulatorAdmin(http.MethodDelete, "/_emulator/faults?action="+action, "")
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	_, err := c.tiw.DescribeVideoGenerationTask(short, &tiw.DescribeVideoGenerationTaskRequest{SdkAppId: seedSdkAppID, TaskId: videoTask})
+	st, err := richError(err, codes.DeadlineExceeded)
+	if err != nil {
+		return err
+	}
+	// The facade answers just before the deadline (ErrorInfo UPSTREAM_TIMEOUT); on a slow machine
+	// the client's own deadline may fire first, which is DEADLINE_EXCEEDED without details.
+	if info, err := detail[*errdetails.ErrorInfo](st); err == nil {
+		fmt.Printf("      ErrorInfo reason %s\n", info.GetReason())
+	}
+	return nil
+}
+
+func (c checker) emulatorAdmin(method, path, body string) error {
+	request, err := http.NewRequest(method, c.admin+path, bytes.NewBufferString(body))
+	if err != nil {
+		return err
+	}
+	response, err := http.DefaultClient.Do(request)
+	if err != nil {
+		return err
+	}
+	defer response.Body.Close()
+	if response.StatusCode != http.StatusOK {
+		return fmt.Errorf("emulator %s %s: HTTP %d", method, path, response.StatusCode)
+	}
+	return nil
+}
