@@ -6,6 +6,7 @@ import asyncio
 import json
 import pathlib
 import re
+import shlex
 import sys
 
 import yaml
@@ -74,8 +75,17 @@ async def run(*command: str) -> tuple[int, str]:
     return process.returncode, output.decode()
 
 
+async def test_the_shell_client_example_works(facade: Facade) -> None:
+    line = code_block("the facade's own shell client:", "sh").strip()
+    assert line.startswith(".venv/bin/tiw-facade call "), "the first thing a newcomer runs"
+    words = shlex.split(line)[1:]  # what follows the command: call ACTION JSON
+    code, output = await run(sys.executable, "-m", "tiw_facade.cli", *words, "--target", facade.target)
+    assert code == 0, output
+    assert json.loads(output)["TaskId"] == "ghucnligqtgtvk2624mb"
+
+
 async def test_the_python_client_example_works(facade: Facade) -> None:
-    source = code_block("with the Python stubs this package ships:", "python")
+    source = code_block("From Python, with the stubs this package ships:", "python")
     assert len(source.strip().splitlines()) <= 12
     code, output = await run(sys.executable, "-c", source.replace("localhost:50051", facade.target))
     assert code == 0, output

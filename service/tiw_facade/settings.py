@@ -171,11 +171,24 @@ def setting(
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
+    # Not required here: a credentials file or pod identity may supply the key (credentials.py says
+    # which source wins, and refuses to start with none).
     secret_id: str = setting(
-        "TENCENTCLOUD_SECRET_ID", text, "SecretId of the Tencent Cloud API key.", flag=False
+        "TENCENTCLOUD_SECRET_ID",
+        text,
+        "SecretId of the Tencent Cloud API key.",
+        default="",
+        shown_default="(empty: see docs/credentials.md)",
+        flag=False,
     )
     secret_key: str = setting(
-        "TENCENTCLOUD_SECRET_KEY", text, "SecretKey of the API key. Never logged.", flag=False, secret=True
+        "TENCENTCLOUD_SECRET_KEY",
+        text,
+        "SecretKey of the API key. Never logged.",
+        default="",
+        shown_default="(empty: see docs/credentials.md)",
+        flag=False,
+        secret=True,
     )
     session_token: str = setting(
         "TENCENTCLOUD_SESSION_TOKEN",
@@ -304,10 +317,128 @@ class Settings:
         default=300.0,
     )
 
+    max_request_bytes: int = setting(
+        "TIW_MAX_REQUEST_BYTES",
+        positive_int,
+        "Largest gRPC request accepted, in bytes; a larger one is refused by gRPC itself with "
+        "RESOURCE_EXHAUSTED before it is read (TIW's requests are under 1 KB; the bound caps the "
+        "memory of calls in flight, about their number times this).",
+        default=16 << 10,
+    )
+    http_timeout: float = setting(
+        "TIW_HTTP_TIMEOUT",
+        positive_float,
+        "Seconds the HTTP server waits on one read or write (headers, an idle keep-alive, a client "
+        "that does not read) before it closes the connection.",
+        default=5.0,
+    )
+    http_max_connections: int = setting(
+        "TIW_HTTP_MAX_CONNECTIONS",
+        positive_int,
+        "Connections the HTTP server holds at once; beyond it, new ones are closed at once.",
+        default=32,
+    )
+
+    credentials_file: str = setting(
+        "TENCENTCLOUD_CREDENTIALS_FILE",
+        text,
+        "Credentials file in the official SDK's profile format (`[default]`: `secret_id`, "
+        "`secret_key`, optional `token`), e.g. a mounted Secret; re-read when it changes. Used when "
+        "TENCENTCLOUD_SECRET_ID is unset (docs/credentials.md).",
+        default="",
+        shown_default="(empty: ~/.tencentcloud/credentials or /etc/tencentcloud/credentials, if present)",
+    )
+    credentials_poll: float = setting(
+        "TIW_CREDENTIALS_POLL",
+        positive_float,
+        "Seconds between checks of the credentials file for a new version.",
+        default=1.0,
+    )
+    tke_region: str = setting(
+        "TKE_REGION",
+        text,
+        "TKE pod identity (OIDC), set by TKE with the three below: region of the STS call.",
+        default="",
+        flag=False,
+    )
+    tke_provider_id: str = setting(
+        "TKE_PROVIDER_ID", text, "TKE pod identity: the OIDC identity provider.", default="", flag=False
+    )
+    tke_web_identity_token_file: str = setting(
+        "TKE_WEB_IDENTITY_TOKEN_FILE",
+        text,
+        "TKE pod identity: the projected service-account token, re-read on every refresh.",
+        default="",
+        flag=False,
+    )
+    tke_role_arn: str = setting(
+        "TKE_ROLE_ARN", text, "TKE pod identity: the CAM role to assume.", default="", flag=False
+    )
+    sts_endpoint: str = setting(
+        "TIW_STS_ENDPOINT",
+        base_url,
+        "STS base URL for AssumeRoleWithWebIdentity (TKE pod identity).",
+        default="https://sts.tencentcloudapi.com",
+        show=redact_url,
+    )
+    sts_duration: int = setting(
+        "TIW_STS_DURATION",
+        positive_int,
+        "Seconds the temporary credentials of TKE pod identity are asked to last (at most 43200).",
+        default=7200,
+    )
+    credentials_refresh_margin: float = setting(
+        "TIW_CREDENTIALS_REFRESH_MARGIN",
+        positive_float,
+        "Temporary credentials are refreshed once less than this many seconds, or a third of their "
+        "lifetime, remain (whichever comes first).",
+        default=300.0,
+    )
+
+    tls_cert_file: str = setting(
+        "TIW_TLS_CERT_FILE",
+        text,
+        "PEM certificate chain of the gRPC server; with TIW_TLS_KEY_FILE, the gRPC port speaks only "
+        "TLS. Both re-read when they change (docs/tls.md).",
+        default="",
+        shown_default="(empty: plaintext)",
+    )
+    tls_key_file: str = setting("TIW_TLS_KEY_FILE", text, "PEM private key of that certificate.", default="")
+    tls_client_ca_file: str = setting(
+        "TIW_TLS_CLIENT_CA_FILE",
+        text,
+        "PEM CA bundle for mutual TLS: every client must present a certificate it signed, and the "
+        "certificate names the caller (its SPIFFE ID, else first DNS name, else CN).",
+        default="",
+        shown_default="(empty: no client certificates)",
+    )
+
+    @staticmethod
+    def _weights(raw: str) -> tuple[tuple[str, int], ...]:
+        """``billing=3,classroom=1``: caller names (or SPIFFE IDs), each with a positive integer."""
+        found: dict[str, int] = {}
+        for entry in filter(None, (part.strip() for part in raw.split(","))):
+            name, equals, weight = (part.strip() for part in entry.rpartition("="))
+            if not equals or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}|spiffe://[^\s=,]+", name):
+                raise Invalid(f"{entry!r} is not caller=weight (a caller name or spiffe:// ID)")
+            if not weight.isdigit() or int(weight) < 1 or name in found:
+                raise Invalid(f"{entry!r}: the weight must be a positive integer, once per caller")
+            found[name] = int(weight)
+        return tuple(found.items())
+
+    caller_weights: tuple[tuple[str, int], ...] = setting(
+        "TIW_CALLER_WEIGHTS",
+        _weights,
+        "Shares of the rate limit by caller (`tiw-caller`, or the client certificate's name), e.g. "
+        "`billing=3,classroom=1`; a caller not named weighs 1.",
+        default=(),
+        shown_default="(empty: all weigh 1)",
+    )
+
     @property
     def account(self) -> str:
-        """Whose quota this is: the configured account, else the SecretId."""
-        return self.rate_limit_account or self.secret_id
+        """Whose quota this is: the configured account, else the SecretId (else the pod's role)."""
+        return self.rate_limit_account or self.secret_id or self.tke_role_arn or "default"
 
     @property
     def upstream_host(self) -> str:
