@@ -8,20 +8,23 @@ A spy wraps the real in-process limiter to see what the client does with each le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gzip
-import json
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from conftest import facade_environment, wait_until
+from support.raw_upstream import RawUpstream, answer, envelope, http
 from tiw_facade import settings as settings_module
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 from tiw_facade.failures import (
     FacadeError,
     Outcome,
+    TiwError,
     UpstreamHttpError,
     UpstreamMalformed,
     UpstreamTimeout,
@@ -201,57 +204,17 @@ async def test_without_a_policy_nothing_that_may_have_arrived_is_resent(
 
 # --- a raw upstream: HTTP answers the emulator does not give ---------------------------------------
 
-Answer = Callable[[bytes], Awaitable[bytes]]  # the request's bytes -> the raw bytes to answer
-
-
-def http(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> bytes:
-    """One raw HTTP/1.1 answer that closes the connection."""
-    lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-def envelope(response: dict[str, Any]) -> bytes:
-    return json.dumps({"Response": response}).encode()
-
-
-@dataclasses.dataclass
-class RawUpstream:
-    """A TCP server answering each HTTP request with the bytes ``answer`` gives."""
-
-    answer: bytes
-    requests: list[bytes] = dataclasses.field(default_factory=list)
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            (
-                int(line.split(b":")[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length")
-            ),
-            0,
-        )
-        self.requests.append(head + await reader.readexactly(length))
-        writer.write(self.answer)
-        await writer.drain()
-        writer.close()
-
 
 @pytest.fixture
 async def raw_upstream() -> AsyncIterator[Callable[[bytes], Awaitable[tuple[RawUpstream, str]]]]:
-    servers: list[asyncio.Server] = []
+    """Start raw upstreams that answer every request with the given bytes; all stopped at the end."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(answer: bytes) -> tuple[RawUpstream, str]:
-        upstream = RawUpstream(answer)
-        server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
-        servers.append(server)
-        return upstream, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async def start(raw: bytes) -> tuple[RawUpstream, str]:
+            upstream = await stack.enter_async_context(RawUpstream(answer(raw)))
+            return upstream, upstream.url
 
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+        yield start
 
 
 async def call_raw(endpoint: str, **extra: str) -> FacadeError:
@@ -279,9 +242,11 @@ async def test_an_answer_that_is_not_http_never_shows_the_request_headers(raw_up
     upstream, url = await raw_upstream(b"NOT HTTP AT ALL\r\n\r\n")
     failure = await call_raw(url)
     assert isinstance(failure, UpstreamMalformed)
-    sent = upstream.requests[0].decode()
+    sent = (upstream.requests[0].head + upstream.requests[0].body).decode()
     assert "temporary-token" in sent and "TC3-HMAC-SHA256" in sent  # what must not come back
-    for text in (str(failure), repr(failure), *failure.metadata().values()):
+    # Its traceback too: a log line with exc_info would show the chained aiohttp exception.
+    shown = (str(failure), repr(failure), "".join(traceback.format_exception(failure)))
+    for text in (*shown, *failure.metadata().values()):
         assert "temporary-token" not in text and "TC3-HMAC-SHA256" not in text and "Authorization" not in text
 
 
@@ -349,3 +314,26 @@ async def test_an_answer_that_does_not_decode_is_a_failed_upstream_request(raw_u
     finally:
         await tiw.aclose()
         await limiter.aclose()
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["InvalidParameter.TaskNotFound", "InternalError", "LimitExceeded.Qps2", "FailedOperation.Busy_Retry"],
+)
+async def test_a_code_of_tiw_s_shape_is_tiw_s_error(raw_upstream: Any, code: str) -> None:
+    _, url = await raw_upstream(http(envelope({"Error": {"Code": code, "Message": "m"}, "RequestId": "r-5"})))
+    failure = await call_raw(url)
+    assert isinstance(failure, TiwError) and (failure.code, failure.request_id) == (code, "r-5")
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["", "Invalid Parameter", "A" * 129, "InvalidParameter.", ".Task", "错误", "X-Y", "A\nB", 4100, None],
+    ids=repr,
+)
+async def test_a_code_of_another_shape_is_malformed(raw_upstream: Any, code: object) -> None:
+    # TIW's code becomes a metric label and the status's reason: an arbitrary one must not.
+    _, url = await raw_upstream(http(envelope({"Error": {"Code": code, "Message": "m"}, "RequestId": "r-6"})))
+    failure = await call_raw(url)
+    assert isinstance(failure, UpstreamMalformed) and failure.request_id == "r-6"
+    assert not isinstance(code, str) or not code or code not in str(failure)
