@@ -463,8 +463,7 @@ async def test_implausible_codes_make_no_new_metric_series(hostile: Hostile) -> 
 async def test_hostile_init_params_are_invalid_arguments(
     hostile: Hostile, init_params: str, problem: str
 ) -> None:
-    request = pb.CreateSnapshotTaskRequest()
-    request.CopyFrom(REQUESTS["CreateSnapshotTask"])
+    request = pb.CreateSnapshotTaskRequest.FromString(REQUESTS["CreateSnapshotTask"].SerializeToString())
     request.whiteboard.init_params = init_params
     failure = await hostile.fail("CreateSnapshotTask", request=request)
     assert (failure.code, failure.info.reason) == (C.INVALID_ARGUMENT, "INVALID_REQUEST")

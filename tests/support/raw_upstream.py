@@ -149,7 +149,7 @@ def stream(total: int, chunk: int = 1 << 16) -> Behaviour:
     async def behave(_: Request, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
         piece = b"%x\r\n" % chunk + b" " * chunk + b"\r\n"
-        for _ in range(total // chunk):
+        for _written in range(total // chunk):
             writer.write(piece)
             await writer.drain()
         writer.write(b"0\r\n\r\n")
