@@ -8,7 +8,7 @@ import grpc
 import pytest
 from conftest import Facade, facade_environment
 from test_rpcs import PUSH_TASK, SDK_APP_ID, error_info, rich
-from tiw_facade import identity, settings
+from tiw_facade import calls, identity, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.failures import InvalidRequest
 from tiw_facade.handler import SERVICE
@@ -21,7 +21,7 @@ async def echo() -> AsyncIterator[grpc.aio.Channel]:
     """A server whose one method answers the caller CallerCheck left in CURRENT_CALLER."""
 
     async def caller(request: bytes, context: object) -> bytes:
-        return identity.CURRENT_CALLER.get().encode()
+        return calls.CURRENT_CALLER.get().encode()
 
     method = grpc.unary_unary_rpc_method_handler(caller)
     server = grpc.aio.server(interceptors=[identity.CallerCheck(frozenset({ECHO}), mutual=False)])
@@ -45,8 +45,8 @@ async def test_the_handler_sees_the_named_caller(echo: grpc.aio.Channel) -> None
 
 
 async def test_calls_without_a_name_share_one_caller(echo: grpc.aio.Channel) -> None:
-    assert await ask(echo) == identity.UNIDENTIFIED
-    assert await ask(echo, ("other-key", "billing")) == identity.UNIDENTIFIED
+    assert await ask(echo) == calls.UNIDENTIFIED
+    assert await ask(echo, ("other-key", "billing")) == calls.UNIDENTIFIED
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_caller_weights() -> None:
     weights = load(TIW_CALLER_WEIGHTS=" billing=3, classroom=1,spiffe://td/ns/a/sa/b=2 ").caller_weights
     assert dict(weights) == {"billing": 3, "classroom": 1, "spiffe://td/ns/a/sa/b": 2}
     config = load(TIW_CALLER_WEIGHTS="billing=3")
-    assert [identity.weight_of(name, config) for name in ("billing", "other", identity.UNIDENTIFIED)] == [
+    assert [identity.weight_of(name, config) for name in ("billing", "other", calls.UNIDENTIFIED)] == [
         3,
         1,
         1,

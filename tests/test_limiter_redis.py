@@ -507,7 +507,8 @@ async def test_saturated_replicas_stay_exact_through_an_outage_and_a_recovery(
     assert max_in_window(arrivals) <= 20, max_in_window(arrivals)
     for index, upstream in enumerate(upstreams):
         assert_one_outage_seen(modes, index, upstream, killed=killed, restarted=restarted, hold_off=hold_off)
-    assert count_between(arrivals, until - 1.0, until) >= 12  # flowing again
+    # Flowing again, shared: more than any one replica's degraded share (6) could admit.
+    assert count_between(arrivals, until - 1.0, until) >= 10
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 3  # one line per replica, not one per failed call
     assert sum("reachable again" in r.getMessage() for r in caplog.records) == 3
@@ -571,4 +572,5 @@ async def test_a_redis_slow_for_a_moment_degrades_nobody(slow: str, caplog: pyte
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     arrivals = [t for upstream in upstreams for t in upstream.arrivals]
     assert max_in_window(arrivals) <= 20, max_in_window(arrivals)
-    assert count_between(arrivals, until - 1.0, until) >= 12  # flowing again
+    # Flowing again, shared: more than any one replica's degraded share (6) could admit.
+    assert count_between(arrivals, until - 1.0, until) >= 10

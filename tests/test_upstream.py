@@ -30,7 +30,7 @@ from tiw_facade.failures import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tiw_facade.limiter import Lease, Limiter, create_limiter
+from tiw_facade.limiter import UNIDENTIFIED, Lease, Limiter, create_limiter
 from tiw_facade.metrics import Metrics
 from tiw_facade.signing import Signer
 from tiw_facade.upstream import UNANSWERED_HOLD, RetryPolicy, TiwClient
@@ -62,8 +62,17 @@ class SpyLimiter(Limiter):
     def degraded(self) -> bool:
         return False
 
-    async def acquire(self, action: str, *, deadline: float | None, hold: float) -> Lease:
-        spied = SpiedLease(await self.real.acquire(action, deadline=deadline, hold=hold), hold)
+    async def acquire(
+        self,
+        action: str,
+        *,
+        deadline: float | None,
+        hold: float,
+        caller: str = UNIDENTIFIED,
+        weight: int = 1,
+    ) -> Lease:
+        granted = await self.real.acquire(action, deadline=deadline, hold=hold, caller=caller, weight=weight)
+        spied = SpiedLease(granted, hold)
         self.leases.append(spied)
         return spied
 

@@ -20,3 +20,9 @@ class CallRecord:
 
 
 CURRENT_CALL: contextvars.ContextVar[CallRecord] = contextvars.ContextVar("tiw_facade_call")
+
+UNIDENTIFIED = "unidentified"  # the caller of a call that names none
+# The caller of the current TiwService call, set by identity.CallerCheck (a gRPC interceptor) and read
+# by the upstream client for the limiter's fair share. Here, not in identity.py, so that neither the
+# client nor the limiter imports anything of gRPC.
+CURRENT_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("tiw_caller", default=UNIDENTIFIED)

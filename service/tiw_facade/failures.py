@@ -191,11 +191,84 @@ class CallerMismatch(FacadeError):
         return {**super().metadata(), "caller": self.verified}
 
 
+class IdempotencyKeyReused(FacadeError):
+    """The ``idempotency-key`` was first used with another request (another fingerprint): a key
+    names one request. Nothing was sent."""
+
+    reason = "IDEMPOTENCY_KEY_REUSED"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self, key_hash: str) -> None:
+        super().__init__(
+            f"idempotency key {key_hash} was first used with a different request; "
+            "a key names one request: use a new key for a new request"
+        )
+        self.key_hash = key_hash
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "idempotency_key_sha256": self.key_hash}
+
+
+class IdempotencyInFlight(FacadeError):
+    """The request with this ``idempotency-key`` was sent and TIW has not answered yet (this call's,
+    or another's, on any replica): the deadline passed first. The facade keeps waiting for TIW and
+    records the answer under the key; a retry with the same key gets it."""
+
+    reason = "IDEMPOTENCY_IN_FLIGHT"
+    outcome = Outcome.UNKNOWN
+
+    def __init__(self, key_hash: str) -> None:
+        super().__init__(
+            f"the request with idempotency key {key_hash} is still in flight (TIW has not answered "
+            "within the deadline); the facade keeps waiting and records TIW's answer: retry with the "
+            "same key to get it"
+        )
+        self.key_hash = key_hash
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "idempotency_key_sha256": self.key_hash}
+
+
+class OutcomeUnknown(FacadeError):
+    """The first request with this ``idempotency-key`` was sent and its answer never arrived: TIW
+    may have executed it. The facade never sends it again under this key."""
+
+    reason = "OUTCOME_UNKNOWN"
+    outcome = Outcome.UNKNOWN
+
+    def __init__(self, key_hash: str) -> None:
+        super().__init__(
+            f"the first request with idempotency key {key_hash} was sent but TIW's answer never came: "
+            "it may have created a task, so it is not sent again under this key. Wait for the task's "
+            "callback or look for it (DescribeSnapshotTask, TIW's console); use a new key only if "
+            "you know no task was created, since a new key may create a second one"
+        )
+        self.key_hash = key_hash
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "idempotency_key_sha256": self.key_hash}
+
+
+class IdempotencyUnavailable(FacadeError):
+    """The store of idempotency keys (Redis) cannot be read or written, so the facade cannot promise
+    to send the request at most once: it does not send it. Retry (on another replica) later."""
+
+    reason = "IDEMPOTENCY_UNAVAILABLE"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"the idempotency key store is unavailable ({detail}); nothing was sent, retry")
+
+
 # The facade's own reasons, for documentation and tests: every concrete class but TiwError.
 FACADE_FAILURES: tuple[type[FacadeError], ...] = (
     InvalidRequest,
     MalformedRequest,
     CallerMismatch,
+    IdempotencyKeyReused,
+    IdempotencyInFlight,
+    OutcomeUnknown,
+    IdempotencyUnavailable,
     RateLimited,
     ShuttingDown,
     UpstreamUnreachable,

@@ -4,12 +4,17 @@ validate → translate to TIW JSON → the TIW client (admission, signing, sendi
 back) → the response, or the failure as a rich status. The five RPCs differ only in data: the action
 name (the RPC's name), its request and response messages, its validation rows and its retry policy
 (from the method's ``idempotency_level`` in the proto).
+
+A method the proto does not declare safe to repeat (CreateSnapshotTask) is also seen through once
+sent, whatever its caller does, and takes an ``idempotency-key`` (idempotency.py, docs/idempotency.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -19,11 +24,13 @@ from google.protobuf import descriptor_pb2, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from tiw_facade import errors, translate, validate
+from tiw_facade import errors, idempotency, translate, validate
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
 from tiw_facade.calls import CURRENT_CALL, CallRecord
-from tiw_facade.failures import FacadeError, InvalidRequest, MalformedRequest
+from tiw_facade.failures import FacadeError, InvalidRequest, MalformedRequest, Outcome, UpstreamTimeout
 from tiw_facade.upstream import NEVER_RESEND, RetryPolicy, TiwClient
+
+log = logging.getLogger("tiw_facade.handler")
 
 SERVICE: ServiceDescriptor = tiw_pb2.DESCRIPTOR.services_by_name["TiwService"]
 
@@ -56,6 +63,12 @@ def retry_policy(method: MethodDescriptor) -> RetryPolicy:
 
 
 POLICIES: Mapping[str, RetryPolicy] = {method.name: retry_policy(method) for method in SERVICE.methods}
+# What must never be lost once sent, nor sent twice by a retry: the methods never re-sent. They take
+# an idempotency key; the other methods ignore one (repeating them is harmless).
+SEEN_THROUGH: frozenset[str] = frozenset(name for name, policy in POLICIES.items() if policy is NEVER_RESEND)
+IDEMPOTENCY_KEY = "idempotency-key"
+# Initial metadata of an answer replayed from an idempotency key's record, not from TIW just now.
+REPLAY_METADATA = (("tiw-source", "replay"),)
 
 
 def upstream_deadline(time_remaining: float | None, now: float) -> float | None:
@@ -86,24 +99,73 @@ def lenient_deserializer(request_class: type[Message]) -> Callable[[bytes], Mess
     return deserialize
 
 
-def build_handler(client: TiwClient) -> grpc.GenericRpcHandler:
-    """The generic handler serving every RPC of TiwService through ``client``."""
+def idempotency_key(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The call's ``idempotency-key`` metadata, or None; InvalidRequest when it is not one."""
+    keys = [value for key, value in context.invocation_metadata() or () if key == IDEMPOTENCY_KEY]
+    if not keys:
+        return None
+    problem = "must be given once" if len(keys) > 1 else idempotency.key_violation(str(keys[0]))
+    if problem is not None:
+        raise InvalidRequest([(IDEMPOTENCY_KEY, f"(metadata) {problem}")])
+    return str(keys[0])
+
+
+def build_handler(client: TiwClient, keys: idempotency.Keys | None = None) -> grpc.GenericRpcHandler:
+    """The generic handler serving every RPC of TiwService through ``client``.
+
+    ``keys``: the idempotency keys' store; by default made from the client's settings and closed
+    by the client, after the calls it sees through.
+    """
+    if keys is None:
+        keys = idempotency.Keys.from_settings(client.settings)
+        client.close_after(keys.aclose)
     handlers = {}
     for method in SERVICE.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _behavior(method, response_class, client),
+            _behavior(method, response_class, client, keys),
             request_deserializer=lenient_deserializer(request_class),
             response_serializer=response_class.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
 
 
-def _behavior(method: MethodDescriptor, response_class: type[Message], client: TiwClient) -> Behavior:
+def _behavior(
+    method: MethodDescriptor, response_class: type[Message], client: TiwClient, keys: idempotency.Keys
+) -> Behavior:
     action = method.name  # RPCs are named exactly as the TIW actions
     policy = POLICIES[action]
     decode = functools.partial(translate.from_tiw, message_class=response_class)
+
+    async def send(
+        request: Message, deadline: float | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Message:
+        params = translate.to_tiw(request)
+        if action not in SEEN_THROUGH:
+            return await client.call(action, params, deadline=deadline, policy=policy, decode=decode)
+        key = idempotency_key(context)
+        attempt = functools.partial(
+            client.call, action, params, deadline=deadline, policy=policy, decode=decode, see_through=True
+        )
+        hashed = idempotency.key_hash(key) if key is not None else ""
+        late = functools.partial(_log_late, action, hashed)
+        if key is None:
+            return await client.see_through(attempt(), deadline, _still_waiting, late)
+
+        async def replayed() -> None:
+            await context.send_initial_metadata(REPLAY_METADATA)
+
+        return await keys.call(
+            key,
+            idempotency.fingerprint(action, request.SerializeToString(deterministic=True)),
+            deadline=deadline,
+            send=attempt,
+            see_through=lambda work, until, overdue: client.see_through(work, until, overdue, late),
+            encode=_encode,
+            decode=response_class.FromString,
+            replayed=replayed,
+        )
 
     async def handle(
         request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
@@ -119,9 +181,7 @@ def _behavior(method: MethodDescriptor, response_class: type[Message], client: T
             if found:
                 raise InvalidRequest(found)
             deadline = upstream_deadline(context.time_remaining(), time.monotonic())
-            response = await client.call(
-                action, translate.to_tiw(request), deadline=deadline, policy=policy, decode=decode
-            )
+            response = await send(request, deadline, context)
         except Exception as exc:  # every failure becomes a status; CancelledError is not an Exception
             if isinstance(exc, FacadeError):
                 record.tiw_code = exc.reason
@@ -134,6 +194,36 @@ def _behavior(method: MethodDescriptor, response_class: type[Message], client: T
         return response
 
     return handle
+
+
+def _encode(response: Message) -> tuple[bytes, str]:
+    return response.SerializeToString(), getattr(response, "request_id", "")
+
+
+def _still_waiting() -> UpstreamTimeout:
+    return UpstreamTimeout(
+        "TIW has not answered within the deadline; the facade waits on for its answer and logs it "
+        f"(send an {IDEMPOTENCY_KEY} to get it by retrying)",
+        outcome=Outcome.UNKNOWN,
+    )
+
+
+def _log_late(action: str, key_hash: str, task: asyncio.Task[Message]) -> None:
+    """What became of a call seen through after its caller stopped waiting: nothing created is lost."""
+    extra: dict[str, object] = {"action": action, "idempotency_key_sha256": key_hash}
+    if task.cancelled():
+        log.warning("a call whose caller went away was cancelled before TIW answered", extra=extra)
+        return
+    exc = task.exception()
+    if exc is None:
+        response = task.result()
+        extra.update(task_id=getattr(response, "task_id", ""), tiw_request_id=_encode(response)[1])
+        log.info("a call whose caller went away was answered", extra=extra)
+    else:
+        extra.update(
+            tiw_code=getattr(exc, "reason", type(exc).__name__), tiw_request_id=getattr(exc, "request_id", "")
+        )
+        log.info("a call whose caller went away failed", extra=extra)
 
 
 def _fail(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:

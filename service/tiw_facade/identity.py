@@ -12,7 +12,6 @@ certificate names the caller (its SPIFFE ID, else its first DNS name, else its C
 
 from __future__ import annotations
 
-import contextvars
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -20,16 +19,13 @@ from typing import Any
 import grpc
 
 from tiw_facade import errors
+from tiw_facade.calls import CURRENT_CALLER, UNIDENTIFIED
 from tiw_facade.failures import CallerMismatch, FacadeError, InvalidRequest
 from tiw_facade.settings import Settings
 
 CALLER_KEY = "tiw-caller"
-UNIDENTIFIED = "unidentified"
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NAME_RULE = "must be 1 to 64 letters, digits, '-', '_' or '.'"
-
-# The caller of the RPC being served; each RPC runs in a task (a context) of its own.
-CURRENT_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("tiw_caller", default=UNIDENTIFIED)
 
 
 def claimed_name(values: list[str]) -> str | None:

@@ -181,6 +181,30 @@ class Metrics:
             ("action",),
             registry=r,
         )
+        # By caller, with bounded cardinality: the callers named in TIW_CALLER_WEIGHTS, `unidentified`,
+        # and everyone else as `other` (CallerSeries).
+        self.limiter_caller_admitted = Counter(
+            "tiw_limiter_caller_admitted_total",
+            "Upstream attempts admitted by the rate limiter, by caller (named in TIW_CALLER_WEIGHTS, "
+            "else other).",
+            ("action", "caller"),
+            registry=r,
+        )
+        self.limiter_caller_rejected = Counter(
+            "tiw_limiter_caller_rejected_total",
+            "Calls refused by the rate limiter, by caller (named in TIW_CALLER_WEIGHTS, else other) "
+            "and reason.",
+            ("action", "caller", "reason"),
+            registry=r,
+        )
+        self.limiter_caller_wait_seconds = Histogram(
+            "tiw_limiter_caller_wait_seconds",
+            "Time a call waited for its rate-limit slot, by caller (named in TIW_CALLER_WEIGHTS, "
+            "else other).",
+            ("action", "caller"),
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
         self.limiter_backend = Gauge(
             "tiw_limiter_backend_info",
             "The rate limiter's backend (memory or redis); value 1.",
@@ -348,3 +372,35 @@ class MethodSeries:
             code: metrics.grpc_handled.labels(**labels, grpc_code=name)
             for code, name in GO_CODE_NAMES.items()
         }
+
+
+class CallerSeries:
+    """The limiter's metrics by caller (a ``limiter.CallerObserver``). Callers outside ``known`` (and
+    ``unidentified``) count as ``other``: a caller names itself, so its name must not grow the series."""
+
+    def __init__(self, metrics: Metrics, known: Iterable[str]) -> None:
+        self._metrics = metrics
+        self._known = frozenset(known) | {"unidentified"}
+        self._admitted: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
+        self._rejected: dict[tuple[str, str, str], CounterChild] = {}
+
+    def _label(self, caller: str) -> str:
+        return caller if caller in self._known else "other"
+
+    def admitted(self, action: str, caller: str, wait: float) -> None:
+        key = (action, self._label(caller))
+        children = self._admitted.get(key)
+        if children is None:
+            children = self._admitted[key] = (
+                self._metrics.limiter_caller_admitted.labels(*key),
+                self._metrics.limiter_caller_wait_seconds.labels(*key),
+            )
+        children[0].inc()
+        children[1].observe(wait)
+
+    def refused(self, action: str, caller: str, reason: str) -> None:
+        key = (action, self._label(caller), reason)
+        child = self._rejected.get(key)
+        if child is None:
+            child = self._rejected[key] = self._metrics.limiter_caller_rejected.labels(*key)
+        child.inc()

@@ -31,7 +31,7 @@ from tiw_facade import __version__, identity, tls
 from tiw_facade.handler import SERVICE, build_handler
 from tiw_facade.interceptor import RpcObserver
 from tiw_facade.limiter import Limiter, create_limiter
-from tiw_facade.metrics import Metrics
+from tiw_facade.metrics import CallerSeries, Metrics
 from tiw_facade.pages import HEALTH_TIMEOUT, Answer, Exposition, Headers, Page, PageServer, listen, on_loop
 from tiw_facade.settings import Settings, variable
 from tiw_facade.upstream import TiwClient
@@ -167,7 +167,8 @@ class FacadeServer:
             raise RuntimeError("already started")
         settings = self.settings
         async with contextlib.AsyncExitStack() as resources:  # closes everything if start fails
-            limiter = self._limiter = create_limiter(settings, self.metrics)
+            by_caller = CallerSeries(self.metrics, (name for name, _ in settings.caller_weights))
+            limiter = self._limiter = create_limiter(settings, self.metrics, observer=by_caller)
             resources.push_async_callback(limiter.aclose)
             self.metrics.prime(
                 SERVICE.full_name, [m.name for m in SERVICE.methods], settings.rate_limit, limiter.backend

@@ -435,6 +435,21 @@ class Settings:
         shown_default="(empty: all weigh 1)",
     )
 
+    idempotency_ttl: float = setting(
+        "TIW_IDEMPOTENCY_TTL",
+        positive_float,
+        "Seconds the answer to a CreateSnapshotTask with an `idempotency-key` is kept for its retries "
+        "(docs/idempotency.md); in Redis when TIW_REDIS_URL is set, else in process.",
+        default=86400.0,
+    )
+    idempotency_max_keys: int = setting(
+        "TIW_IDEMPOTENCY_MAX_KEYS",
+        positive_int,
+        "Idempotency keys kept in process (without Redis); beyond it the oldest is forgotten, and a "
+        "retry with it may create a second task.",
+        default=100_000,
+    )
+
     @property
     def account(self) -> str:
         """Whose quota this is: the configured account, else the SecretId (else the pod's role)."""

@@ -19,11 +19,13 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tiw_facade import credentials as credentials_module
+from tiw_facade.calls import CURRENT_CALLER
 from tiw_facade.failures import (
+    FacadeError,
     Outcome,
     RateLimited,
     ShuttingDown,
@@ -99,6 +101,7 @@ class TiwClient:
         transport: Transport | None = None,
     ) -> None:
         self._settings = settings
+        self._weights = dict(settings.caller_weights)  # TIW_CALLER_WEIGHTS, for the limiter's fair share
         self._limiter = limiter
         self._metrics = metrics or Metrics.unobserved()
         self._transport = transport or AiohttpTransport(
@@ -116,14 +119,63 @@ class TiwClient:
         self._credentials = credentials_module.from_settings(settings, self._metrics, clock=self.tencent_time)
         self._signer: Signer | None = None  # for the credentials it was made for
         self._signer_credentials: Credentials | None = None
+        # Calls seen through past their caller (see_through): aclose waits for them, then closes
+        # what they use (close_after) before the transport.
+        self._seen_through: set[asyncio.Task[Any]] = set()
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
 
     async def start(self) -> None:
         await self._transport.start()
         await self._credentials.start()
 
     async def aclose(self) -> None:
+        if self._seen_through:
+            log.info("waiting for calls whose callers went away", extra={"calls": len(self._seen_through)})
+            # Each has at most one attempt left, of TIW_UPSTREAM_TIMEOUT; the lease's hold is longer.
+            _, late = await asyncio.wait(self._seen_through, timeout=self._settings.upstream_timeout + 1)
+            for task in late:
+                task.cancel()
+        for close in reversed(self._closers):
+            await close()
         await self._credentials.aclose()
         await self._transport.aclose()
+
+    def close_after(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Call ``close`` in aclose, once the calls seen through have ended (they may use it)."""
+        self._closers.append(close)
+
+    async def see_through(
+        self,
+        work: Coroutine[Any, Any, T],
+        deadline: float | None,
+        overdue: Callable[[], FacadeError],
+        late: Callable[[asyncio.Task[T]], None] | None = None,
+    ) -> T:
+        """``await work``, but ``work`` runs to its end whatever the caller does: past ``deadline``
+        (``time.monotonic()``) this raises ``overdue()``, and if the caller is cancelled the
+        cancellation stops here; either way ``late`` gets the task when it ends.
+
+        For requests that must not be lost once sent (a create: TIW makes a task whether or not
+        anyone reads its answer). Pair with ``call(..., see_through=True)``.
+        """
+        task = asyncio.ensure_future(work)
+        self._seen_through.add(task)
+        task.add_done_callback(self._seen_through.discard)
+        abandoned = True
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait({task}, timeout=timeout)  # asyncio.wait never cancels the task
+            if done:
+                abandoned = False
+                return task.result()
+            raise overdue()
+        finally:
+            if abandoned:
+                task.add_done_callback(late or _retrieve)
 
     def tencent_time(self) -> float:
         """Unix seconds by Tencent's clock, as far as the client knows it."""
@@ -137,11 +189,15 @@ class TiwClient:
         deadline: float | None,
         policy: RetryPolicy = NEVER_RESEND,
         decode: Callable[[dict[str, Any]], T] = _as_is,  # type: ignore[assignment]
+        see_through: bool = False,
     ) -> T:
         """Send ``action`` with ``params``; return ``decode`` of TIW's ``Response`` (without ``Error``).
 
         ``decode`` runs inside the attempt, so an answer it rejects (``ValueError``) counts as the
         failed upstream request it is (``UPSTREAM_MALFORMED``), not as a success.
+
+        ``see_through``: ``deadline`` bounds the wait for a slot and when an attempt may start; an
+        attempt once sent waits for TIW's answer for TIW_UPSTREAM_TIMEOUT whatever the deadline.
         """
         budget_end = deadline if deadline is not None else time.monotonic() + self._settings.upstream_timeout
         body = encode(params)
@@ -150,7 +206,7 @@ class TiwClient:
         while True:
             attempt += 1
             try:
-                return await self._attempt(action, body, budget_end, decode)
+                return await self._attempt(action, body, budget_end, decode, see_through)
             except TiwError as exc:
                 if answer_lost and exc.code == policy.success_after_lost_answer:
                     log.info("earlier attempt succeeded; its answer was lost", extra={"action": action})
@@ -174,7 +230,12 @@ class TiwClient:
             await asyncio.sleep(delay)
 
     async def _attempt(
-        self, action: str, body: bytes, budget_end: float, decode: Callable[[dict[str, Any]], T]
+        self,
+        action: str,
+        body: bytes,
+        budget_end: float,
+        decode: Callable[[dict[str, Any]], T],
+        see_through: bool = False,
     ) -> T:
         remaining = budget_end - time.monotonic()
         if remaining < MIN_ATTEMPT_TIME:
@@ -183,7 +244,11 @@ class TiwClient:
             )
         # Before admission: a call without credentials must not spend a rate-limit token.
         signer = await self._current_signer()
-        lease = await self._admit(action, budget_end, remaining)
+        # Seen through, a sent attempt has TIW_UPSTREAM_TIMEOUT whatever the deadline: its lease's
+        # hold must cover that long, as a request TIW may receive that late.
+        lease = await self._admit(
+            action, budget_end, self._settings.upstream_timeout if see_through else remaining
+        )
         # One attempt may take TIW_UPSTREAM_TIMEOUT at most, so a lost request on a long caller
         # deadline still leaves time to try again where that is safe.
         remaining = min(budget_end - time.monotonic(), self._settings.upstream_timeout)
@@ -192,6 +257,8 @@ class TiwClient:
             raise UpstreamTimeout(
                 "the deadline was spent waiting for a rate-limit slot", outcome=Outcome.NOT_SENT
             )
+        if see_through:  # the caller's deadline no longer cuts it: see the docstring of call()
+            remaining = self._settings.upstream_timeout
         code = "CANCELLED"  # unless the attempt ends otherwise: the caller went away mid-flight
         started = time.perf_counter()
         # Whether we know TIW saw the request no later than now (answered, refused, never sent). When
@@ -263,10 +330,13 @@ class TiwClient:
         """A token for one attempt; the limiter's refusals become the failures module's."""
         try:
             # A slot that leaves no time to send would spend a token for nothing.
+            caller = CURRENT_CALLER.get()
             return await self._limiter.acquire(
                 action,
                 deadline=budget_end - MIN_ATTEMPT_TIME,
                 hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
+                caller=caller,
+                weight=self._weights.get(caller, 1),
             )
         except QuotaExceeded as exc:
             raise RateLimited(exc.action, exc.reason, exc.retry_after) from exc
@@ -281,6 +351,12 @@ class TiwClient:
             raise UpstreamMalformed(
                 f"TIW's answer does not fit the contract: {exc}", request_id=_request_id(answer)
             ) from exc
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Take a finished task's exception, which nobody else will: asyncio would log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _parse(status: int, raw: bytes) -> dict[str, Any]:

@@ -9,6 +9,9 @@ ANSWER to the call that took it (TIW saw the call before we saw its answer, so t
 token arrives at least a window later, however the network jitters). A call whose answer never comes
 keeps its token until its hold time-out, plus a window.
 
+Waiting calls of one action are served by caller in weighted round robin (``_fair``): a caller
+flooding the limiter delays the others by at most one turn of its own; see docs/limiter.md.
+
 Two backends behind one interface: in-process (``memory``) for one replica, and Redis (``shared``)
 for replicas sharing the quota, which falls back to a local share of the limit while Redis is down.
 """
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from tiw_facade.settings import Settings
 
 Reason = Literal["deadline", "max_wait", "queue_full"]
+UNIDENTIFIED = "unidentified"  # the caller of a call that names none (as ``identity.UNIDENTIFIED``)
 
 
 class QuotaExceeded(Exception):
@@ -53,6 +57,19 @@ class Lease(Protocol):
         """
 
 
+class CallerObserver(Protocol):
+    """What the limiter tells about each caller (for metrics by caller; the limiter keeps no labels).
+
+    Called synchronously on the admission path: keep it cheap, and bound the label values there.
+    """
+
+    def admitted(self, action: str, caller: str, wait: float) -> None:
+        """A call of ``caller`` got its token after waiting ``wait`` seconds."""
+
+    def refused(self, action: str, caller: str, reason: Reason) -> None:
+        """A call of ``caller`` was refused (``QuotaExceeded`` with ``reason``)."""
+
+
 class Limiter(abc.ABC):
     """Admission per action for one account. See the module docstring for the invariant."""
 
@@ -64,8 +81,19 @@ class Limiter(abc.ABC):
         """True while a shared limiter cannot reach its backend and uses a local share of the limit."""
 
     @abc.abstractmethod
-    async def acquire(self, action: str, *, deadline: float | None, hold: float) -> Lease:
-        """Wait (first come, first served per action) for a token of ``action``.
+    async def acquire(
+        self,
+        action: str,
+        *,
+        deadline: float | None,
+        hold: float,
+        caller: str = UNIDENTIFIED,
+        weight: int = 1,
+    ) -> Lease:
+        """Wait for a token of ``action``: callers in weighted round robin, each one's calls in order.
+
+        ``caller``/``weight``: whose call this is and its share among the callers waiting (at least
+        1); a caller alone gets every token.
 
         ``deadline``: absolute ``time.monotonic()`` by which the caller needs its answer, or None.
         ``hold``: the longest the attempt can take; a lease never released comes back after
@@ -89,7 +117,13 @@ class Limiter(abc.ABC):
         """Stop background work, refuse waiting callers with ``LimiterClosed``, return shared tokens."""
 
 
-def create_limiter(settings: Settings, metrics: Metrics | None = None, *, window: float = 1.0) -> Limiter:
+def create_limiter(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    *,
+    window: float = 1.0,
+    observer: CallerObserver | None = None,
+) -> Limiter:
     """The limiter ``settings`` ask for: in-process without ``redis_url``, else shared through Redis.
 
     Needs no running event loop; a shared limiter connects on first use.
@@ -104,6 +138,7 @@ def create_limiter(settings: Settings, metrics: Metrics | None = None, *, window
             max_queue_wait=settings.max_queue_wait,
             max_queue_length=settings.max_queue_length,
             metrics=metrics,
+            observer=observer,
         )
     from tiw_facade.limiter.shared import RedisLimiter
 
@@ -118,7 +153,17 @@ def create_limiter(settings: Settings, metrics: Metrics | None = None, *, window
         max_queue_wait=settings.max_queue_wait,
         max_queue_length=settings.max_queue_length,
         metrics=metrics,
+        observer=observer,
     )
 
 
-__all__ = ["Lease", "Limiter", "LimiterClosed", "QuotaExceeded", "Reason", "create_limiter"]
+__all__ = [
+    "UNIDENTIFIED",
+    "CallerObserver",
+    "Lease",
+    "Limiter",
+    "LimiterClosed",
+    "QuotaExceeded",
+    "Reason",
+    "create_limiter",
+]

@@ -3,8 +3,9 @@
 A backend only says whether a token can be taken now (and if not, when to ask again), how tokens are
 expected to come back (for estimates), and how to hand back a token nobody used.
 
-Waiting callers queue per action in arrival order. A caller only takes a token itself when nobody is
-queued (the cheap, common path); otherwise one pump task per action hands tokens to the queue's head,
+Waiting calls queue per action, by caller (``_fair``: weighted round robin among callers, each
+caller's calls in arrival order). A call only takes a token itself when nobody is queued (the cheap,
+common path); otherwise one pump task per action hands each token to the call the round robin names,
 sleeping exactly until the backend says a token can come back. Waiters never poll.
 """
 
@@ -15,11 +16,19 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tiw_facade.limiter import Lease, Limiter, LimiterClosed, QuotaExceeded, Reason
+from tiw_facade.limiter import (
+    UNIDENTIFIED,
+    CallerObserver,
+    Lease,
+    Limiter,
+    LimiterClosed,
+    QuotaExceeded,
+    Reason,
+)
+from tiw_facade.limiter._fair import FairQueue, Waiter
 from tiw_facade.limiter._ledger import Clock
 from tiw_facade.metrics import Metrics
 
@@ -56,39 +65,37 @@ class RetryAt:
 Taken = Granted | RetryAt
 
 
-class _Waiter:
-    __slots__ = ("future", "hold")
+class _Unobserved:
+    """The observer of a limiter built without one."""
 
-    def __init__(self, future: asyncio.Future[Lease], hold: float) -> None:
-        self.future = future
-        self.hold = hold
+    def admitted(self, action: str, caller: str, wait: float) -> None:
+        pass
+
+    def refused(self, action: str, caller: str, reason: Reason) -> None:
+        pass
 
 
 class ActionState:
     """One action's queue and pump."""
 
-    __slots__ = ("action", "live", "metrics", "paused_until", "pump", "queue", "wake")
+    __slots__ = ("action", "metrics", "paused_until", "pump", "queue", "wake")
 
     def __init__(self, action: str, metrics: ActionSeries) -> None:
         self.action = action
-        # Waiters in arrival order. Those that left (granted, timed out, cancelled: future done)
-        # stay until they reach the head, so leaving is O(1); `live` counts the others.
-        self.queue: deque[_Waiter] = deque()
-        self.live = 0
+        self.queue = FairQueue()
         self.pump: asyncio.Task[None] | None = None
         self.wake: asyncio.Future[None] | None = None  # the pump's current sleep
         self.paused_until = 0.0
         self.metrics = metrics
 
-    def head(self) -> _Waiter | None:
-        queue = self.queue
-        while queue and queue[0].future.done():
-            queue.popleft()
-        return queue[0] if queue else None
+    @property
+    def live(self) -> int:
+        """Calls waiting."""
+        return self.queue.live
 
-    def set_live(self, live: int) -> None:
-        self.live = live
-        self.metrics.depth.set(live)
+    def counted(self) -> None:
+        """The queue changed: show its depth."""
+        self.metrics.depth.set(self.queue.live)
 
     def poke(self) -> None:
         """A token came back out of schedule (a discarded lease): let the pump look now."""
@@ -113,6 +120,7 @@ class QueuedLimiter(Limiter):
         max_queue_wait: float,
         max_queue_length: int,
         metrics: Metrics | None,
+        observer: CallerObserver | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         metrics = metrics or Metrics.unobserved()
@@ -123,6 +131,7 @@ class QueuedLimiter(Limiter):
         self._max_queue_wait = max_queue_wait
         self._max_queue_length = max_queue_length
         self._metrics = metrics
+        self._observer: CallerObserver = observer or _Unobserved()
         self._clock = clock
         self._states: dict[str, ActionState] = {}
         self._closed = False
@@ -150,23 +159,33 @@ class QueuedLimiter(Limiter):
             state = self._states[action] = ActionState(action, self._metrics.action(action))
         return state
 
-    async def acquire(self, action: str, *, deadline: float | None, hold: float) -> Lease:
+    async def acquire(
+        self,
+        action: str,
+        *,
+        deadline: float | None,
+        hold: float,
+        caller: str = UNIDENTIFIED,
+        weight: int = 1,
+    ) -> Lease:
         if self._closed:
             raise LimiterClosed("the rate limiter is closed")
         state = self._states.get(action) or self._state(action)
         now = self._clock()
         if deadline is not None and deadline <= now:
-            raise self._refuse(state, "deadline", self._estimate(state, 0, now) - now)
+            raise self._refuse(state, caller, "deadline", self._estimate(state, 0, now) - now)
         hold = max(hold, 0.0)
         if state.live == 0 and now >= state.paused_until:
-            # Nobody queued: take a token directly (FIFO holds: there is no one to overtake).
+            # Nobody queued: take a token directly (there is no one to overtake).
             taken = await self._take(action, hold, now)
             if isinstance(taken, Granted):
-                return self._hand_over(state, taken.lease, deadline, since=now)
+                return self._hand_over(state, caller, taken.lease, deadline, since=now)
             now = self._clock()  # the backend may have awaited (Redis)
-        return await self._wait(state, deadline, hold, now)
+        return await self._wait(state, caller, max(1, weight), deadline=deadline, hold=hold, now=now)
 
-    def _hand_over(self, state: ActionState, lease: Lease, deadline: float | None, *, since: float) -> Lease:
+    def _hand_over(
+        self, state: ActionState, caller: str, lease: Lease, deadline: float | None, *, since: float
+    ) -> Lease:
         """The lease, to a caller running again now; unless its deadline passed meanwhile.
 
         A grant can land after the deadline: a shared backend answers a round trip after it was
@@ -178,28 +197,33 @@ class QueuedLimiter(Limiter):
         if deadline is not None and now >= deadline:
             self._discard(state.action, lease)
             state.poke()
-            raise self._refuse(state, "deadline", self._estimate(state, 0, now) - now)
+            raise self._refuse(state, caller, "deadline", self._estimate(state, 0, now) - now)
         state.metrics.admitted.inc()
         state.metrics.wait.observe(now - since)
+        self._observer.admitted(state.action, caller, now - since)
         return lease
 
-    async def _wait(self, state: ActionState, deadline: float | None, hold: float, now: float) -> Lease:
-        if state.live >= self._max_queue_length:
-            raise self._refuse(state, "queue_full", self._estimate(state, state.live, now) - now)
+    async def _wait(
+        self, state: ActionState, caller: str, weight: int, *, deadline: float | None, hold: float, now: float
+    ) -> Lease:
         limit_at = now + self._max_queue_wait
         reason: Reason = "max_wait"
         if deadline is not None and deadline <= limit_at:
             limit_at, reason = deadline, "deadline"
-        slot = self._estimate(state, state.live, now)
+        # Where the round robin would put this call among those waiting now, not behind all of them.
+        slot = self._estimate(state, state.queue.position(caller, weight), now)
+        if state.live >= self._max_queue_length:
+            if slot > limit_at:  # no call is dropped for one that would be refused anyway
+                raise self._refuse(state, caller, "queue_full", slot - now)
+            self._make_room(state, caller, weight, slot - now)
         if slot > limit_at:
             # Refuse at once rather than let the caller wait for nothing.
-            raise self._refuse(state, reason, slot - now)
+            raise self._refuse(state, caller, reason, slot - now)
 
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Lease] = loop.create_future()
-        waiter = _Waiter(future, hold)
-        state.queue.append(waiter)
-        state.set_live(state.live + 1)
+        waiter = state.queue.join(caller, weight, future, hold)
+        state.counted()
         timer = loop.call_later(limit_at - now, self._expire, state, waiter, reason)
         if state.pump is None:
             state.pump = loop.create_task(self._pump(state), name=f"limiter-pump-{state.action}")
@@ -208,7 +232,8 @@ class QueuedLimiter(Limiter):
         except asyncio.CancelledError:
             if future.cancelled():
                 # The caller left while queued: it takes nothing; the pump skips it.
-                state.set_live(state.live - 1)
+                state.queue.left(waiter)
+                state.counted()
             elif future.exception() is None:
                 # Granted in the same instant the caller was cancelled: nobody will send on this
                 # token, so it is free at once, for the next waiter.
@@ -217,22 +242,38 @@ class QueuedLimiter(Limiter):
             raise
         finally:
             timer.cancel()
-        return self._hand_over(state, lease, deadline, since=now)
+        return self._hand_over(state, caller, lease, deadline, since=now)
 
-    def _expire(self, state: ActionState, waiter: _Waiter, reason: Reason) -> None:
+    def _make_room(self, state: ActionState, caller: str, weight: int, retry_after: float) -> None:
+        """The queue is full: the newest call of the caller most over its share leaves (longest queue
+        drop), or, when that is this caller, this call is refused. A flood fills the bound, but
+        cannot keep a light caller out of it."""
+        victim = state.queue.victim_for(caller, weight)
+        if victim is None:
+            raise self._refuse(state, caller, "queue_full", retry_after)
+        state.counted()
+        now = self._clock()
+        victim.future.set_exception(
+            self._refuse(state, victim.caller.name, "queue_full", self._estimate(state, 0, now) - now)
+        )
+
+    def _expire(self, state: ActionState, waiter: Waiter, reason: Reason) -> None:
         """The waiter's deadline (or longest wait) passed before it got a token."""
         if waiter.future.done():
             return
-        state.set_live(state.live - 1)
+        state.queue.left(waiter)
+        state.counted()
         now = self._clock()
-        waiter.future.set_exception(self._refuse(state, reason, self._estimate(state, 0, now) - now))
+        refusal = self._refuse(state, waiter.caller.name, reason, self._estimate(state, 0, now) - now)
+        waiter.future.set_exception(refusal)
 
-    def _refuse(self, state: ActionState, reason: Reason, retry_after: float) -> QuotaExceeded:
+    def _refuse(self, state: ActionState, caller: str, reason: Reason, retry_after: float) -> QuotaExceeded:
         state.metrics.rejected(reason).inc()
+        self._observer.refused(state.action, caller, reason)
         return QuotaExceeded(state.action, reason, retry_after)
 
     def _estimate(self, state: ActionState, position: int, now: float) -> float:
-        """Optimistic time at which the waiter at ``position`` (0: head) gets a token.
+        """Optimistic time at which the waiter at ``position`` (0: the next token's) gets a token.
 
         The k-th waiter gets roughly the k-th earliest token to come back; held tokens come back no
         sooner than a window from now; a token reused comes back a window after that at the least.
@@ -252,9 +293,9 @@ class QueuedLimiter(Limiter):
         return max(slot + cycles * self._window, state.paused_until, outlook.not_before)
 
     async def _pump(self, state: ActionState) -> None:
-        """Hand tokens to the queue's head, in order, while anyone waits."""
+        """Hand tokens to the calls the round robin names, while anyone waits."""
         try:
-            while (waiter := state.head()) is not None:
+            while (waiter := state.queue.choose()) is not None:
                 now = self._clock()
                 if now < state.paused_until:
                     taken: Taken = RetryAt(state.paused_until)
@@ -263,12 +304,11 @@ class QueuedLimiter(Limiter):
                 if isinstance(taken, RetryAt):
                     await self._sleep_until(state, taken.when)
                 elif waiter.future.done():
-                    # The head left (cancelled, timed out) while the backend was asked.
+                    # The chosen call left (cancelled, timed out) while the backend was asked.
                     self._discard(state.action, taken.lease)
                 else:
-                    # Only the pump removes from the left, so the head is still queue[0].
-                    state.queue.popleft()
-                    state.set_live(state.live - 1)
+                    state.queue.granted(waiter)
+                    state.counted()
                     waiter.future.set_result(taken.lease)
         except asyncio.CancelledError:
             raise
@@ -303,8 +343,7 @@ class QueuedLimiter(Limiter):
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
         for state in self._states.values():
-            for waiter in state.queue:
-                if not waiter.future.done():
-                    waiter.future.set_exception(LimiterClosed("the rate limiter is closed"))
+            for waiter in state.queue.waiting():
+                waiter.future.set_exception(LimiterClosed("the rate limiter is closed"))
             state.queue.clear()
-            state.set_live(0)
+            state.counted()

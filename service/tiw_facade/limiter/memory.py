@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tiw_facade.limiter import Lease
+from tiw_facade.limiter import CallerObserver, Lease
 from tiw_facade.limiter._ledger import Ledger, LocalLease
 from tiw_facade.limiter._queue import Granted, Outlook, QueuedLimiter, RetryAt, Taken
 
@@ -25,6 +25,7 @@ class MemoryLimiter(QueuedLimiter):
         max_queue_wait: float = 5.0,
         max_queue_length: int = 1000,
         metrics: Metrics | None = None,
+        observer: CallerObserver | None = None,
     ) -> None:
         super().__init__(
             limit=limit,
@@ -32,6 +33,7 @@ class MemoryLimiter(QueuedLimiter):
             max_queue_wait=max_queue_wait,
             max_queue_length=max_queue_length,
             metrics=metrics,
+            observer=observer,
         )
         self._ledgers: dict[str, Ledger] = {}
 

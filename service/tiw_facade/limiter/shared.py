@@ -28,7 +28,7 @@ import urllib.parse
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from tiw_facade.limiter import Lease
+from tiw_facade.limiter import CallerObserver, Lease
 from tiw_facade.limiter._ledger import BACK, HELD, LATE, RELEASED, Clock, Ledger, LocalLease
 from tiw_facade.limiter._modes import Machine, Mode
 from tiw_facade.limiter._queue import Granted, Outlook, QueuedLimiter, RetryAt, Taken, wake
@@ -144,6 +144,7 @@ class RedisLimiter(QueuedLimiter):
         max_queue_wait: float = 5.0,
         max_queue_length: int = 1000,
         metrics: Metrics | None = None,
+        observer: CallerObserver | None = None,
         poll_interval: float = POLL_INTERVAL,
         probe_interval: float = 0.25,
         suspicion: float = SUSPICION,
@@ -159,6 +160,7 @@ class RedisLimiter(QueuedLimiter):
             max_queue_wait=max_queue_wait,
             max_queue_length=max_queue_length,
             metrics=metrics,
+            observer=observer,
             clock=clock,
         )
         self._share = degraded_limit

@@ -1,0 +1,415 @@
+"""Idempotency keys: a request sent to TIW at most once per key, its answer replayed to every retry.
+
+Per account and key the store keeps the request's fingerprint and where it stands: in flight (one
+sender, on one replica, owns it), answered (the response's bytes), failed with a TIW error TIW did
+execute (replayed as that error), or unknown (sent, never answered: never sent again). An outcome
+that proves TIW did nothing releases the key, so a retry tries again. docs/idempotency.md is the
+callers' side of this.
+
+Two stores, one interface: in process (bounded; the oldest key is forgotten first) and Redis (a hash
+per key, claimed and settled by Lua scripts, so two replicas never both own a key). Knows nothing
+of gRPC: the handler reads the key from metadata and says how a replay is marked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tiw_facade.failures import (
+    FacadeError,
+    IdempotencyInFlight,
+    IdempotencyKeyReused,
+    IdempotencyUnavailable,
+    InvalidRequest,
+    Outcome,
+    OutcomeUnknown,
+    TiwError,
+)
+
+if TYPE_CHECKING:
+    from tiw_facade.settings import Settings
+
+log = logging.getLogger("tiw_facade.idempotency")
+
+M = TypeVar("M")
+
+# TIW's codes that say it refused the request without executing it: the key is released.
+NOT_EXECUTED = (
+    "RequestLimitExceeded",
+    "AuthFailure",
+    "InvalidParameter",
+    "MissingParameter",
+    "UnknownParameter",
+)
+# Beyond the longest the sender itself may take, what writing the outcome (and replicas' clocks
+# disagreeing) may add: past it, an in-flight record's sender is taken to be gone (its replica died).
+SETTLE_SLACK = 5.0
+# How often a waiter on another replica's request looks at Redis again.
+POLL_INTERVAL = 0.05
+STORE_ERRORS = (RedisError, OSError)
+MAX_KEY_LENGTH = 255
+
+
+class State(enum.StrEnum):
+    IN_FLIGHT = "in_flight"  # claimed by a sender that has not settled it yet
+    ANSWERED = "answered"  # TIW answered: ``answer`` is the response's bytes
+    FAILED = "failed"  # TIW answered an error it executed (or may have): replayed as that error
+    UNKNOWN = "unknown"  # sent, never answered: TIW may have executed it; never sent again
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    fingerprint: str
+    state: State
+    token: str = ""  # the claim's: only its owner settles it
+    until: float = 0.0  # IN_FLIGHT: Unix time by which the owner settles it, unless it died
+    answer: bytes = b""
+    code: str = ""
+    message: str = ""
+    request_id: str = ""
+
+    def fields(self) -> dict[str, str | bytes]:
+        return {
+            "fingerprint": self.fingerprint,
+            "state": self.state.value,
+            "token": self.token,
+            "until": repr(self.until),
+            "answer": self.answer,
+            "code": self.code,
+            "message": self.message,
+            "request_id": self.request_id,
+        }
+
+    @classmethod
+    def parse(cls, fields: dict[bytes, bytes]) -> Record:
+        text = {name.decode(): value for name, value in fields.items()}
+        return cls(
+            fingerprint=text["fingerprint"].decode(),
+            state=State(text["state"].decode()),
+            token=text["token"].decode(),
+            until=float(text["until"]),
+            answer=text["answer"],
+            code=text["code"].decode(),
+            message=text["message"].decode(),
+            request_id=text["request_id"].decode(),
+        )
+
+
+def key_violation(key: str) -> str | None:
+    """Why ``key`` is not an idempotency key (1..255 printable ASCII characters), or None."""
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        return f"must be 1 to {MAX_KEY_LENGTH} characters long, not {len(key)}"
+    if not all(" " <= c <= "~" for c in key):
+        return "must be printable ASCII (space to ~)"
+    return None
+
+
+def key_hash(key: str) -> str:
+    """How a key appears in Redis, logs and statuses: a key may be something the caller keeps secret."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def fingerprint(action: str, request: bytes) -> str:
+    """Of a request's canonical bytes (``SerializeToString(deterministic=True)``)."""
+    return hashlib.sha256(action.encode() + b"\0" + request).hexdigest()
+
+
+class Store(Protocol):
+    backend: str
+
+    async def claim(self, scope: str, key: str, record: Record, ttl: float) -> Record | None:
+        """Store ``record`` (in flight, ours) unless the key has one: None if stored, else that one."""
+
+    async def get(self, scope: str, key: str) -> Record | None: ...
+
+    async def settle(self, scope: str, key: str, token: str, record: Record | None, ttl: float) -> None:
+        """Replace the claim ``token`` owns with ``record`` (None: release the key); a claim no longer
+        ours (expired, forgotten) is left alone."""
+
+    async def changed(self, scope: str, key: str, at_most: float) -> None:
+        """Return when the key's record may have changed, or after ``at_most`` seconds."""
+
+    async def aclose(self) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    record: Record
+    expires: float  # time.monotonic()
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class MemoryStore:
+    """This process's keys, at most ``max_keys``: the oldest is forgotten first (a retry with a
+    forgotten key is a new request). Waiters on an in-flight key wake on an asyncio.Event."""
+
+    backend = "memory"
+
+    def __init__(self, max_keys: int) -> None:
+        self._max_keys = max_keys
+        # In order of expiry: every write gives the full TTL and moves its entry to the end.
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+
+    def _live(self, scope: str, key: str) -> _Entry | None:
+        entry = self._entries.get((scope, key))
+        if entry is not None and entry.expires <= time.monotonic():
+            self._drop((scope, key))
+            return None
+        return entry
+
+    def _drop(self, name: tuple[str, str]) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            entry.changed.set()
+
+    def _put(self, name: tuple[str, str], record: Record, ttl: float) -> None:
+        now = time.monotonic()
+        while self._entries:
+            oldest, entry = next(iter(self._entries.items()))
+            if entry.expires > now and len(self._entries) < self._max_keys:
+                break
+            self._drop(oldest)
+        self._entries[name] = _Entry(record, now + ttl)
+
+    async def claim(self, scope: str, key: str, record: Record, ttl: float) -> Record | None:
+        entry = self._live(scope, key)
+        if entry is not None:
+            return entry.record
+        self._put((scope, key), record, ttl)
+        return None
+
+    async def get(self, scope: str, key: str) -> Record | None:
+        entry = self._live(scope, key)
+        return entry.record if entry is not None else None
+
+    async def settle(self, scope: str, key: str, token: str, record: Record | None, ttl: float) -> None:
+        entry = self._live(scope, key)
+        if entry is None or entry.record.token != token:
+            return
+        self._drop((scope, key))  # wakes the waiters
+        if record is not None:
+            self._put((scope, key), record, ttl)
+
+    async def changed(self, scope: str, key: str, at_most: float) -> None:
+        entry = self._live(scope, key)
+        if entry is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry.changed.wait(), at_most)
+
+    async def aclose(self) -> None:
+        self._entries.clear()
+
+
+# KEYS[1] the key's hash. ARGV: TTL in seconds, then the record's fields as name, value pairs.
+CLAIM_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return false
+"""
+# ARGV: the claim's token, TTL in ms, then the new record's fields (none: release).
+SETTLE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if #ARGV > 2 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
+class RedisStore:
+    """The keys of every replica: a hash per key, claimed with one atomic script (so two replicas
+    never both send), polled by waiters."""
+
+    backend = "redis"
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self._client: Redis = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._claim = self._client.register_script(CLAIM_SCRIPT)
+        self._settle = self._client.register_script(SETTLE_SCRIPT)
+
+    @staticmethod
+    def _name(scope: str, key: str) -> str:
+        # The account is hashed too (it may be a SecretId); its {hash tag} keeps it in one cluster slot.
+        return f"tiw-facade:idempotency:{{{hashlib.sha256(scope.encode()).hexdigest()[:16]}}}:{key}"
+
+    @staticmethod
+    def _pairs(record: Record) -> list[str | bytes]:
+        return [item for pair in record.fields().items() for item in pair]
+
+    async def claim(self, scope: str, key: str, record: Record, ttl: float) -> Record | None:
+        args = [int(ttl * 1000), *self._pairs(record)]
+        found = await self._claim(keys=[self._name(scope, key)], args=args)
+        if not found:
+            return None
+        return Record.parse(dict(zip(found[::2], found[1::2], strict=True)))
+
+    async def get(self, scope: str, key: str) -> Record | None:
+        found = cast(dict[bytes, bytes], await self._client.hgetall(self._name(scope, key)))
+        return Record.parse(found) if found else None
+
+    async def settle(self, scope: str, key: str, token: str, record: Record | None, ttl: float) -> None:
+        fields = self._pairs(record) if record is not None else []
+        await self._settle(keys=[self._name(scope, key)], args=[token, int(ttl * 1000), *fields])
+
+    async def changed(self, scope: str, key: str, at_most: float) -> None:
+        await asyncio.sleep(min(at_most, POLL_INTERVAL))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def settled_by(mine: Record, exc: BaseException) -> Record | None:
+    """What a failed send leaves under its key: None (released) when it proves TIW did nothing."""
+    if isinstance(exc, TiwError):
+        if exc.code.startswith(NOT_EXECUTED):
+            return None
+        return dataclasses.replace(
+            mine, state=State.FAILED, code=exc.code, message=exc.message, request_id=exc.request_id
+        )
+    if isinstance(exc, InvalidRequest) or getattr(exc, "outcome", None) is Outcome.NOT_SENT:
+        return None
+    return dataclasses.replace(mine, state=State.UNKNOWN)  # a time-out, a lost connection, a bug
+
+
+# How a send is seen through: (the work, the caller's deadline, the failure once it passes) -> its result.
+Send = Callable[[Coroutine[Any, Any, M], float | None, Callable[[], FacadeError]], Awaitable[M]]
+
+
+class Keys:
+    """The keys of one account: ``call`` sends a request at most once per key and replays its outcome."""
+
+    def __init__(self, store: Store, *, scope: str, ttl: float, sender_budget: float) -> None:
+        self.store = store
+        self._scope = scope
+        self._ttl = ttl
+        self._sender_budget = sender_budget  # beyond the caller's deadline, what a sent request may take
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keys:
+        store: Store = (
+            RedisStore(settings.redis_url, settings.redis_timeout)
+            if settings.redis_url
+            else MemoryStore(settings.idempotency_max_keys)
+        )
+        return cls(
+            store,
+            scope=settings.account,
+            ttl=settings.idempotency_ttl,
+            sender_budget=settings.upstream_timeout,
+        )
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    async def call(
+        self,
+        key: str,
+        print_: str,
+        *,
+        deadline: float | None,
+        send: Callable[[], Awaitable[M]],
+        see_through: Send[M],
+        encode: Callable[[M], tuple[bytes, str]],
+        decode: Callable[[bytes], M],
+        replayed: Callable[[], Awaitable[None]],
+    ) -> M:
+        """``send()`` once for ``key`` and request fingerprint ``print_``, or the outcome recorded for it.
+
+        ``see_through(work, deadline, overdue)`` runs the send on past the caller's deadline (and
+        past its going away) so the outcome is recorded; ``encode`` gives an answer's bytes and
+        RequestId, ``decode`` makes an answer of them; ``replayed`` is awaited before a replay.
+        """
+        hashed = key_hash(key)
+        while True:
+            budget = (deadline - time.monotonic()) if deadline is not None else self._sender_budget
+            mine = Record(
+                print_,
+                State.IN_FLIGHT,
+                token=secrets.token_hex(16),
+                until=time.time() + max(budget, 0.0) + self._sender_budget + SETTLE_SLACK,
+            )
+            found = await self._store_call(self.store.claim(self._scope, hashed, mine, self._ttl))
+            if found is None:
+                work = self._send_and_settle(hashed, mine, send, encode)
+                return await see_through(work, deadline, lambda: IdempotencyInFlight(hashed))
+            while found is not None:
+                if found.fingerprint != print_:
+                    raise IdempotencyKeyReused(hashed)
+                if found.state is not State.IN_FLIGHT:
+                    return await self._replay(hashed, found, decode, replayed)
+                if found.until <= time.time():  # its sender's replica died before it settled
+                    raise OutcomeUnknown(hashed)
+                wait = found.until - time.time()
+                if deadline is not None:
+                    if deadline <= time.monotonic():
+                        raise IdempotencyInFlight(hashed)
+                    wait = min(wait, deadline - time.monotonic())
+                await self._store_call(self.store.changed(self._scope, hashed, wait))
+                found = await self._store_call(self.store.get(self._scope, hashed))
+            # Released (TIW did nothing): this call tries in its turn.
+
+    async def _send_and_settle(
+        self,
+        hashed: str,
+        mine: Record,
+        send: Callable[[], Awaitable[M]],
+        encode: Callable[[M], tuple[bytes, str]],
+    ) -> M:
+        try:
+            response = await send()
+        except BaseException as exc:
+            await self._settle(hashed, mine, settled_by(mine, exc))
+            raise
+        answer, request_id = encode(response)
+        record = dataclasses.replace(mine, state=State.ANSWERED, answer=answer, request_id=request_id)
+        await self._settle(hashed, mine, record)
+        return response
+
+    async def _settle(self, hashed: str, mine: Record, record: Record | None) -> None:
+        try:
+            await self.store.settle(self._scope, hashed, mine.token, record, self._ttl)
+        except STORE_ERRORS as exc:
+            # The caller still gets the outcome; a retry finds the claim in flight until it lapses,
+            # then OUTCOME_UNKNOWN: never a second send.
+            log.warning(
+                "could not record the outcome under an idempotency key",
+                extra={
+                    "idempotency_key_sha256": hashed,
+                    "state": record.state.value if record else "released",
+                    "tiw_request_id": record.request_id if record else "",
+                    "error": type(exc).__name__,
+                },
+            )
+
+    @staticmethod
+    async def _replay(
+        hashed: str, record: Record, decode: Callable[[bytes], M], replayed: Callable[[], Awaitable[None]]
+    ) -> M:
+        if record.state is State.UNKNOWN:
+            raise OutcomeUnknown(hashed)
+        await replayed()
+        if record.state is State.FAILED:
+            raise TiwError(record.code, record.message, record.request_id)
+        return decode(record.answer)
+
+    async def _store_call(self, pending: Awaitable[M]) -> M:
+        try:
+            return await pending
+        except STORE_ERRORS as exc:
+            raise IdempotencyUnavailable(type(exc).__name__) from exc
