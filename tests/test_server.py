@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import grpc
@@ -336,8 +337,8 @@ async def test_stop_closes_everything_even_if_one_close_fails(
             await super().aclose()
             raise RuntimeError("client close failed")
 
-    def recording_limiter(settings: Settings, metrics: Metrics) -> Limiter:
-        limiter = create_limiter(settings, metrics)
+    def recording_limiter(settings: Settings, metrics: Metrics, **options: Any) -> Limiter:
+        limiter = create_limiter(settings, metrics, **options)
         real_close = limiter.aclose
 
         async def aclose() -> None:
