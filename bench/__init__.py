@@ -1,11 +1,15 @@
 """Benchmarks of tiw-facade: ``python -m bench`` (``make bench``) writes ``bench/RESULTS.md``.
 
-Three questions, each answered with ratios against a baseline measured in the same run:
+The questions, each answered with ratios against a baseline measured in the same run:
 
 - overhead: each RPC through the facade vs the same call made with Tencent's official Python SDK,
   against the same TIW emulator, one call at a time and with 32 in flight;
 - quota: under 5x overload, at most 20 arrivals per action in any 1-second window at a strict TIW
   emulator, zero throttles, and nearly all of the quota used (1 replica, and 3 sharing Redis);
+- fairness: a caller flooding one action with 10x the quota beside a light one (2 calls/s): the
+  light caller's p99 wait within 1 s and none refused, with the quota invariant and utilization kept
+  (1 replica, and 3 sharing Redis);
+- http-clients: the HTTP clients the upstream call could use, CPU and wall time per call;
 - local: answers that need no upstream call (validation failures, immediate RESOURCE_EXHAUSTED)
   vs a bare grpc.aio echo server.
 

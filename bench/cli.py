@@ -1,4 +1,7 @@
-"""``python -m bench [--quick] [--only overhead,quota,local,http-clients] [--profile] [--output FILE]``."""
+"""``python -m bench [--quick] [--only SUITES] [--profile] [--output FILE]``.
+
+SUITES: comma-separated, of overhead, quota, fairness, local, http-clients (all by default).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import http_clients, local, overhead, profiling, quota, report
+from bench import fairness, http_clients, local, overhead, profiling, quota, report
 from bench.common import Budget, Section
 from bench.procs import ROOT, BenchError, Processes
 
 SUITES: dict[str, Callable[[Processes, Budget], Section]] = {
     "overhead": overhead.run,
     "quota": quota.run,
+    "fairness": fairness.run,
     "local": local.run,
     "http-clients": http_clients.run,
 }

@@ -149,19 +149,19 @@ def _measure(procs: Processes, budget: Budget, setup: Setup) -> tuple[str, list[
 
     driver = threading.Thread(target=drive, name="quota-driver")
     driver.start()
-    _sleep_until(begin + budget.quota_warmup)
-    first = _snapshot(admin, metrics_urls, roles)
-    _sleep_until(begin + budget.quota_warmup + budget.quota_seconds)
-    second = _snapshot(admin, metrics_urls, roles)
+    sleep_until(begin + budget.quota_warmup)
+    first = snapshot(admin, metrics_urls, roles)
+    sleep_until(begin + budget.quota_warmup + budget.quota_seconds)
+    second = snapshot(admin, metrics_urls, roles)
     driver.join()
     if not worker_reply:
         raise BenchError(f"the quota load generator did not answer; see {worker.log}")
-    _sleep_until(time.monotonic() + 1.1)  # every token back: nothing else will arrive
-    final = _snapshot(admin, metrics_urls, roles)
+    sleep_until(time.monotonic() + 1.1)  # every token back: nothing else will arrive
+    final = snapshot(admin, metrics_urls, roles)
     return _report(setup, budget, records=worker_reply["records"], first=first, second=second, final=final)
 
 
-def _sleep_until(when: float) -> None:
+def sleep_until(when: float) -> None:
     delay = when - time.monotonic()
     if delay > 0:
         time.sleep(delay)
@@ -195,7 +195,7 @@ class Snapshot:
         return total
 
 
-def _snapshot(admin: EmulatorAdmin, metrics_urls: list[str], roles: dict[str, list[Proc]]) -> Snapshot:
+def snapshot(admin: EmulatorAdmin, metrics_urls: list[str], roles: dict[str, list[Proc]]) -> Snapshot:
     before = time.monotonic()
     stats = admin.stats()
     after = time.monotonic()
