@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -34,7 +33,6 @@ from bench.common import Budget, Goal, Section, fmt, grpc_call, table
 from bench.procs import (
     HOST,
     PYTHON,
-    BenchError,
     EmulatorAdmin,
     Proc,
     Processes,
@@ -42,7 +40,7 @@ from bench.procs import (
     facade_environment,
     free_port,
 )
-from bench.quota import SETUPS, Setup, Snapshot, sleep_until, snapshot
+from bench.quota import SETUPS, Setup, Snapshot, drive
 from bench.stats import histogram_buckets, histogram_quantile, percentile
 
 JSON = dict[str, Any]
@@ -167,23 +165,18 @@ def _measure(procs: Processes, budget: Budget, setup: Setup) -> Run:
         "callers": [dataclasses.asdict(caller) for caller in CALLERS],
         "timeout": DEADLINE,
     }
-    reply: JSON = {}
-
-    def drive() -> None:
-        reply.update(worker.request(command, timeout=seconds + DEADLINE + 60))
-
-    driver = threading.Thread(target=drive, name="fairness-driver")
-    driver.start()
-    sleep_until(begin + budget.quota_warmup)
-    first = snapshot(admin, metrics_urls, roles)
-    sleep_until(begin + budget.quota_warmup + budget.quota_seconds)
-    second = snapshot(admin, metrics_urls, roles)
-    driver.join()
-    if not reply:
-        raise BenchError(f"the fairness load generator did not answer; see {worker.log}")
-    sleep_until(time.monotonic() + 1.1)  # every token back: nothing else will arrive
-    final = snapshot(admin, metrics_urls, roles)
-    return Run(setup, reply["records"], first, second, final)
+    records, first, second, final = drive(
+        "fairness",
+        worker,
+        command=command,
+        seconds=seconds,
+        begin=begin,
+        budget=budget,
+        admin=admin,
+        metrics_urls=metrics_urls,
+        roles=roles,
+    )
+    return Run(setup, records, first, second, final)
 
 
 # --- the report ---------------------------------------------------------------------------------

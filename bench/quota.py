@@ -30,6 +30,7 @@ from bench.procs import (
     EmulatorAdmin,
     Proc,
     Processes,
+    Worker,
     facade_environment,
     free_port,
     get_text,
@@ -142,23 +143,51 @@ def _measure(procs: Processes, budget: Budget, setup: Setup) -> tuple[str, list[
         "seconds": seconds,
         "timeout": DEADLINE,
     }
-    worker_reply: dict[str, Any] = {}
+    records, first, second, final = drive(
+        "quota",
+        worker,
+        command=command,
+        seconds=seconds,
+        begin=begin,
+        budget=budget,
+        admin=admin,
+        metrics_urls=metrics_urls,
+        roles=roles,
+    )
+    return _report(setup, budget, records=records, first=first, second=second, final=final)
 
-    def drive() -> None:
-        worker_reply.update(worker.request(command, timeout=seconds + DEADLINE + 60))
 
-    driver = threading.Thread(target=drive, name="quota-driver")
+def drive(
+    section: str,
+    worker: Worker,
+    *,
+    command: dict[str, Any],
+    seconds: float,
+    begin: float,
+    budget: Budget,
+    admin: EmulatorAdmin,
+    metrics_urls: list[str],
+    roles: dict[str, list[Proc]],
+) -> tuple[Any, Snapshot, Snapshot, Snapshot]:
+    """Run the load generator's ``command`` and snapshot the counters at the measuring window's two
+    ends and once every token is back: (the generator's records, first, second, final)."""
+    reply: dict[str, Any] = {}
+
+    def request() -> None:
+        reply.update(worker.request(command, timeout=seconds + DEADLINE + 60))
+
+    driver = threading.Thread(target=request, name=f"{section}-driver")
     driver.start()
     sleep_until(begin + budget.quota_warmup)
     first = snapshot(admin, metrics_urls, roles)
     sleep_until(begin + budget.quota_warmup + budget.quota_seconds)
     second = snapshot(admin, metrics_urls, roles)
     driver.join()
-    if not worker_reply:
-        raise BenchError(f"the quota load generator did not answer; see {worker.log}")
+    if not reply:
+        raise BenchError(f"the {section} load generator did not answer; see {worker.log}")
     sleep_until(time.monotonic() + 1.1)  # every token back: nothing else will arrive
     final = snapshot(admin, metrics_urls, roles)
-    return _report(setup, budget, records=worker_reply["records"], first=first, second=second, final=final)
+    return reply["records"], first, second, final
 
 
 def sleep_until(when: float) -> None:
