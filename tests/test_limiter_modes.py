@@ -59,10 +59,13 @@ class FakeStore:
             raise self.fault
 
     async def acquire(self, action: str, member: str, hold: float, epoch: str) -> AcquireReply:
+        return await self.spare(action, member, hold, epoch, 0)
+
+    async def spare(self, action: str, member: str, hold: float, epoch: str, reserve: int) -> AcquireReply:
         self._call("acquire")
         if epoch != self.epoch:
             return EpochLost()
-        if self.taken.get(action, 0) >= self.limit:
+        if self.taken.get(action, 0) >= self.limit - reserve:
             return Full(0.0, self.limit, self.limit, ())
         self.taken[action] = self.taken.get(action, 0) + 1
         return Admitted()

@@ -19,6 +19,7 @@ for replicas sharing the quota, which falls back to a local share of the limit w
 from __future__ import annotations
 
 import abc
+import math
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -103,6 +104,29 @@ class Limiter(abc.ABC):
         the longest wait, or when the wait queue is full; and later if the deadline or the longest
         wait passes while waiting. A caller cancelled while waiting consumes nothing.
         """
+
+    async def try_spare(self, action: str, *, hold: float, reserve: int) -> Lease | None:
+        """A token for work nobody waits on (a background refresh), only if it costs no caller anything.
+
+        A lease at once, never queued, only when the limiter is open, ``action`` is not paused, no
+        call of ``action`` waits in this process, and more than ``reserve`` tokens are free now (at
+        least ``reserve`` stay free after this one; for a shared limiter, fleet-wide and atomically in
+        Redis, or of the local share while Redis is away). Otherwise None, at once: never
+        ``QuotaExceeded``, and None (not ``LimiterClosed``) once closed. The lease is like any other
+        (``hold``, ``release``). Counted as admitted, but not reported to the ``CallerObserver``.
+
+        This default grants nothing (always within the limit), for limiters that do not implement it.
+        """
+        return None
+
+    def spare_hint(self, action: str, *, reserve: int) -> float:
+        """Seconds until ``try_spare(action, reserve=reserve)`` may grant: 0 if it may now.
+
+        Optimistic (tokens handed back unused, or another replica's, can free one sooner; callers
+        arriving can take it first): ask then, and again after the next hint. ``math.inf`` once
+        closed, and for limiters that never grant spare tokens.
+        """
+        return math.inf
 
     @abc.abstractmethod
     def pause(self, action: str, seconds: float = 1.0) -> None:

@@ -7,6 +7,9 @@ Waiting calls queue per action, by caller (``_fair``: weighted round robin among
 caller's calls in arrival order). A call only takes a token itself when nobody is queued (the cheap,
 common path); otherwise one pump task per action hands each token to the call the round robin names,
 sleeping exactly until the backend says a token can come back. Waiters never poll.
+
+Spare grants (``try_spare``) take the direct path only, with the backend asked to keep ``reserve``
+tokens free, and only while nobody is queued: they never overtake a waiting call.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import abc
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -78,7 +82,7 @@ class _Unobserved:
 class ActionState:
     """One action's queue and pump."""
 
-    __slots__ = ("action", "metrics", "paused_until", "pump", "queue", "wake")
+    __slots__ = ("action", "metrics", "paused_until", "pump", "queue", "spare_at", "wake")
 
     def __init__(self, action: str, metrics: ActionSeries) -> None:
         self.action = action
@@ -86,6 +90,7 @@ class ActionState:
         self.pump: asyncio.Task[None] | None = None
         self.wake: asyncio.Future[None] | None = None  # the pump's current sleep
         self.paused_until = 0.0
+        self.spare_at = 0.0  # when the backend last said to ask again for a spare token
         self.metrics = metrics
 
     @property
@@ -140,8 +145,11 @@ class QueuedLimiter(Limiter):
     # --- what a backend provides ---
 
     @abc.abstractmethod
-    async def _take(self, action: str, hold: float, now: float) -> Taken:
-        """A token for an attempt of at most ``hold`` seconds, or when to ask again."""
+    async def _take(self, action: str, hold: float, now: float, reserve: int = 0) -> Taken:
+        """A token for an attempt of at most ``hold`` seconds, or when to ask again.
+
+        ``reserve``: grant only if at least that many tokens stay free after this one (spare grants).
+        """
 
     @abc.abstractmethod
     def _outlook(self, action: str, now: float) -> Outlook:
@@ -243,6 +251,38 @@ class QueuedLimiter(Limiter):
         finally:
             timer.cancel()
         return self._hand_over(state, caller, lease, deadline, since=now)
+
+    async def try_spare(self, action: str, *, hold: float, reserve: int) -> Lease | None:
+        if reserve < 0:
+            raise ValueError("reserve must be >= 0")
+        if self._closed:
+            return None
+        state = self._states.get(action) or self._state(action)
+        now = self._clock()
+        if state.live or now < state.paused_until:
+            return None
+        taken = await self._take(action, max(hold, 0.0), now, reserve)
+        if isinstance(taken, RetryAt):
+            state.spare_at = taken.when
+            return None
+        if self._closed or state.live or self._clock() < state.paused_until:
+            # While the backend was asked (Redis), a caller queued or TIW paused us: they come
+            # first. Handed back unused, the token is free again at once.
+            self._discard(action, taken.lease)
+            state.poke()
+            return None
+        # A token taken like any other, for nobody's call: admitted, but no caller's wait.
+        state.metrics.admitted.inc()
+        return taken.lease
+
+    def spare_hint(self, action: str, *, reserve: int) -> float:
+        if self._closed:
+            return math.inf
+        state = self._states.get(action) or self._state(action)
+        now = self._clock()
+        # Every queued call, then `reserve` more, get a token before a spare one is free.
+        at = max(self._estimate(state, state.live + max(0, reserve), now), state.spare_at)
+        return max(0.0, at - now)
 
     def _make_room(self, state: ActionState, caller: str, weight: int, retry_after: float) -> None:
         """The queue is full: the newest call of the caller most over its share leaves (longest queue

@@ -49,9 +49,10 @@ local function us(x) return string.format('%.0f', x) end
 """
 
 # KEYS: leases, pause, replicas, epoch.
-# ARGV: limit, hold_us, window_us, member, epoch, hold_off_us, share, expected, silent_us, lifetime_us.
+# ARGV: limit, hold_us, window_us, member, epoch, hold_off_us, share, expected, silent_us, lifetime_us,
+# reserve (admit only if that many tokens stay free after this one: spare grants; 0 for callers).
 # Reply: {1} admitted; {2} epoch lost; {3, us until the epoch is settled};
-# or {0, pause_left_us, occupied, capacity, us until each known return (ascending)...}.
+# or {0, pause_left_us, occupied, capacity (without the reserve), us until each known return...}.
 ACQUIRE_SCRIPT = (
     _NOW
     + """
@@ -75,7 +76,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', us(now))
 local occupied = redis.call('ZCARD', KEYS[1])
 local paused = redis.call('PTTL', KEYS[2])
 if paused < 0 then paused = 0 end
-if paused == 0 and occupied < capacity then
+if paused == 0 and occupied < capacity - tonumber(ARGV[11]) then
   redis.call('ZADD', KEYS[1], us(now + hold + window), ARGV[4])
   local ttl = math.ceil((hold + window) / 1000) + 1000
   if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
@@ -214,6 +215,10 @@ class Store(Protocol):
     replica: str
 
     async def acquire(self, action: str, member: str, hold: float, epoch: str) -> AcquireReply: ...
+    async def spare(self, action: str, member: str, hold: float, epoch: str, reserve: int) -> AcquireReply:
+        """``acquire``, only if at least ``reserve`` tokens stay free (fleet-wide) after this one."""
+        ...
+
     async def release(self, action: str, member: str) -> None: ...
     async def forget(self, action: str, member: str) -> None: ...
     async def pause(self, action: str, seconds: float) -> None: ...
@@ -271,6 +276,12 @@ class RedisStore:
         return f"{self.prefix}:{action}"
 
     async def acquire(self, action: str, member: str, hold: float, epoch: str) -> AcquireReply:
+        return await self._admit(action, member, hold, epoch, 0)
+
+    async def spare(self, action: str, member: str, hold: float, epoch: str, reserve: int) -> AcquireReply:
+        return await self._admit(action, member, hold, epoch, reserve)
+
+    async def _admit(self, action: str, member: str, hold: float, epoch: str, reserve: int) -> AcquireReply:
         window_us, hold_off_us, share, expected, silent_us, lifetime_us = self._acquire_args
         keys = (
             self.leases_key(action),
@@ -279,7 +290,9 @@ class RedisStore:
             self._epoch_key,
         )
         args = (self._tuning.limit, round(hold * US), window_us, member, epoch, hold_off_us, share, expected)
-        reply = cast("list[int]", await self._acquire(keys=keys, args=(*args, silent_us, lifetime_us)))
+        reply = cast(
+            "list[int]", await self._acquire(keys=keys, args=(*args, silent_us, lifetime_us, reserve))
+        )
         code = reply[0]
         if code == 1:
             return Admitted()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from tiw_facade.limiter import CallerObserver, Lease
-from tiw_facade.limiter._ledger import Ledger, LocalLease
+from tiw_facade.limiter._ledger import Clock, Ledger, LocalLease
 from tiw_facade.limiter._queue import Granted, Outlook, QueuedLimiter, RetryAt, Taken
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class MemoryLimiter(QueuedLimiter):
         max_queue_length: int = 1000,
         metrics: Metrics | None = None,
         observer: CallerObserver | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         super().__init__(
             limit=limit,
@@ -34,6 +36,7 @@ class MemoryLimiter(QueuedLimiter):
             max_queue_length=max_queue_length,
             metrics=metrics,
             observer=observer,
+            clock=clock,
         )
         self._ledgers: dict[str, Ledger] = {}
 
@@ -47,9 +50,9 @@ class MemoryLimiter(QueuedLimiter):
             ledger = self._ledgers[action] = Ledger(self._window, self._clock)
         return ledger
 
-    async def _take(self, action: str, hold: float, now: float) -> Taken:
+    async def _take(self, action: str, hold: float, now: float, reserve: int = 0) -> Taken:
         ledger = self._ledger(action)
-        back = ledger.room(now, self._limit)
+        back = ledger.room(now, self._limit - reserve)
         if back is not None:
             return RetryAt(back)
         return Granted(ledger.add(LocalLease(ledger, now + hold + self._window)))

@@ -223,7 +223,7 @@ class RedisLimiter(QueuedLimiter):
 
     # --- admission ---
 
-    async def _take(self, action: str, hold: float, now: float) -> Taken:
+    async def _take(self, action: str, hold: float, now: float, reserve: int = 0) -> Taken:
         if self._watcher is None and self._autowatch:
             self._watch_from_now()
         mode = self._machine.settle(now)
@@ -232,7 +232,7 @@ class RedisLimiter(QueuedLimiter):
         ledger = self._ledger(action)
         member = f"{self.store.replica}:{next(self._serial)}"
         if mode.local_share:
-            not_yet = self._local_room(mode, ledger, hold, now)
+            not_yet = self._local_room(mode, ledger, hold, now, reserve)
             if not_yet is not None:
                 return not_yet
             if not mode.asks_redis:
@@ -244,7 +244,12 @@ class RedisLimiter(QueuedLimiter):
                 self._failed(exc)
                 return RetryAt(self._clock())
             now = self._clock()
-        call = asyncio.ensure_future(self.store.acquire(action, member, hold, self._epoch))
+        asking = (
+            self.store.spare(action, member, hold, self._epoch, reserve)
+            if reserve
+            else self.store.acquire(action, member, hold, self._epoch)
+        )
+        call = asyncio.ensure_future(asking)
         try:
             # Shielded: if our caller is cancelled mid-call, Redis may still admit; the callback
             # then hands that token back instead of leaving it taken for nobody until its hold ends.
@@ -265,7 +270,7 @@ class RedisLimiter(QueuedLimiter):
         if isinstance(reply, Admitted):
             return self._lease(action, hold, now, member=member, in_redis=True)
         if isinstance(reply, Full):
-            return RetryAt(self._not_yet(action, reply, now))
+            return RetryAt(self._not_yet(action, reply, now, reserve))
         if isinstance(reply, Settling):
             # Estimates for the callers that queue meanwhile: nothing before the state settles.
             self._views[action] = Outlook(self._limit, (), 0, now + reply.ready_in)
@@ -273,7 +278,9 @@ class RedisLimiter(QueuedLimiter):
         self._lose_epoch(now)
         return RetryAt(now + self._hold_off)  # the rejoin wakes the pumps
 
-    def _local_room(self, mode: Mode, ledger: Ledger, hold: float, now: float) -> RetryAt | None:
+    def _local_room(
+        self, mode: Mode, ledger: Ledger, hold: float, now: float, reserve: int
+    ) -> RetryAt | None:
         stamps = self._machine.stamps
         if now < stamps.local_from:
             return RetryAt(stamps.local_from)
@@ -281,10 +288,10 @@ class RedisLimiter(QueuedLimiter):
             # Our registration lapses before this token would be back: others stop leaving room
             # for us then. Nothing locally until Redis answers (the watcher wakes the pumps).
             return RetryAt(now + self._probe_interval)
-        back = ledger.room(now, self._share)
+        back = ledger.room(now, self._share - reserve)
         return None if back is None else RetryAt(back)
 
-    def _not_yet(self, action: str, reply: Full, now: float) -> float:
+    def _not_yet(self, action: str, reply: Full, now: float, reserve: int) -> float:
         """Note what Redis said about a full (or paused) action; when to ask again."""
         returning = [now + delay for delay in reply.returning]
         capacity = max(1, reply.capacity)
@@ -295,7 +302,7 @@ class RedisLimiter(QueuedLimiter):
             state = self._state(action)
             again = max(state.paused_until, now + reply.pause_left)
             state.paused_until = again
-        excess = reply.occupied - reply.capacity
+        excess = reply.occupied - (reply.capacity - reserve)
         if excess >= 0:
             again = max(again, returning[excess] if excess < len(returning) else now + self._window)
         return max(now + MIN_POLL, min(again, now + self._poll_interval)) + random.uniform(0, FAIR_JITTER)
