@@ -298,6 +298,122 @@ async def test_added_tasks_follow_the_same_lifecycle(
     assert video["Status"] == "FINISHED" and len(video["VideoInfoList"]) == 1
 
 
+# --- tasks with chosen times, and their record of changes ---
+
+STATUS_PARAMS = {
+    "snapshot": ("DescribeSnapshotTask", "TaskID"),
+    "push": ("DescribeWhiteboardPush", "TaskId"),
+    "video": ("DescribeVideoGenerationTask", "TaskId"),
+}
+
+
+async def status_of(sdk: TiwClient, kind: str, task_id: str, sdk_app_id: int = 1400000001) -> str:
+    action, id_field = STATUS_PARAMS[kind]
+    status: str = (await call(sdk, action, {"SdkAppId": sdk_app_id, id_field: task_id}))["Status"]
+    return status
+
+
+def changes_of(document: dict[str, Any], task_id: str) -> list[list[Any]]:
+    [task] = [t for t in document["Tasks"] if t["TaskId"] == task_id]
+    changes: list[list[Any]] = task["Changes"]
+    return changes
+
+
+async def test_tasks_with_chosen_times_change_state_when_their_record_says(
+    emulator: Emulator, sdk: TiwClient, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """What a caller sees at each moment is the state the record says the task entered last."""
+    t0 = clock()
+    base = f"{emulator.url}/_emulator/tasks"
+    bodies = {
+        "snapshot": {"Kind": "snapshot", "SdkAppId": 1400000001, "RunSeconds": 2.5},
+        "push": {"Kind": "push", "PrepareSeconds": 1, "PushSeconds": 3.5},
+        "video": {"Kind": "video", "QueueSeconds": 0.5, "ProcessSeconds": 4},
+    }
+    ids = {}
+    for kind, body in bodies.items():
+        async with http.post(base, json=body) as response:
+            assert response.status == 200
+            ids[kind] = (await response.json())["TaskId"]
+    async with http.get(base) as response:
+        record = await response.json()
+    assert record["Now"] == t0
+    expected: dict[str, list[list[Any]]] = {
+        "snapshot": [[t0, "Running"], [t0 + 2.5, "Finished"]],
+        "push": [[t0, "PREPARED"], [t0 + 1, "PUSHING"], [t0 + 4.5, "STOPPED"]],
+        "video": [[t0, "QUEUED"], [t0 + 0.5, "PROCESSING"], [t0 + 4.5, "FINISHED"]],
+    }
+    assert {kind: changes_of(record, ids[kind]) for kind in ids} == expected
+    async with http.get(base, params={"kind": "video"}) as response:
+        assert {t["Kind"] for t in (await response.json())["Tasks"]} == {"video"}
+
+    # Just before and at every recorded change, the answer is the state before and the state after.
+    for kind, changes in expected.items():
+        for (at, state), (_, previous) in zip(changes[1:], changes, strict=False):
+            clock.now = at - 0.01
+            assert await status_of(sdk, kind, ids[kind]) == previous, (kind, at)
+            clock.now = at
+            assert await status_of(sdk, kind, ids[kind]) == state, (kind, at)
+    # A push that stopped by itself is TIW's idle-room stop, and cannot be stopped again.
+    query = {"SdkAppId": 1400000001, "TaskId": ids["push"]}
+    clock.now = t0 + 10
+    stopped = await call(sdk, "DescribeWhiteboardPush", query)
+    assert (stopped["FinishReason"], stopped["PushStopTime"]) == ("AUTO", int(t0 + 4.5))
+    error = await sdk_error(sdk, "StopWhiteboardPush", query)
+    assert error.code == "UnsupportedOperation.TaskHasAlreadyStopped"
+
+
+async def test_a_stop_call_is_recorded_and_a_stop_before_pushing_skips_pushing(
+    emulator: Emulator, sdk: TiwClient, clock: FakeClock
+) -> None:
+    t0 = clock()
+    early = emulator.add_push_task(prepare_seconds=5, push_seconds=10)
+    late = emulator.add_push_task(prepare_seconds=1, push_seconds=10)
+    clock.advance(2)
+    for task_id in (early, late):
+        await call(sdk, "StopWhiteboardPush", {"SdkAppId": 1400000001, "TaskId": task_id})
+    records = {r.task_id: r.changes for r in emulator.task_records()}
+    assert records[early] == [(t0, "PREPARED"), (t0 + 2, "STOPPED")]
+    assert records[late] == [(t0, "PREPARED"), (t0 + 1, "PUSHING"), (t0 + 2, "STOPPED")]
+    assert await status_of(sdk, "push", late) == "STOPPED"
+    clock.advance(20)  # the scheduled stop, later than the call's, changes nothing
+    described = await call(sdk, "DescribeWhiteboardPush", {"SdkAppId": 1400000001, "TaskId": late})
+    assert (described["FinishReason"], described["PushStopTime"]) == ("USER_CALL", int(t0 + 2))
+
+
+async def test_zero_durations_record_only_the_states_a_caller_can_see(emulator: Emulator) -> None:
+    t0 = emulator.config.clock()
+    snapshot = emulator.add_snapshot_task(run_seconds=0)
+    video = emulator.add_video_task(queue_seconds=0, process_seconds=3)
+    records = {r.task_id: (r.kind, r.changes) for r in emulator.task_records()}
+    assert records[snapshot] == ("snapshot", [(t0, "Finished")])
+    assert records[video] == ("video", [(t0, "PROCESSING"), (t0 + 3, "FINISHED")])
+    # Seeded and created tasks are in the record too: the documented stopped push, as documented.
+    assert records["g42lfmu5uc3lpoqrqvvb"] == (
+        "push",
+        [(1610591726, "PUSHING"), (1610591759, "STOPPED")],
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"Kind": "snapshot", "RunSeconds": -1},
+        {"Kind": "snapshot", "RoomId": 7},  # a snapshot task has no room
+        {"Kind": "push", "RunSeconds": 1},
+        {"Kind": "push", "PushSeconds": True},
+        {"Kind": "video", "QueueSeconds": "1"},
+        {"Kind": "film"},
+    ],
+)
+async def test_admin_task_fields_are_checked(
+    emulator: Emulator, http: aiohttp.ClientSession, body: dict[str, Any]
+) -> None:
+    async with http.post(f"{emulator.url}/_emulator/tasks", json=body) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]
+
+
 # --- errors, as the official SDK sees them ---
 
 

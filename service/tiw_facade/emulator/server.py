@@ -21,7 +21,7 @@ from tiw_facade import signing
 from tiw_facade.emulator import protocol, sts
 from tiw_facade.emulator.config import EmulatorConfig
 from tiw_facade.emulator.protocol import TiwError
-from tiw_facade.emulator.tasks import SEED_SDK_APP_ID, Fields, TaskStore
+from tiw_facade.emulator.tasks import SEED_SDK_APP_ID, Fields, TaskRecord, TaskStore
 from tiw_facade.emulator.traffic import PRE_EXECUTION, ActionStats, ActionTraffic, Fault, FaultKind, Faults
 
 logger = logging.getLogger(__name__)
@@ -37,12 +37,22 @@ _AUTH_MESSAGES: Final = {
     "from the server time.",
     sts.TOKEN_FAILURE: "The token is invalid or has expired.",
 }
-# The admin task endpoint's fields: JSON name, keyword of add_*_task, JSON type.
-_TASK_FIELDS: Final = (
-    ("TaskId", "task_id", str),
-    ("SdkAppId", "sdk_app_id", int),
-    ("RoomId", "room_id", int),
-)
+# The admin task endpoint's fields: JSON name, keyword of add_*_task, JSON type; common to every
+# kind, then each kind's own (its durations, in seconds from now, non-negative).
+_TASK_FIELDS: Final = (("TaskId", "task_id", str), ("SdkAppId", "sdk_app_id", int))
+_KIND_FIELDS: Final[Mapping[str, tuple[tuple[str, str, type | tuple[type, ...]], ...]]] = {
+    "snapshot": (("RunSeconds", "run_seconds", (int, float)),),
+    "push": (
+        ("RoomId", "room_id", int),
+        ("PrepareSeconds", "prepare_seconds", (int, float)),
+        ("PushSeconds", "push_seconds", (int, float)),
+    ),
+    "video": (
+        ("RoomId", "room_id", int),
+        ("QueueSeconds", "queue_seconds", (int, float)),
+        ("ProcessSeconds", "process_seconds", (int, float)),
+    ),
+}
 _MALFORMED_BODY: Final = b'{"Response": {"Unexpected": "not a TIW envelope"'
 
 
@@ -156,17 +166,62 @@ class Emulator:
         """Accepted arrival times of ``action`` (the latest ``config.arrival_history``)."""
         return list(self._actions[action].traffic.arrivals)
 
-    def add_push_task(
-        self, task_id: str | None = None, *, sdk_app_id: int = SEED_SDK_APP_ID, room_id: int = 880528
+    def add_snapshot_task(
+        self,
+        task_id: str | None = None,
+        *,
+        sdk_app_id: int = SEED_SDK_APP_ID,
+        run_seconds: float | None = None,
     ) -> str:
-        """A whiteboard push task, PREPARED now and PUSHING after ``push_prepare_seconds``."""
-        return self.tasks.add_push(self._clock(), task_id=task_id, sdk_app_id=sdk_app_id, room_id=room_id)
+        """A snapshot task, Running now and Finished after ``run_seconds`` (default ``snapshot_seconds``)."""
+        return self.tasks.add_snapshot(
+            self._clock(), task_id=task_id, sdk_app_id=sdk_app_id, run_seconds=run_seconds
+        )
+
+    def add_push_task(
+        self,
+        task_id: str | None = None,
+        *,
+        sdk_app_id: int = SEED_SDK_APP_ID,
+        room_id: int = 880528,
+        prepare_seconds: float | None = None,
+        push_seconds: float | None = None,
+    ) -> str:
+        """A whiteboard push task, PREPARED now and PUSHING after ``prepare_seconds`` (default
+        ``push_prepare_seconds``), until stopped by a call or, if given, ``push_seconds`` later."""
+        return self.tasks.add_push(
+            self._clock(),
+            task_id=task_id,
+            sdk_app_id=sdk_app_id,
+            room_id=room_id,
+            prepare_seconds=prepare_seconds,
+            push_seconds=push_seconds,
+        )
 
     def add_video_task(
-        self, task_id: str | None = None, *, sdk_app_id: int = SEED_SDK_APP_ID, room_id: int = 900822
+        self,
+        task_id: str | None = None,
+        *,
+        sdk_app_id: int = SEED_SDK_APP_ID,
+        room_id: int = 900822,
+        queue_seconds: float | None = None,
+        process_seconds: float | None = None,
     ) -> str:
-        """A video generation task, QUEUED now, then PROCESSING, then FINISHED."""
-        return self.tasks.add_video(self._clock(), task_id=task_id, sdk_app_id=sdk_app_id, room_id=room_id)
+        """A video generation task, QUEUED now, then PROCESSING, then FINISHED (durations default to
+        ``video_queue_seconds`` and ``video_process_seconds``)."""
+        return self.tasks.add_video(
+            self._clock(),
+            task_id=task_id,
+            sdk_app_id=sdk_app_id,
+            room_id=room_id,
+            queue_seconds=queue_seconds,
+            process_seconds=process_seconds,
+        )
+
+    def task_records(self) -> list[TaskRecord]:
+        """Every task's changes of state, by the emulator's clock (Unix seconds unless it was given
+        another): fixed when the task was created, so those still to come are included."""
+        return self.tasks.records()
 
     # --- TIW ---
 
@@ -293,6 +348,7 @@ class Emulator:
         app.router.add_delete(f"{ADMIN_PREFIX}/faults", self._admin_clear_faults)
         app.router.add_post(f"{ADMIN_PREFIX}/reset", self._admin_reset)
         app.router.add_post(f"{ADMIN_PREFIX}/tasks", self._admin_add_task)
+        app.router.add_get(f"{ADMIN_PREFIX}/tasks", self._admin_tasks)
         return app
 
     async def _admin_stats(self, request: web.Request) -> web.Response:
@@ -323,26 +379,63 @@ class Emulator:
         return web.json_response({"reset": True})
 
     async def _admin_add_task(self, request: web.Request) -> web.Response:
-        """``{"Kind": "push" | "video", "TaskId"?: str, "SdkAppId"?: int, "RoomId"?: int}``."""
+        """``{"Kind": "snapshot" | "push" | "video", "TaskId"?: str, "SdkAppId"?: int, ...}``: then
+        ``RunSeconds`` (snapshot), ``RoomId``, ``PrepareSeconds``, ``PushSeconds`` (push), ``RoomId``,
+        ``QueueSeconds``, ``ProcessSeconds`` (video), all optional."""
         try:
             document = await _json_object(request)
             kind = document.pop("Kind", None)
-            adders = {"push": self.add_push_task, "video": self.add_video_task}
+            adders: dict[str, Callable[..., str]] = {
+                "snapshot": self.add_snapshot_task,
+                "push": self.add_push_task,
+                "video": self.add_video_task,
+            }
             if kind not in adders:
-                raise ValueError('"Kind" must be "push" or "video"')
-            unknown = set(document) - {key for key, _, _ in _TASK_FIELDS}
+                raise ValueError(f'"Kind" must be one of {sorted(adders)}')
+            fields = (*_TASK_FIELDS, *_KIND_FIELDS[kind])
+            unknown = set(document) - {key for key, _, _ in fields}
             if unknown:
-                raise ValueError(f"unknown fields: {sorted(unknown)}")
-            options: dict[str, Any] = {}
-            for key, name, json_type in _TASK_FIELDS:
-                if key in document:
-                    if type(document[key]) is not json_type:
-                        raise ValueError(f'"{key}" must be of type {json_type.__name__}')
-                    options[name] = document[key]
+                raise ValueError(f"unknown fields for {kind}: {sorted(unknown)}")
+            options = {
+                name: _typed(document, key, json_type) for key, name, json_type in fields if key in document
+            }
             task_id = adders[kind](**options)
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"TaskId": task_id})
+
+    async def _admin_tasks(self, request: web.Request) -> web.Response:
+        """``{"Now": t, "Tasks": [{"Kind", "SdkAppId", "TaskId", "Changes": [[t, state], ...]}]}``.
+
+        ``?kind=`` narrows to one kind. ``Now`` tells the changes that happened from those to come.
+        """
+        kind = request.query.get("kind")
+        records = [r for r in self.task_records() if kind is None or r.kind == kind]
+        return web.json_response(
+            {
+                "Now": self._clock(),
+                "Tasks": [
+                    {
+                        "Kind": r.kind,
+                        "SdkAppId": r.sdk_app_id,
+                        "TaskId": r.task_id,
+                        "Changes": [[at, state] for at, state in r.changes],
+                    }
+                    for r in records
+                ],
+            }
+        )
+
+
+def _typed(document: Mapping[str, Any], key: str, json_type: type | tuple[type, ...]) -> Any:
+    value: Any = document[key]
+    # bool is an int to Python, never to JSON; and a duration cannot be negative.
+    if isinstance(value, bool) or not isinstance(value, json_type):
+        names = json_type.__name__ if isinstance(json_type, type) else "number"
+        raise ValueError(f'"{key}" must be of type {names}')
+    if key.endswith("Seconds") and document[key] < 0:
+        raise ValueError(f'"{key}" must not be negative')
+    return value
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """The emulated tasks: what each action does and how a task's state moves with time.
 
 States are computed from the request's instant and the times fixed when a task was created, so
-nothing runs in the background and a fake clock moves every task at once.
+nothing runs in the background and a fake clock moves every task at once. The same times make each
+task's record of changes (``changes()``): when it entered each state, known from its creation on
+(only a StopWhiteboardPush call adds a change later), which a benchmark compares with when its
+callers first saw each state.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ _TASK_ID_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuv"
 _PUBLIC_BUCKET: Final = "http://tiw-snapshot-1259648581.cos.ap-guangzhou.myqcloud.com"
 
 Fields = dict[str, Any]
+# (when, the state entered then), oldest first.
+Changes = list[tuple[float, str]]
 
 
 def _new_task_id() -> str:
@@ -32,6 +37,15 @@ def _new_task_id() -> str:
 
 def _not_found(task_id: str) -> TiwError:
     return TiwError("InvalidParameter.TaskNotFound", f"The task `{task_id}` does not exist.")
+
+
+def _timeline(*steps: tuple[float, str]) -> Changes:
+    """The states a caller can see, in order: a state left as soon as it is entered never shows."""
+    return [
+        step
+        for step, following in zip(steps, (*steps[1:], None), strict=True)
+        if following is None or following[0] > step[0]
+    ]
 
 
 @dataclass
@@ -64,6 +78,9 @@ class SnapshotTask:
             },
         }
 
+    def changes(self) -> Changes:
+        return _timeline((self.created, "Running"), (self.finishes, "Finished"))
+
 
 @dataclass
 class PushTask:
@@ -72,30 +89,46 @@ class PushTask:
     starts: float
     group_id: str = ""
     push_user_id: str = ""
-    stopped: float | None = None
+    stopped: float | None = None  # when a StopWhiteboardPush call stopped it
     finish_reason: str = ""
+    created: float | None = None  # None: as long ago as `starts` (a seeded task)
+    ends: float | None = None  # when it stops by itself (TIW's idle room), if it does
 
     def __post_init__(self) -> None:
         self.group_id = self.group_id or str(self.room_id)
         self.push_user_id = self.push_user_id or f"tic_push_user_{self.room_id}_{self.task_id[:5]}"
 
+    def stop_time(self, now: float) -> float | None:
+        """When it stopped, by a call or by itself, if it has by ``now``."""
+        return min((t for t in (self.stopped, self.ends) if t is not None and t <= now), default=None)
+
     def describe(self, now: float) -> Fields:
+        stop = self.stop_time(now)
         # A task stopped while still PREPARED never started pushing.
-        started = now >= self.starts and (self.stopped is None or self.stopped >= self.starts)
-        status = "STOPPED" if self.stopped is not None else "PUSHING" if started else "PREPARED"
+        started = now >= self.starts and (stop is None or stop >= self.starts)
+        status = "STOPPED" if stop is not None else "PUSHING" if started else "PREPARED"
+        reason = self.finish_reason if stop is None or stop == self.stopped else "AUTO"
         return {
-            "FinishReason": self.finish_reason,
+            "FinishReason": reason,
             "TaskId": self.task_id,
             "Status": status,
             "RoomId": self.room_id,
             "GroupId": self.group_id,
             "PushUserId": self.push_user_id,
             "PushStartTime": int(self.starts) if started else 0,
-            "PushStopTime": int(self.stopped) if self.stopped is not None else 0,
+            "PushStopTime": int(stop) if stop is not None else 0,
             "ExceptionCnt": 0,
             "IMSyncTime": int(self.starts) if started else 0,
             "Backup": "",
         }
+
+    def changes(self) -> Changes:
+        created = self.starts if self.created is None else self.created
+        stop = self.stop_time(float("inf"))
+        if stop is not None and stop < self.starts:
+            return _timeline((created, "PREPARED"), (stop, "STOPPED"))
+        steps = [(created, "PREPARED"), (self.starts, "PUSHING")]
+        return _timeline(*steps, *([(stop, "STOPPED")] if stop is not None else []))
 
 
 @dataclass
@@ -106,6 +139,7 @@ class VideoTask:
     finishes: float
     videos: list[Fields]
     group_id: str = ""
+    created: float | None = None  # None: as long ago as `processing_from`
 
     def describe(self, now: float) -> Fields:
         if now >= self.finishes:
@@ -129,6 +163,13 @@ class VideoTask:
             "VideoInfoList": [dict(v) for v in self.videos] if done else [],
         }
 
+    def changes(self) -> Changes:
+        created = self.processing_from if self.created is None else self.created
+        # Progress moves within PROCESSING too, but only Status changes count as changes of state.
+        return _timeline(
+            (created, "QUEUED"), (self.processing_from, "PROCESSING"), (self.finishes, "FINISHED")
+        )
+
 
 def _video_info(**values: Any) -> Fields:
     """A VideoInfo with every field present; the zero value is what TIW puts in the disused one."""
@@ -146,6 +187,14 @@ def _video_info(**values: Any) -> Fields:
     }
     info.update(values)
     return info
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    kind: str  # snapshot | push | video
+    sdk_app_id: int
+    task_id: str
+    changes: Changes
 
 
 @dataclass
@@ -170,19 +219,7 @@ class TaskStore:
     # --- the five actions (parameters already checked against protocol.REQUESTS) ---
 
     def create_snapshot(self, params: Fields, now: float) -> Fields:
-        task_id = str(uuid.uuid4())
-        sdk_app_id: int = params["SdkAppId"]
-        cos: Fields | None = params.get("COS")
-        if cos is None:
-            base = f"{_PUBLIC_BUCKET}/{sdk_app_id}/"
-        else:
-            host = cos.get("Domain") or f"{cos['Bucket']}.cos.{cos['Region']}.myqcloud.com"
-            base = f"https://{host}/{cos.get('TargetDir', '')}"
-        images = [f"{base}{task_id}/{index}.png" for index in range(1, self.config.snapshot_images + 1)]
-        self.snapshots[sdk_app_id, task_id] = SnapshotTask(
-            task_id, created=now, finishes=now + self.config.snapshot_seconds, snapshots=images
-        )
-        return {"TaskID": task_id}
+        return {"TaskID": self.add_snapshot(now, sdk_app_id=params["SdkAppId"], cos=params.get("COS"))}
 
     def describe_snapshot(self, params: Fields, now: float) -> Fields:
         task = self.snapshots.get((params["SdkAppId"], params["TaskID"]))
@@ -195,7 +232,7 @@ class TaskStore:
 
     def stop_push(self, params: Fields, now: float) -> Fields:
         task = self._push(params)
-        if task.stopped is not None:
+        if task.stop_time(now) is not None:
             raise TiwError(
                 "UnsupportedOperation.TaskHasAlreadyStopped",
                 f"The task `{task.task_id}` has already stopped.",
@@ -218,6 +255,29 @@ class TaskStore:
 
     # --- tasks the five actions cannot create: added by tests, the admin endpoint and the seed ---
 
+    def add_snapshot(
+        self,
+        now: float,
+        *,
+        task_id: str | None = None,
+        sdk_app_id: int = SEED_SDK_APP_ID,
+        cos: Fields | None = None,
+        run_seconds: float | None = None,
+    ) -> str:
+        """A snapshot task, Running for ``run_seconds`` (default: the config's), then Finished."""
+        task_id = task_id or str(uuid.uuid4())
+        if cos is None:
+            base = f"{_PUBLIC_BUCKET}/{sdk_app_id}/"
+        else:
+            host = cos.get("Domain") or f"{cos['Bucket']}.cos.{cos['Region']}.myqcloud.com"
+            base = f"https://{host}/{cos.get('TargetDir', '')}"
+        images = [f"{base}{task_id}/{index}.png" for index in range(1, self.config.snapshot_images + 1)]
+        run = self.config.snapshot_seconds if run_seconds is None else run_seconds
+        self.snapshots[sdk_app_id, task_id] = SnapshotTask(
+            task_id, created=now, finishes=now + run, snapshots=images
+        )
+        return task_id
+
     def add_push(
         self,
         now: float,
@@ -225,11 +285,15 @@ class TaskStore:
         task_id: str | None = None,
         sdk_app_id: int = SEED_SDK_APP_ID,
         room_id: int = 880528,
+        prepare_seconds: float | None = None,
+        push_seconds: float | None = None,
     ) -> str:
+        """PREPARED for ``prepare_seconds`` (default: the config's), then PUSHING until stopped: by a
+        call, or by itself after ``push_seconds`` if given."""
         task_id = task_id or _new_task_id()
-        self.pushes[sdk_app_id, task_id] = PushTask(
-            task_id, room_id, starts=now + self.config.push_prepare_seconds
-        )
+        starts = now + (self.config.push_prepare_seconds if prepare_seconds is None else prepare_seconds)
+        ends = None if push_seconds is None else starts + push_seconds
+        self.pushes[sdk_app_id, task_id] = PushTask(task_id, room_id, starts=starts, created=now, ends=ends)
         return task_id
 
     def add_video(
@@ -240,7 +304,11 @@ class TaskStore:
         sdk_app_id: int = SEED_SDK_APP_ID,
         room_id: int = 900822,
         videos: list[Fields] | None = None,
+        queue_seconds: float | None = None,
+        process_seconds: float | None = None,
     ) -> str:
+        """QUEUED for ``queue_seconds``, PROCESSING for ``process_seconds`` (defaults: the config's),
+        then FINISHED."""
         task_id = task_id or _new_task_id()
         if videos is None:
             videos = [
@@ -255,15 +323,31 @@ class TaskStore:
                     VideoUrl=f"http://1257240443.vod2.myqcloud.com/emulator/{task_id}.mp4",
                 )
             ]
-        processing_from = now + self.config.video_queue_seconds
+        config = self.config
+        processing_from = now + (config.video_queue_seconds if queue_seconds is None else queue_seconds)
+        process = config.video_process_seconds if process_seconds is None else process_seconds
         self.videos[sdk_app_id, task_id] = VideoTask(
             task_id,
             room_id,
             processing_from,
-            processing_from + self.config.video_process_seconds,
+            processing_from + process,
             [_video_info(**video) for video in videos],
+            created=now,
         )
         return task_id
+
+    def records(self) -> list[TaskRecord]:
+        """Every task's changes of state (those still to come included: their times are fixed)."""
+        kinds: tuple[tuple[str, Mapping[tuple[int, str], SnapshotTask | PushTask | VideoTask]], ...] = (
+            ("snapshot", self.snapshots),
+            ("push", self.pushes),
+            ("video", self.videos),
+        )
+        return [
+            TaskRecord(kind, sdk_app_id, task_id, task.changes())
+            for kind, tasks in kinds
+            for (sdk_app_id, task_id), task in tasks.items()
+        ]
 
     def reset(self, now: float) -> None:
         """Forget every task and seed the documentation's examples again."""
