@@ -3,15 +3,19 @@
 Usage: python scripts/gen_protos.py [--check]
 
 grpcio-tools writes imports as if the proto package were a top-level Python package
-(`from tiw.v20190919 import tiw_pb2`); we keep the stubs inside our own import package, so the one
-import line of the *_grpc.py module is rewritten to point there. --check regenerates into a temporary
-folder and fails when the committed stubs differ from what the protos make.
+(`from tiw.v20190919 import tiw_pb2`); we keep the stubs inside our own import package, so every
+import of one of our protos' modules is rewritten to point there: in the *_pb2_grpc.py modules (their
+messages) and in the *_pb2.py and *_pb2.pyi modules of a proto importing another of ours
+(tiw/facade/v1/watcher.proto imports tiw.proto). Imports of other protos (google.protobuf) stay.
+--check regenerates into a temporary folder and fails when the committed stubs differ from what the
+protos make.
 """
 
 from __future__ import annotations
 
 import filecmp
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -29,12 +33,14 @@ def generate(into: pathlib.Path) -> None:
     args = ["protoc", f"-I{PROTOS}", f"--python_out={into}", f"--pyi_out={into}", f"--grpc_python_out={into}"]
     if protoc.main([*args, *sources]) != 0:
         raise SystemExit("protoc failed")
-    for grpc_module in into.rglob("*_pb2_grpc.py"):
-        text = grpc_module.read_text()
-        for source in sources:
-            package = str(pathlib.PurePosixPath(source).parent).replace("/", ".")
-            text = text.replace(f"from {package} import", f"from {PACKAGE_PREFIX}{package} import")
-        grpc_module.write_text(text)
+    packages = {str(pathlib.PurePosixPath(source).parent).replace("/", ".") for source in sources}
+    for module in (p for pattern in ("*_pb2_grpc.py", "*_pb2.py", "*_pb2.pyi") for p in into.rglob(pattern)):
+        text = module.read_text()
+        for package in sorted(packages):
+            # At the start of a line only: never inside a longer name (`from x.tiw.v20190919 import`).
+            pattern = rf"^from {re.escape(package)} import"
+            text = re.sub(pattern, f"from {PACKAGE_PREFIX}{package} import", text, flags=re.MULTILINE)
+        module.write_text(text)
     for folder in [into, *(p for p in into.rglob("*") if p.is_dir())]:
         (folder / "__init__.py").touch()
 

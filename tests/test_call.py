@@ -156,7 +156,9 @@ async def test_refusal_prints_retry_info_and_quota_failure(start_facade: StartFa
     facade = await start_facade(TIW_RATE_LIMIT="1", TIW_MAX_QUEUE_WAIT="0.1")
     # The one token stays taken while TIW is slow to answer its call (and 1 s after).
     facade.emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=5, count=1))
-    request = pb.DescribeWhiteboardPushRequest(sdk_app_id=1400000001, task_id="ghucnligqtgtvk2624mb")
+    # Another task than the CLI's: the CLI's call, identical, would share the holder's request
+    # (docs/answers.md) and get its answer instead of a refusal.
+    request = pb.DescribeWhiteboardPushRequest(sdk_app_id=1400000001, task_id=facade.emulator.add_push_task())
     holder = asyncio.ensure_future(facade.stub.DescribeWhiteboardPush(request, timeout=20))
     await wait_until(lambda: facade.emulator.stats()["DescribeWhiteboardPush"].accepted == 1)
     ran = await tiw_call(

@@ -1,10 +1,12 @@
 """The example clients in clients/ (Go, Java, Node), generated with buf, built, and run against a live
-facade on the emulator: each program checks the five RPCs, rich errors, a deadline, presence and
-health, and exits 0 only when every check passed.
+facade on the emulator: each program checks the five RPCs, rich errors, a deadline, presence,
+health and a watch stream (a snapshot task the program adds to the emulator, Running for a few
+seconds, watched until Finished), and exits 0 only when every check passed.
 
 The refusal check needs a facade that refuses: a second one on the same emulator with
 TIW_RATE_LIMIT=1 and a TIW_MAX_QUEUE_WAIT far below the second a slot takes, so the second call in a
-second is refused at once with RESOURCE_EXHAUSTED and RetryInfo.
+second is refused at once with RESOURCE_EXHAUSTED and RetryInfo (and with answers that are never
+fresh enough to serve from its cache instead, see LIMITED).
 
 Needs go, mvn + java and node (scripts/install-clients installs their plugins and packages). In CI
 (CI=true) a missing toolchain fails these tests; elsewhere it skips them with the reason.
@@ -120,9 +122,19 @@ async def _run(language: str, facade: Facade, limited: Facade) -> tuple[int, str
     return process.returncode, output.decode()
 
 
+# The refusing facade: one request a second, and no cached answer young enough to serve (a repeated
+# Describe would be answered from the cache, and under saturation a stale answer beats a refusal).
+LIMITED = {
+    "TIW_RATE_LIMIT": "1",
+    "TIW_MAX_QUEUE_WAIT": "0.05",
+    "TIW_MAX_STALENESS": "0.001",
+    "TIW_MAX_STALE_ON_SATURATION": "0.001",
+}
+
+
 async def _facades(start_facade: StartFacade) -> tuple[Facade, Facade]:
     facade = await start_facade()
-    limited = await start_facade(TIW_RATE_LIMIT="1", TIW_MAX_QUEUE_WAIT="0.05")
+    limited = await start_facade(**LIMITED)
     return facade, limited
 
 
@@ -132,7 +144,7 @@ async def test_client_passes_every_check(built: None, start_facade: StartFacade,
     code, output = await _run(language, facade, limited)
     print(output)
     assert code == 0, output
-    assert f"{language} client: 10 checks passed" in output
+    assert f"{language} client: 11 checks passed" in output
     # The program really called through the facade: the created task reached the emulator.
     assert facade.emulator.stats()["CreateSnapshotTask"].tasks_created == 1
 

@@ -24,6 +24,9 @@ REQUEST = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_T
 ACTION = "DescribeWhiteboardPush"
 
 
+FRESH = (("tiw-max-age-ms", "0"),)
+
+
 def skewed(seconds: float) -> Callable[[], float]:
     return lambda: time.time() + seconds
 
@@ -55,8 +58,8 @@ async def test_a_skewed_clock_costs_one_resent_attempt_then_none(
     assert await retries(facade, ACTION) == {"AuthFailure.SignatureExpire": 1}
     assert any("clock" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
-    for _ in range(5):
-        await facade.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+    for _ in range(5):  # each asks TIW (the cache would answer otherwise)
+        await facade.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
     stats = emulator.stats()[ACTION]
     assert (stats.rejected, stats.accepted) == (1, 6), "the offset is kept: no more refusals"
     assert await retries(facade, ACTION) == {"AuthFailure.SignatureExpire": 1}

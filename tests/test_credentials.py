@@ -40,6 +40,11 @@ TKE = {
     "TKE_ROLE_ARN": "qcs::cam::uin/100000000001:roleName/tiw-facade",
 }
 REQUEST = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
+# These tests count the requests each key signed: every Describe must reach TIW, not the answer cache
+# (docs/answers.md), and no refresh may add requests of its own. TIW_REFRESH_INTEREST ends a key's
+# refreshes as soon as its call does (CALLS_ONLY, in each facade's environment).
+FRESH = (("tiw-max-age-ms", "0"),)
+CALLS_ONLY = {"TIW_REFRESH_INTEREST": "0.001"}
 
 
 def profile(key: tuple[str, str], token: str = "") -> str:
@@ -49,7 +54,7 @@ def profile(key: tuple[str, str], token: str = "") -> str:
 
 def keyless_environment(endpoint: str, **extra: str) -> dict[str, str]:
     """The facade's environment without TENCENTCLOUD_SECRET_ID/KEY: another source must serve."""
-    environ = facade_environment(endpoint)
+    environ = facade_environment(endpoint, **CALLS_ONLY)
     del environ["TENCENTCLOUD_SECRET_ID"], environ["TENCENTCLOUD_SECRET_KEY"]
     return {**environ, **extra}
 
@@ -209,18 +214,22 @@ def keys() -> dict[str, str]:
 
 
 async def call_continuously(
-    running: Running, total: int, workers: int = 4
+    running: Running, emulator: Emulator, total: int, workers: int = 4
 ) -> tuple[int, list[BaseException]]:
-    """``total`` calls from ``workers`` callers at once; returns how many succeeded and the failures."""
+    """``total`` calls from ``workers`` callers at once; returns how many succeeded and the failures.
+
+    Each caller asks about a push task of its own: identical calls at once would share one request
+    to TIW (docs/answers.md), and each call is to be a request signed by the key of its moment."""
     failures: list[BaseException] = []
     done = 0
     remaining = iter(range(total))
 
     async def worker() -> None:
         nonlocal done
+        request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=emulator.add_push_task())
         for _ in remaining:
             try:
-                await running.stub.DescribeWhiteboardPush(REQUEST, timeout=10)
+                await running.stub.DescribeWhiteboardPush(request, timeout=10, metadata=FRESH)
                 done += 1
             except grpc.aio.AioRpcError as error:
                 failures.append(error)
@@ -244,7 +253,7 @@ async def test_a_rotated_secret_file_is_used_without_a_restart_or_a_failed_call(
             TIW_RATE_LIMIT_ACCOUNT="test",
         )
         async with running_facade(environ) as running:
-            calls = asyncio.create_task(call_continuously(running, 200))
+            calls = asyncio.create_task(call_continuously(running, emulator, 200))
             await wait_until(lambda: emulator.signers[OLD[0]] >= 50)
             volume.publish(profile(NEW))  # while calls run
             # Calls signed with the old key just before the swap may still be in flight: revoke it
@@ -254,7 +263,7 @@ async def test_a_rotated_secret_file_is_used_without_a_restart_or_a_failed_call(
             done, failures = await calls
             assert failures == [] and done == 200
             before = emulator.signers[NEW[0]]
-            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
             assert emulator.signers[NEW[0]] == before + 1
             assert emulator.signers[OLD[0]] >= 50 and emulator.signers[NEW[0]] >= 1
             assert running.metric("tiw_credentials_refreshes_total") == 1
@@ -283,7 +292,7 @@ async def test_an_invalid_file_is_ignored_with_a_warning_and_the_next_valid_one_
                 volume.publish(broken)
                 await wait_until(lambda: running.metric("tiw_credentials_refresh_failures_total") >= 1)
                 for _ in range(5):
-                    await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+                    await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
             assert emulator.signers[OLD[0]] == 5, "the old key still serves"
             (record,) = [
                 r
@@ -298,7 +307,7 @@ async def test_an_invalid_file_is_ignored_with_a_warning_and_the_next_valid_one_
 
             volume.publish(profile(NEWER))
             await wait_until(lambda: running.metric("tiw_credentials_refreshes_total") >= 1)
-            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
             assert emulator.signers[NEWER[0]] == 1
 
 
@@ -311,10 +320,10 @@ async def test_a_file_edited_in_place_is_noticed(tmp_path: Path, keys: dict[str,
             emulator.url, TENCENTCLOUD_CREDENTIALS_FILE=str(path), TIW_CREDENTIALS_POLL="0.05"
         )
         async with running_facade(environ) as running:
-            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
             path.write_text(profile(NEW) + "\n# rotated\n")  # another size, another mtime
             await wait_until(lambda: running.metric("tiw_credentials_refreshes_total") >= 1)
-            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
             assert (emulator.signers[OLD[0]], emulator.signers[NEW[0]]) == (1, 1)
 
 
@@ -359,7 +368,7 @@ async def test_pod_identity_alone_gets_credentials_from_sts_and_calls_succeed(
         running_facade(tke_environment(emulator, token_file)) as running,
     ):
         for _ in range(3):
-            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
         assert emulator.sts.calls == 1
         (secret_id,) = temporary_signers(emulator)
         assert emulator.signers[secret_id] == 3
@@ -378,7 +387,7 @@ async def test_temporary_credentials_are_refreshed_before_they_expire_while_call
             calls = 0
             while time.monotonic() < end:
                 try:
-                    await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+                    await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
                 except grpc.aio.AioRpcError as error:
                     failures.append(error)
                 calls += 1
@@ -401,7 +410,7 @@ async def test_a_failing_sts_leaves_valid_credentials_in_use_loudly(
             with caplog.at_level(logging.WARNING, logger="tiw_facade.credentials"):
                 await wait_until(lambda: running.metric("tiw_credentials_refresh_failures_total") >= 1)
                 for _ in range(3):
-                    await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+                    await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
             assert emulator.sts.calls == 1 and len(temporary_signers(emulator)) == 1
             warnings = [
                 r
@@ -414,7 +423,7 @@ async def test_a_failing_sts_leaves_valid_credentials_in_use_loudly(
 
             emulator.clear_faults()  # STS is back: the next retry succeeds, before expiry
             await wait_until(lambda: emulator.sts.calls == 2)
-            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
             assert len(temporary_signers(emulator)) == 2
 
 
@@ -426,7 +435,7 @@ async def test_expired_credentials_and_a_failing_sts_fail_calls_as_unavailable(t
         emulator.add_fault(Fault(FaultKind.HTTP_STATUS, action="AssumeRoleWithWebIdentity", status=503))
         await asyncio.sleep(2.2)  # the credentials' whole life: expired, and STS refuses new ones
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5)
+            await running.stub.DescribeWhiteboardPush(REQUEST, timeout=5, metadata=FRESH)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "credentials" in (caught.value.details() or "")
         assert emulator.stats()["DescribeWhiteboardPush"].accepted == 0

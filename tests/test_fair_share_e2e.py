@@ -23,13 +23,21 @@ async def test_a_light_caller_is_served_while_another_floods(start_facade: Start
         TIW_RATE_LIMIT="4", TIW_MAX_QUEUE_WAIT="2", TIW_CALLER_WEIGHTS="light=1,flood=1"
     )
     stub = facade.stub
+
+    def request() -> pb.DescribeWhiteboardPushRequest:
+        # A task of its own for every call: identical calls at once would share one request to TIW,
+        # and later ones be answered from the cache (docs/answers.md); each is to wait for its slot.
+        return pb.DescribeWhiteboardPushRequest(
+            sdk_app_id=SDK_APP_ID, task_id=facade.emulator.add_push_task()
+        )
+
     stop = time.monotonic() + 4.0
     flood_outcomes: list[grpc.StatusCode] = []
 
     async def flood() -> None:
         while time.monotonic() < stop:
             try:
-                await stub.DescribeWhiteboardPush(REQUEST, timeout=3, metadata=(("tiw-caller", "flood"),))
+                await stub.DescribeWhiteboardPush(request(), timeout=3, metadata=(("tiw-caller", "flood"),))
                 flood_outcomes.append(grpc.StatusCode.OK)
             except grpc.aio.AioRpcError as error:
                 flood_outcomes.append(error.code())
@@ -39,7 +47,7 @@ async def test_a_light_caller_is_served_while_another_floods(start_facade: Start
         await asyncio.sleep(1.0)  # the flood has filled the queue
         while time.monotonic() < stop - 0.5:
             started = time.monotonic()
-            await stub.DescribeWhiteboardPush(REQUEST, timeout=3, metadata=(("tiw-caller", "light"),))
+            await stub.DescribeWhiteboardPush(request(), timeout=3, metadata=(("tiw-caller", "light"),))
             waits.append(time.monotonic() - started)
             await asyncio.sleep(0.5)  # 2 per second
         return waits

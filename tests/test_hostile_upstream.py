@@ -59,6 +59,9 @@ REQUESTS: dict[str, Message] = {
     for method in SERVICE.methods
 }
 HEALTHY = ok({"TaskId": "ghucnligqtgtvk2624mb", "Status": "PUSHING", "RequestId": "req-healthy"})
+# Every call here is to reach the upstream: none may be answered from the answer cache
+# (docs/answers.md) with what an earlier, healthy call left there.
+FRESH = (("tiw-max-age-ms", "0"),)
 
 
 # --- the facade, its caller, and what it shows ------------------------------------------------------
@@ -96,13 +99,14 @@ class Hostile:
     server: FacadeServer
     stub: tiw_pb2_grpc.TiwServiceStub
     logs: list[str]
+    healthy_checks: int = 0
 
     async def call(
         self, action: str, within: float = 5.0, request: Message | None = None
     ) -> Message | Failure:
         method = getattr(self.stub, action)
         try:
-            response: Message = await method(request or REQUESTS[action], timeout=within)
+            response: Message = await method(request or REQUESTS[action], timeout=within, metadata=FRESH)
             return response
         except grpc.aio.AioRpcError as exc:
             trailers = list(exc.trailing_metadata() or ())
@@ -134,7 +138,14 @@ class Hostile:
 
     async def assert_healthy(self) -> None:
         self.upstream.behaviour = HEALTHY
-        response = await self.call("DescribeWhiteboardPush")
+        # A task of its own: a call identical to one still waiting on a hostile upstream (``silent``)
+        # would share that request (docs/answers.md) rather than send its own.
+        self.healthy_checks += 1
+        request = pb.DescribeWhiteboardPushRequest.FromString(
+            REQUESTS["DescribeWhiteboardPush"].SerializeToString()
+        )
+        request.task_id = f"healthy-{self.healthy_checks}"
+        response = await self.call("DescribeWhiteboardPush", request=request)
         assert not isinstance(response, Failure), response
         assert response.request_id == "req-healthy"  # type: ignore[attr-defined]
 

@@ -204,10 +204,13 @@ async def test_an_invalid_key_is_refused(facade: Facade, key: str) -> None:
 
 async def test_other_methods_ignore_a_key(facade: Facade) -> None:
     request = pb.DescribeWhiteboardPushRequest(sdk_app_id=1400000001, task_id="ghucnligqtgtvk2624mb")
+    # tiw-max-age-ms 0: each call must reach TIW (not the answer cache), so a replay would show.
+    metadata = (*keyed("k"), ("tiw-max-age-ms", "0"))
     for _ in range(2):
-        call = facade.stub.DescribeWhiteboardPush(request, metadata=keyed("k"), timeout=5)
+        call = facade.stub.DescribeWhiteboardPush(request, metadata=metadata, timeout=5)
         await call
-        assert "tiw-source" not in dict(await call.initial_metadata())
+        assert dict(await call.initial_metadata())["tiw-source"] == "upstream"  # not "replay"
+    assert facade.emulator.stats()["DescribeWhiteboardPush"].accepted == 2
 
 
 async def test_two_replicas_given_one_key_at_once_send_one_create(

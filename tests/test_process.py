@@ -163,11 +163,13 @@ async def test_no_secret_in_any_log_line(
         process_factory.append(facade)
         await facade.wait_serving()
         # Calls that reach TIW (with the token in their headers) and fail in its ways and ours.
+        # tiw-max-age-ms 0: the second must reach TIW too, not the answer the first left in the cache.
         request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
-        await facade.stub.DescribeWhiteboardPush(request, timeout=5)
+        fresh = (("tiw-max-age-ms", "0"),)
+        await facade.stub.DescribeWhiteboardPush(request, timeout=5, metadata=fresh)
         emulator.add_fault(Fault(FaultKind.ERROR_CODE, code="AuthFailure.SignatureFailure", count=1))
         with pytest.raises(grpc.aio.AioRpcError):
-            await facade.stub.DescribeWhiteboardPush(request, timeout=5)
+            await facade.stub.DescribeWhiteboardPush(request, timeout=5, metadata=fresh)
         with pytest.raises(grpc.aio.AioRpcError):
             await facade.stub.DescribeWhiteboardPush(pb.DescribeWhiteboardPushRequest(), timeout=5)
         # Redis goes away: the degraded-mode log lines mention its URL.

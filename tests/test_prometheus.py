@@ -41,6 +41,15 @@ SNAPSHOT = pb.DescribeSnapshotTaskRequest(
 )
 MISSING = pb.DescribeSnapshotTaskRequest(sdk_app_id=1400127230, task_id="no-such-task")
 
+
+def own_push(facade: Facade) -> pb.DescribeWhiteboardPushRequest:
+    """A push task of its own, for a call that is to take a slot of the quota: identical calls at
+    once would share one request to TIW, and later ones be answered from the cache (docs/answers.md)."""
+    return pb.DescribeWhiteboardPushRequest(
+        sdk_app_id=PUSH.sdk_app_id, task_id=facade.emulator.add_push_task()
+    )
+
+
 StartPrometheus = Callable[..., Awaitable[Prometheus]]
 
 
@@ -182,7 +191,7 @@ async def test_saturated_action_raises_limiter_alerts(
 
     def push() -> Awaitable[pb.DescribeWhiteboardPushResponse]:
         call: Awaitable[pb.DescribeWhiteboardPushResponse] = facade.stub.DescribeWhiteboardPush(
-            PUSH, timeout=10
+            own_push(facade), timeout=10
         )
         return call
 
@@ -263,7 +272,7 @@ async def test_every_dashboard_query_runs_and_finds_series(
     calls: list[Callable[[], Awaitable[Any]]] = [
         lambda: facade.stub.DescribeVideoGenerationTask(VIDEO, timeout=5),
         lambda: facade.stub.DescribeSnapshotTask(MISSING, timeout=5),
-        *[lambda: facade.stub.DescribeWhiteboardPush(PUSH, timeout=5)] * 4,
+        *[lambda: facade.stub.DescribeWhiteboardPush(own_push(facade), timeout=5)] * 4,
     ]
     async with traffic(*calls, every=0.5):
         for expr in (

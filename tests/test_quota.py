@@ -13,7 +13,7 @@ import pytest
 from conftest import Facade, StartFacade, wait_until
 from google.rpc import error_details_pb2
 from support.redis_server import RedisServer
-from test_rpcs import PUSH_TASK, SDK_APP_ID, VIDEO_TASK, rich
+from test_rpcs import SDK_APP_ID, rich
 from test_server import samples, scrape
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
@@ -21,14 +21,19 @@ from tiw_facade.emulator import Emulator, Fault, FaultKind
 pytestmark = pytest.mark.slow
 
 LIMIT = 20
+# These tests count the requests reaching TIW, one per call: no refresh of an answer
+# (docs/answers.md) may add its own. With this, a key's refreshes stop as soon as its call ends.
+CALLS_ONLY = {"TIW_REFRESH_INTEREST": "0.001"}
 
 
-def push() -> pb.DescribeWhiteboardPushRequest:
-    return pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
+# A task of its own for every call: identical calls at once would share one request to TIW, and a
+# call after another would be answered from the cache (docs/answers.md); each is to cost a request.
+def push(emulator: Emulator) -> pb.DescribeWhiteboardPushRequest:
+    return pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=emulator.add_push_task())
 
 
-def video() -> pb.DescribeVideoGenerationTaskRequest:
-    return pb.DescribeVideoGenerationTaskRequest(sdk_app_id=SDK_APP_ID, task_id=VIDEO_TASK)
+def video(emulator: Emulator) -> pb.DescribeVideoGenerationTaskRequest:
+    return pb.DescribeVideoGenerationTaskRequest(sdk_app_id=SDK_APP_ID, task_id=emulator.add_video_task())
 
 
 def assert_never_throttled(emulator: Emulator, action: str, accepted: int) -> None:
@@ -38,9 +43,11 @@ def assert_never_throttled(emulator: Emulator, action: str, accepted: int) -> No
     assert stats.accepted == accepted
 
 
-async def test_a_burst_of_three_times_the_limit_is_spread_not_throttled(facade: Facade) -> None:
-    calls = [facade.stub.DescribeWhiteboardPush(push(), timeout=10) for _ in range(3 * LIMIT)]
-    calls += [facade.stub.DescribeVideoGenerationTask(video(), timeout=10) for _ in range(2 * LIMIT)]
+async def test_a_burst_of_three_times_the_limit_is_spread_not_throttled(start_facade: StartFacade) -> None:
+    facade = await start_facade(**CALLS_ONLY)
+    emulator = facade.emulator
+    calls = [facade.stub.DescribeWhiteboardPush(push(emulator), timeout=10) for _ in range(3 * LIMIT)]
+    calls += [facade.stub.DescribeVideoGenerationTask(video(emulator), timeout=10) for _ in range(2 * LIMIT)]
     answers = await asyncio.gather(*calls)
     assert all(a.request_id for a in answers), "every accepted call is answered"
     assert_never_throttled(facade.emulator, "DescribeWhiteboardPush", 3 * LIMIT)
@@ -56,18 +63,19 @@ async def hold_tokens(facade: Facade, count: int, seconds: float) -> list[asynci
         Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=seconds, count=count)
     )
     held = [
-        asyncio.ensure_future(facade.stub.DescribeWhiteboardPush(push(), timeout=10)) for _ in range(count)
+        asyncio.ensure_future(facade.stub.DescribeWhiteboardPush(push(facade.emulator), timeout=10))
+        for _ in range(count)
     ]
     await wait_until(lambda: facade.emulator.stats()["DescribeWhiteboardPush"].accepted >= count)
     return held
 
 
 async def test_a_slot_beyond_the_deadline_fails_at_once(start_facade: StartFacade) -> None:
-    facade = await start_facade(TIW_RATE_LIMIT="2")
+    facade = await start_facade(TIW_RATE_LIMIT="2", **CALLS_ONLY)
     held = await hold_tokens(facade, 2, 1.0)
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeWhiteboardPush(push(), timeout=0.8)
+        await facade.stub.DescribeWhiteboardPush(push(facade.emulator), timeout=0.8)
     assert time.monotonic() - started < 0.4, "refused at once, not after waiting"
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     details = rich(caught.value)
@@ -84,22 +92,25 @@ async def test_a_slot_beyond_the_deadline_fails_at_once(start_facade: StartFacad
 
 
 async def test_a_caller_with_time_waits_for_its_slot(start_facade: StartFacade) -> None:
-    facade = await start_facade(TIW_RATE_LIMIT="2")
+    facade = await start_facade(TIW_RATE_LIMIT="2", **CALLS_ONLY)
     held = await hold_tokens(facade, 2, 0.3)
     started = time.monotonic()
-    answer = await facade.stub.DescribeWhiteboardPush(push(), timeout=5)
+    request = push(facade.emulator)
+    answer = await facade.stub.DescribeWhiteboardPush(request, timeout=5)
     waited = time.monotonic() - started
-    assert answer.task_id == PUSH_TASK
+    assert answer.task_id == request.task_id
     assert waited >= 1.0, "the token came back 1 s after the answer that freed it"
     await asyncio.gather(*held)
     assert facade.emulator.stats()["DescribeWhiteboardPush"].throttled == 0
 
 
 async def test_longest_wait_is_bounded(start_facade: StartFacade) -> None:
-    facade = await start_facade(TIW_RATE_LIMIT="1", TIW_MAX_QUEUE_WAIT="0.5")
+    facade = await start_facade(TIW_RATE_LIMIT="1", TIW_MAX_QUEUE_WAIT="0.5", **CALLS_ONLY)
     held = await hold_tokens(facade, 1, 0.5)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeWhiteboardPush(push())  # no deadline: TIW_MAX_QUEUE_WAIT bounds it
+        await facade.stub.DescribeWhiteboardPush(
+            push(facade.emulator)
+        )  # no deadline: TIW_MAX_QUEUE_WAIT bounds it
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     info = rich(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo) and info.metadata["limiter_reason"] == "max_wait"
@@ -107,16 +118,17 @@ async def test_longest_wait_is_bounded(start_facade: StartFacade) -> None:
 
 
 async def test_a_full_queue_refuses_at_once(start_facade: StartFacade) -> None:
-    facade = await start_facade(TIW_RATE_LIMIT="1", TIW_MAX_QUEUE_LENGTH="1")
+    facade = await start_facade(TIW_RATE_LIMIT="1", TIW_MAX_QUEUE_LENGTH="1", **CALLS_ONLY)
     held = await hold_tokens(facade, 1, 0.3)
-    waiting = asyncio.ensure_future(facade.stub.DescribeWhiteboardPush(push(), timeout=10))
+    request = push(facade.emulator)
+    waiting = asyncio.ensure_future(facade.stub.DescribeWhiteboardPush(request, timeout=10))
     await asyncio.sleep(0.05)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await facade.stub.DescribeWhiteboardPush(push(), timeout=10)
+        await facade.stub.DescribeWhiteboardPush(push(facade.emulator), timeout=10)
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     info = rich(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo) and info.metadata["limiter_reason"] == "queue_full"
-    assert (await waiting).task_id == PUSH_TASK, "the caller already waiting is served"
+    assert (await waiting).task_id == request.task_id, "the caller already waiting is served"
     await asyncio.gather(*held)
 
 
@@ -141,9 +153,13 @@ async def test_replicas_share_one_quota_through_redis(
     start_facade: StartFacade, redis_server: RedisServer
 ) -> None:
     replicas = [
-        await start_facade(TIW_REDIS_URL=redis_server.url, TIW_EXPECTED_REPLICAS="3") for _ in range(3)
+        await start_facade(TIW_REDIS_URL=redis_server.url, TIW_EXPECTED_REPLICAS="3", **CALLS_ONLY)
+        for _ in range(3)
     ]
-    calls = [replicas[i % 3].stub.DescribeWhiteboardPush(push(), timeout=10) for i in range(3 * LIMIT)]
+    emulator = replicas[0].emulator
+    calls = [
+        replicas[i % 3].stub.DescribeWhiteboardPush(push(emulator), timeout=10) for i in range(3 * LIMIT)
+    ]
     answers = await asyncio.gather(*calls)
     assert len(answers) == 3 * LIMIT
     assert_never_throttled(replicas[0].emulator, "DescribeWhiteboardPush", 3 * LIMIT)
@@ -155,12 +171,17 @@ async def test_a_redis_outage_degrades_to_a_local_share_and_recovers(
     start_facade: StartFacade, redis_server: RedisServer
 ) -> None:
     replicas = [
-        await start_facade(TIW_REDIS_URL=redis_server.url, TIW_EXPECTED_REPLICAS="2") for _ in range(2)
+        await start_facade(TIW_REDIS_URL=redis_server.url, TIW_EXPECTED_REPLICAS="2", **CALLS_ONLY)
+        for _ in range(2)
     ]
-    await asyncio.gather(*(r.stub.DescribeWhiteboardPush(push(), timeout=5) for r in replicas))
+    emulator = replicas[0].emulator
+    await asyncio.gather(*(r.stub.DescribeWhiteboardPush(push(emulator), timeout=5) for r in replicas))
     redis_server.kill()
     # Every call is still answered, each replica keeping to its share (20 / 2) of the limit.
-    calls = [replicas[i % 2].stub.DescribeVideoGenerationTask(video(), timeout=10) for i in range(2 * LIMIT)]
+    calls = [
+        replicas[i % 2].stub.DescribeVideoGenerationTask(video(emulator), timeout=10)
+        for i in range(2 * LIMIT)
+    ]
     assert len(await asyncio.gather(*calls)) == 2 * LIMIT
     assert_never_throttled(replicas[0].emulator, "DescribeVideoGenerationTask", 2 * LIMIT)
     for replica in replicas:
@@ -172,4 +193,4 @@ async def test_a_redis_outage_degrades_to_a_local_share_and_recovers(
         assert time.monotonic() < end, "shared mode did not come back"
         await asyncio.sleep(0.2)
     assert samples(await scrape(replicas[0]), "tiw_limiter_degraded")[()] == 0
-    await asyncio.gather(*(r.stub.DescribeWhiteboardPush(push(), timeout=5) for r in replicas))
+    await asyncio.gather(*(r.stub.DescribeWhiteboardPush(push(emulator), timeout=5) for r in replicas))

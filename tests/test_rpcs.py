@@ -26,6 +26,9 @@ from tiw_facade.upstream import TiwClient
 SDK_APP_ID = 1400000001  # the SdkAppId of the emulator's seeded (documented) tasks
 PUSH_TASK = "ghucnligqtgtvk2624mb"
 VIDEO_TASK = "00e1jv8ve0jcqk7da9lb"
+# A Describe that must reach TIW now: these tests watch TIW's tasks move, which a cached answer
+# (up to TIW_MAX_STALENESS old, docs/answers.md) would hide.
+FRESH = (("tiw-max-age-ms", "0"),)
 
 
 def create_request() -> pb.CreateSnapshotTaskRequest:
@@ -71,7 +74,9 @@ async def test_snapshot_task_lifecycle(facade: Facade) -> None:
     assert not running.HasField("finish_time")  # null while running: absent, not zero
     await asyncio.sleep(0.5)
     finished = await facade.stub.DescribeSnapshotTask(
-        pb.DescribeSnapshotTaskRequest(task_id=created.task_id, sdk_app_id=1400123480), timeout=5
+        pb.DescribeSnapshotTaskRequest(task_id=created.task_id, sdk_app_id=1400123480),
+        timeout=5,
+        metadata=FRESH,
     )
     assert finished.status == "Finished"
     assert finished.finish_time >= finished.create_time
@@ -85,12 +90,13 @@ async def test_whiteboard_push_lifecycle(facade: Facade) -> None:
     prepared = await facade.stub.DescribeWhiteboardPush(request, timeout=5)
     assert prepared.task_id == PUSH_TASK and prepared.status == "PREPARED"
     await asyncio.sleep(0.4)
-    pushing = await facade.stub.DescribeWhiteboardPush(request, timeout=5)
+    pushing = await facade.stub.DescribeWhiteboardPush(request, timeout=5, metadata=FRESH)
     assert pushing.status == "PUSHING" and pushing.push_start_time > 0 and not pushing.finish_reason
     stopped = await facade.stub.StopWhiteboardPush(
         pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK), timeout=5
     )
     assert stopped.request_id
+    # No tiw-max-age-ms: a stop through the facade drops its answers of the push (docs/answers.md).
     after = await facade.stub.DescribeWhiteboardPush(request, timeout=5)
     assert after.status == "STOPPED"
     assert after.finish_reason == "USER_CALL"
@@ -111,7 +117,7 @@ async def test_video_generation_lifecycle(facade: Facade) -> None:
     first = await facade.stub.DescribeVideoGenerationTask(request, timeout=5)
     assert first.task_id == task and first.status in {"QUEUED", "PROCESSING"}
     await asyncio.sleep(0.7)
-    done = await facade.stub.DescribeVideoGenerationTask(request, timeout=5)
+    done = await facade.stub.DescribeVideoGenerationTask(request, timeout=5, metadata=FRESH)
     assert done.status == "FINISHED"
     assert done.total_time > 0  # milliseconds
     assert len(done.video_info_list) >= 1

@@ -1,12 +1,13 @@
 // Command tiwclient calls tiw-facade with grpc-go and the code `buf generate` writes into gen/, and
-// checks what a caller relies on: the five RPCs, rich error details, deadlines, presence, health.
+// checks what a caller relies on: the five RPCs, rich error details, deadlines, presence, health,
+// and a watch stream (tiw.facade.v1.TaskWatcher).
 //
 //	go run . -target 127.0.0.1:50051 -limited-target 127.0.0.1:50052 -emulator http://127.0.0.1:8090
 //
 // -target is a facade on the TIW emulator, -limited-target a second one on the same emulator with
 // TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT (to be refused), -emulator the emulator's URL
-// (its admin endpoint injects the latency behind the deadline check). It prints each check and
-// exits 1 at the first failure.
+// (its admin endpoint injects the latency behind the deadline check and adds the watched task). It
+// prints each check and exits 1 at the first failure.
 package main
 
 import (
@@ -15,6 +16,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"slices"
@@ -29,6 +31,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	facade "tiw-facade.example/clients/go/gen/tiw/facade/v1"
 	tiw "tiw-facade.example/clients/go/gen/tiw/v20190919"
 )
 
@@ -43,10 +46,14 @@ const (
 	createAppID    = 1400123480
 	serviceName    = "tiw.v20190919.TiwService"
 	defaultTimeout = 5 * time.Second
+	// The watched task runs this long, then finishes: the stream sees Running, then Finished.
+	watchRunSeconds = 3
+	watchTimeout    = 60 * time.Second
 )
 
 type checker struct {
 	tiw     tiw.TiwServiceClient
+	watcher facade.TaskWatcherClient
 	limited tiw.TiwServiceClient
 	healthz healthpb.HealthClient
 	admin   string
@@ -64,7 +71,10 @@ func main() {
 	defer conn.Close()
 	limitedConn := dial(*limited)
 	defer limitedConn.Close()
-	c := checker{tiw.NewTiwServiceClient(conn), tiw.NewTiwServiceClient(limitedConn), healthpb.NewHealthClient(conn), *admin}
+	c := checker{
+		tiw.NewTiwServiceClient(conn), facade.NewTaskWatcherClient(conn), tiw.NewTiwServiceClient(limitedConn),
+		healthpb.NewHealthClient(conn), *admin,
+	}
 
 	checks := []struct {
 		name string
@@ -80,6 +90,7 @@ func main() {
 		{"INVALID_ARGUMENT with BadRequest field violations", c.badRequest},
 		{"RESOURCE_EXHAUSTED with RetryInfo from the rate-limited facade", c.refused},
 		{"a 300 ms deadline against a 2 s upstream delay ends DEADLINE_EXCEEDED", c.deadline},
+		{"WatchSnapshotTask: Running, then Finished, then the stream ends OK", c.watchSnapshot},
 	}
 	for _, check := range checks {
 		// Every call carries a deadline, and metadata the way a caller adds its own.
@@ -295,7 +306,9 @@ func (c checker) deadline(ctx context.Context) error {
 	defer c.emulatorAdmin(http.MethodDelete, "/_emulator/faults?action="+action, "")
 	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 	defer cancel()
-	_, err := c.tiw.DescribeVideoGenerationTask(short, &tiw.DescribeVideoGenerationTaskRequest{SdkAppId: seedSdkAppID, TaskId: videoTask})
+	// A task nobody asked about: the facade has no cached answer to give instead of waiting for TIW.
+	taskID := fmt.Sprintf("deadline-go-%d", time.Now().UnixNano())
+	_, err := c.tiw.DescribeVideoGenerationTask(short, &tiw.DescribeVideoGenerationTaskRequest{SdkAppId: seedSdkAppID, TaskId: taskID})
 	st, err := richError(err, codes.DeadlineExceeded)
 	if err != nil {
 		return err
@@ -305,6 +318,44 @@ func (c checker) deadline(ctx context.Context) error {
 	if info, err := detail[*errdetails.ErrorInfo](st); err == nil {
 		fmt.Printf("      ErrorInfo reason %s\n", info.GetReason())
 	}
+	return nil
+}
+
+// watchSnapshot watches a task until its final state. The stream sends the current answer at once
+// and then each change, as the DescribeSnapshotTask responses themselves; Recv returns io.EOF when
+// the stream ends OK (after Finished), and the status of any other end as its error. On UNAVAILABLE
+// (the replica stopped) a caller watches again: the new stream starts with the current state.
+func (c checker) watchSnapshot(ctx context.Context) error {
+	// A watch lasts as long as its task, not as long as a call: a deadline of its own (the
+	// metadata stays).
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), watchTimeout)
+	defer cancel()
+	taskID := fmt.Sprintf("watch-go-%d", time.Now().UnixNano())
+	task := fmt.Sprintf(`{"Kind": "snapshot", "TaskId": %q, "SdkAppId": %d, "RunSeconds": %d}`, taskID, seedSdkAppID, watchRunSeconds)
+	if err := c.emulatorAdmin(http.MethodPost, "/_emulator/tasks", task); err != nil {
+		return err
+	}
+	stream, err := c.watcher.WatchSnapshotTask(ctx, &facade.WatchSnapshotTaskRequest{
+		Request: &tiw.DescribeSnapshotTaskRequest{TaskId: taskID, SdkAppId: seedSdkAppID},
+	})
+	if err != nil {
+		return err
+	}
+	var seen []string
+	for {
+		answer, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("after %v: %w", seen, err)
+		}
+		seen = append(seen, answer.GetStatus())
+	}
+	if len(seen) < 2 || seen[0] != "Running" || seen[len(seen)-1] != "Finished" {
+		return fmt.Errorf("want Running first and Finished last, saw %v", seen)
+	}
+	fmt.Printf("      saw %v\n", seen)
 	return nil
 }
 

@@ -106,6 +106,16 @@ class ShuttingDown(FacadeError):
         super().__init__("the facade is shutting down; retry on another replica")
 
 
+class TooManyWatches(FacadeError):
+    """This replica holds as many watch streams as TIW_MAX_WATCHES allows; watch from another, or later."""
+
+    reason = "TOO_MANY_WATCHES"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this replica already serves {limit} watch streams (TIW_MAX_WATCHES); retry later")
+
+
 class UpstreamFailure(FacadeError):
     """No usable answer came from TIW. Base of the transport-level failures below."""
 
@@ -270,6 +280,7 @@ FACADE_FAILURES: tuple[type[FacadeError], ...] = (
     OutcomeUnknown,
     IdempotencyUnavailable,
     RateLimited,
+    TooManyWatches,
     ShuttingDown,
     UpstreamUnreachable,
     UpstreamTimeout,

@@ -24,17 +24,26 @@ from google.protobuf import descriptor_pb2, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
+from tiw_facade import answers as answers_module
 from tiw_facade import errors, idempotency, translate, validate
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
+from tiw_facade.answers import Answers, Served
 from tiw_facade.calls import CURRENT_CALL, CallRecord
-from tiw_facade.failures import FacadeError, InvalidRequest, MalformedRequest, Outcome, UpstreamTimeout
+from tiw_facade.failures import (
+    FacadeError,
+    InvalidRequest,
+    MalformedRequest,
+    Outcome,
+    TiwError,
+    UpstreamTimeout,
+)
 from tiw_facade.upstream import NEVER_RESEND, RetryPolicy, TiwClient
 
 log = logging.getLogger("tiw_facade.handler")
 
 SERVICE: ServiceDescriptor = tiw_pb2.DESCRIPTOR.services_by_name["TiwService"]
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message | None]]
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message | bytes | None]]
 
 _Idempotency = descriptor_pb2.MethodOptions.IdempotencyLevel
 # Only what the proto declares safe is re-sent after a lost answer; an unmarked method never is.
@@ -69,6 +78,10 @@ SEEN_THROUGH: frozenset[str] = frozenset(name for name, policy in POLICIES.items
 IDEMPOTENCY_KEY = "idempotency-key"
 # Initial metadata of an answer replayed from an idempotency key's record, not from TIW just now.
 REPLAY_METADATA = (("tiw-source", "replay"),)
+# How old an answer of a Describe call may be, in milliseconds (0: ask TIW now); docs/answers.md.
+MAX_AGE_KEY = "tiw-max-age-ms"
+# Longer than any answer is kept: a caller's "any age" is the cache's own bound.
+MAX_AGE_LIMIT_MS = 86_400_000
 
 
 def upstream_deadline(time_remaining: float | None, now: float) -> float | None:
@@ -110,11 +123,65 @@ def idempotency_key(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     return str(keys[0])
 
 
-def build_handler(client: TiwClient, keys: idempotency.Keys | None = None) -> grpc.GenericRpcHandler:
+def max_age(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """The call's ``tiw-max-age-ms`` in seconds, or None; InvalidRequest when it is not one."""
+    values = [value for key, value in context.invocation_metadata() or () if key == MAX_AGE_KEY]
+    if not values:
+        return None
+    text = str(values[0])
+    if len(values) > 1 or not text.isdigit() or not text.isascii() or int(text) > MAX_AGE_LIMIT_MS:
+        raise InvalidRequest(
+            [(MAX_AGE_KEY, f"(metadata) must be given once, as whole milliseconds 0..{MAX_AGE_LIMIT_MS}")]
+        )
+    return int(text) / 1000
+
+
+def source_metadata(served: Served) -> tuple[tuple[str, str], ...]:
+    """Where an answer came from and how old TIW's answer is, for the caller (initial metadata)."""
+    return (("tiw-source", served.source), ("tiw-age-ms", str(int(served.age * 1000))))
+
+
+def fetcher(client: TiwClient) -> answers_module.Fetch:
+    """How the answer cache asks TIW: the one path of every RPC, from the translation on."""
+    decoders = {
+        method.name: functools.partial(
+            translate.from_tiw, message_class=message_factory.GetMessageClass(method.output_type)
+        )
+        for method in SERVICE.methods
+    }
+
+    async def fetch(
+        action: str, request: Message, deadline: float | None, spare: bool, sent: Callable[[], None]
+    ) -> Message:
+        # Seen through: the deadline (the first caller's) bounds the wait for a slot, but a request
+        # once sent waits for TIW's answer whatever the first caller does: the others share it.
+        return await client.call(
+            action,
+            translate.to_tiw(request),
+            deadline=deadline,
+            policy=POLICIES[action],
+            decode=decoders[action],
+            see_through=True,
+            spare=spare,
+            admitted=sent,
+        )
+
+    return fetch
+
+
+def serialize(response: Message | bytes) -> bytes:
+    """A response message's bytes; a cached answer is its bytes already."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def build_handler(
+    client: TiwClient, keys: idempotency.Keys | None = None, answers: Answers | None = None
+) -> grpc.GenericRpcHandler:
     """The generic handler serving every RPC of TiwService through ``client``.
 
     ``keys``: the idempotency keys' store; by default made from the client's settings and closed
-    by the client, after the calls it sees through.
+    by the client, after the calls it sees through. ``answers``: the shared answers of the Describe
+    calls (coalesced, cached); without it every call goes to TIW.
     """
     if keys is None:
         keys = idempotency.Keys.from_settings(client.settings)
@@ -124,26 +191,42 @@ def build_handler(client: TiwClient, keys: idempotency.Keys | None = None) -> gr
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _behavior(method, response_class, client, keys),
+            _behavior(method, response_class, client, keys, answers),
             request_deserializer=lenient_deserializer(request_class),
-            response_serializer=response_class.SerializeToString,
+            response_serializer=serialize,
         )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
 
 
 def _behavior(
-    method: MethodDescriptor, response_class: type[Message], client: TiwClient, keys: idempotency.Keys
+    method: MethodDescriptor,
+    response_class: type[Message],
+    client: TiwClient,
+    keys: idempotency.Keys,
+    answers: Answers | None,
 ) -> Behavior:
     action = method.name  # RPCs are named exactly as the TIW actions
     policy = POLICIES[action]
     decode = functools.partial(translate.from_tiw, message_class=response_class)
+    shared = answers is not None and answers.shares(action)
 
     async def send(
         request: Message, deadline: float | None, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Message:
+    ) -> Message | bytes:
+        if shared:
+            assert answers is not None
+            return await _shared_answer(answers, action, request, deadline, context)
         params = translate.to_tiw(request)
         if action not in SEEN_THROUGH:
-            return await client.call(action, params, deadline=deadline, policy=policy, decode=decode)
+            if answers is None:
+                return await client.call(action, params, deadline=deadline, policy=policy, decode=decode)
+            try:
+                response = await client.call(action, params, deadline=deadline, policy=policy, decode=decode)
+            except TiwError:
+                await answers.stopped(action, request)  # TIW answered: what it changed is changed
+                raise
+            await answers.stopped(action, request)
+            return response
         key = idempotency_key(context)
         attempt = functools.partial(
             client.call, action, params, deadline=deadline, policy=policy, decode=decode, see_through=True
@@ -169,7 +252,7 @@ def _behavior(
 
     async def handle(
         request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Message | None:
+    ) -> Message | bytes | None:
         record = CURRENT_CALL.get(None)
         if record is None:  # served without the interceptor (tests): nobody reads it
             record = CallRecord()
@@ -190,10 +273,28 @@ def _behavior(
                 record.tiw_code = "INTERNAL"
             _fail(context, errors.status_for(exc, action=action))
             return None
-        record.request_id = getattr(response, "request_id", "")
+        if not isinstance(response, bytes):
+            record.request_id = getattr(response, "request_id", "")
         return response
 
     return handle
+
+
+async def _shared_answer(
+    answers: Answers,
+    action: str,
+    request: Message,
+    deadline: float | None,
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> bytes:
+    """A Describe call's answer from the shared answers, with its source and age in the metadata."""
+    served = await answers.describe(action, request, max_age=max_age(context), deadline=deadline)
+    await context.send_initial_metadata(source_metadata(served))
+    entry = served.entry
+    if entry.is_error:
+        raise TiwError(entry.error_code, entry.error_message, entry.request_id)
+    CURRENT_CALL.get(CallRecord()).request_id = entry.request_id
+    return entry.payload
 
 
 def _encode(response: Message) -> tuple[bytes, str]:

@@ -13,7 +13,7 @@ certificate names the caller (its SPIFFE ID, else its first DNS name, else its C
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -112,13 +112,21 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
             service, _, action = method.lstrip("/").rpartition("/")
             if handler is None or service not in self._services:
                 return handler
-            if handler.unary_unary is None:  # a streaming method would escape the check: say so
-                raise TypeError(f"{method}: CallerCheck knows only unary methods")
-            wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-                self._checked(handler.unary_unary, action),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            if handler.unary_unary is not None:
+                wrapped = grpc.unary_unary_rpc_method_handler(
+                    self._checked(handler.unary_unary, action),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+            elif handler.unary_stream is not None:
+                wrapped = grpc.unary_stream_rpc_method_handler(
+                    self._checked_stream(handler.unary_stream, action),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+            else:  # a client-streaming method would escape the check: say so
+                raise TypeError(f"{method}: CallerCheck knows only unary-request methods")
+            self._wrapped[method] = wrapped
         return wrapped
 
     def _checked(self, inner: Any, action: str) -> Any:
@@ -136,6 +144,27 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
             token = CURRENT_CALLER.set(caller)
             try:
                 return await inner(request, context)
+            finally:
+                CURRENT_CALLER.reset(token)
+
+        return checked
+
+    def _checked_stream(self, inner: Any, action: str) -> Any:
+        mutual = self._mutual
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                caller = caller_of(context, mutual=mutual)
+            except FacadeError as exc:
+                status = errors.status_for(exc, action=action)
+                context.set_code(status.code)
+                context.set_details(status.details)
+                context.set_trailing_metadata(status.trailing_metadata)
+                return
+            token = CURRENT_CALLER.set(caller)
+            try:
+                async for message in inner(request, context):
+                    yield message
             finally:
                 CURRENT_CALLER.reset(token)
 

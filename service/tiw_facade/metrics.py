@@ -49,7 +49,17 @@ HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 # Waiting for a rate-limit slot is measured in fractions of the 1-second window, up to the max wait.
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
+# The age of an answer given to a caller: 0 from upstream, up to TIW_MAX_STALE_ON_SATURATION.
+AGE_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+# Where an answer to a Describe call came from (``tiw_answers_total``'s source; the ``tiw-source``
+# metadata of the answer): TIW just now, another call's request to TIW, or the cache.
+ANSWER_SOURCES: tuple[str, ...] = ("upstream", "coalesced", "cache")
+# Why a cached answer left the process's cache (``tiw_cache_evictions_total``'s reason).
+EVICTION_REASONS: tuple[str, ...] = ("expired", "capacity", "invalidated")
+REFRESH_OUTCOMES: tuple[str, ...] = ("ok", "failed")
 
 # Why an attempt is sent again (``tiw_upstream_retries_total``'s reason), the one list ``prime``
 # creates series for: the TIW codes upstream.py retries (its NOT_EXECUTED families, and InternalError
@@ -87,6 +97,7 @@ class Metrics:
         # The one cache of bound children (``labels()`` takes a lock and a dict lookup per call).
         self._actions: dict[str, ActionSeries] = {}
         self._methods: dict[tuple[str, str, str], MethodSeries] = {}
+        self._answers: dict[str, AnswerSeries] = {}
 
         # --- gRPC server (go-grpc-prometheus) ---
         self.grpc_started = Counter(
@@ -223,6 +234,51 @@ class Metrics:
             registry=r,
         )
 
+        # --- answers (answers/: coalescing, the cache, refreshes, watches) ---
+        self.answers = Counter(
+            "tiw_answers_total",
+            "Answers to Describe calls and watches, by action and source (upstream, coalesced, cache).",
+            ("action", "source"),
+            registry=r,
+        )
+        self.answers_stale = Counter(
+            "tiw_answers_stale_total",
+            "Cached answers given instead of RESOURCE_EXHAUSTED (no rate-limit slot within the deadline).",
+            ("action",),
+            registry=r,
+        )
+        self.answer_age = Histogram(
+            "tiw_answer_age_seconds",
+            "How old TIW's answer was when given to a caller (0 when it came from TIW for this call).",
+            ("action",),
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "tiw_cache_entries", "Describe answers kept in this process's cache.", registry=r
+        )
+        self.cache_evictions = Counter(
+            "tiw_cache_evictions_total",
+            "Answers dropped from this process's cache, by reason (expired, capacity, invalidated).",
+            ("reason",),
+            registry=r,
+        )
+        self.refreshes = Counter(
+            "tiw_refreshes_total",
+            "Cached answers refreshed from TIW with spare quota, by action and outcome (ok, failed).",
+            ("action", "outcome"),
+            registry=r,
+        )
+        self.coalesced_waiters = Gauge(
+            "tiw_coalesced_waiters",
+            "Calls waiting now for the answer to another call's (or replica's) request to TIW.",
+            ("action",),
+            registry=r,
+        )
+        self.watches_active = Gauge(
+            "tiw_watches_active", "Watch streams open on this replica, by action.", ("action",), registry=r
+        )
+
         self.build_info = Gauge(
             "tiw_facade_build_info", "Build information; value 1.", ("version", "python_version"), registry=r
         )
@@ -264,6 +320,22 @@ class Metrics:
             series.limit.set(limit)
         self.limiter_backend.labels(backend=backend).set(1)
         self.limiter_degraded.set(0)
+
+    def prime_answers(self, actions: Iterable[str]) -> None:
+        """Create the answer cache's series of the actions it serves, before the first call."""
+        for action in actions:
+            self.answers_of(action)
+            self.watches_active.labels(action=action).set(0)
+        self.cache_entries.set(0)
+        for reason in EVICTION_REASONS:
+            self.cache_evictions.labels(reason=reason)
+
+    def answers_of(self, action: str) -> AnswerSeries:
+        """The bound answer-cache children of one Describe action, made once."""
+        series = self._answers.get(action)
+        if series is None:
+            series = self._answers[action] = AnswerSeries(self, action)
+        return series
 
     @classmethod
     def unobserved(cls) -> Metrics:
@@ -355,6 +427,28 @@ class ActionSeries:
                 action=self.action, reason=reason
             )
         return child
+
+
+class AnswerSeries:
+    """The answer cache's children of one Describe action, every label value bound at once."""
+
+    __slots__ = ("age", "by_source", "coalesced_waiters", "refreshed", "stale", "watches")
+
+    def __init__(self, metrics: Metrics, action: str) -> None:
+        self.by_source: dict[str, CounterChild] = {
+            source: metrics.answers.labels(action=action, source=source) for source in ANSWER_SOURCES
+        }
+        self.stale: CounterChild = metrics.answers_stale.labels(action=action)
+        self.age: HistogramChild = metrics.answer_age.labels(action=action)
+        self.refreshed: dict[str, CounterChild] = {
+            outcome: metrics.refreshes.labels(action=action, outcome=outcome) for outcome in REFRESH_OUTCOMES
+        }
+        self.coalesced_waiters: GaugeChild = metrics.coalesced_waiters.labels(action=action)
+        self.watches: GaugeChild = metrics.watches_active.labels(action=action)
+
+    def served(self, source: str, age: float) -> None:
+        self.by_source[source].inc()
+        self.age.observe(age)
 
 
 class MethodSeries:

@@ -28,13 +28,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tiw_facade import __version__, identity, tls
-from tiw_facade.handler import SERVICE, build_handler
+from tiw_facade.answers import SHARED_ACTIONS, Answers
+from tiw_facade.handler import SERVICE, build_handler, fetcher
 from tiw_facade.interceptor import RpcObserver
 from tiw_facade.limiter import Limiter, create_limiter
 from tiw_facade.metrics import CallerSeries, Metrics
 from tiw_facade.pages import HEALTH_TIMEOUT, Answer, Exposition, Headers, Page, PageServer, listen, on_loop
 from tiw_facade.settings import Settings, variable
 from tiw_facade.upstream import TiwClient
+from tiw_facade.watcher import SERVICE as WATCHER
+from tiw_facade.watcher import build_watcher
 
 log = logging.getLogger("tiw_facade.server")
 
@@ -54,12 +57,13 @@ def max_calls_in_flight(settings: Settings) -> int:
     """RPCs the gRPC server holds at once; beyond it, grpc answers RESOURCE_EXHAUSTED itself.
 
     Sized so the limiter refuses first (with RetryInfo): every call it may queue per action, every
-    call holding a slot while its upstream attempt lasts, plus probes. Each holds at most
+    call holding a slot while its upstream attempt lasts, every watch TIW_MAX_WATCHES allows (so
+    the watcher refuses the one too many with its own status), plus probes. Each holds at most
     ``max_request_bytes`` of request, so that product bounds the memory of calls in flight
-    (defaults: 6,100 calls x 16 KiB, about 95 MiB).
+    (defaults: 16,100 calls x 16 KiB, at most about 250 MiB).
     """
     per_action = settings.max_queue_length + settings.rate_limit * math.ceil(settings.upstream_timeout)
-    return len(SERVICE.methods) * per_action + OTHER_RPCS
+    return len(SERVICE.methods) * per_action + settings.max_watches + OTHER_RPCS
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -158,6 +162,7 @@ class FacadeServer:
         self.grpc_port = 0
         self.http_port = 0
         self._limiter: Limiter | None = None
+        self.answers: Answers | None = None
         self._resources: contextlib.AsyncExitStack | None = None
         self._grace = settings.shutdown_grace
         self._serving = False
@@ -173,15 +178,22 @@ class FacadeServer:
             self.metrics.prime(
                 SERVICE.full_name, [m.name for m in SERVICE.methods], settings.rate_limit, limiter.backend
             )
+            self.metrics.prime_answers(sorted(SHARED_ACTIONS))
+            for method in WATCHER.methods:
+                self.metrics.method("server_stream", WATCHER.full_name, method.name)
             client = TiwClient(settings, limiter, self.metrics)
             resources.push_async_callback(client.aclose)
             await client.start()
+            # Closed before the client (the exit stack unwinds in reverse): its refreshes use it.
+            answers = self.answers = Answers(settings, fetcher(client), self.metrics)
+            resources.push_async_callback(answers.aclose)
+            await answers.start()
             # HTTP before gRPC, so it closes after the drain: probes and scrapes see it through.
             await self._start_http(resources)
-            await self._start_grpc(resources, client)
+            await self._start_grpc(resources, client, answers)
             self._resources = resources.pop_all()
 
-        for service in ("", SERVICE.full_name):
+        for service in ("", SERVICE.full_name, WATCHER.full_name):
             await self.health.set(service, SERVING)
         self._serving = True
         log.info(
@@ -199,12 +211,14 @@ class FacadeServer:
             },
         )
 
-    async def _start_grpc(self, resources: contextlib.AsyncExitStack, client: TiwClient) -> None:
+    async def _start_grpc(
+        self, resources: contextlib.AsyncExitStack, client: TiwClient, answers: Answers
+    ) -> None:
         settings = self.settings
         quiet = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
         credentials = tls.server_credentials(settings)  # None: plaintext
         callers = identity.CallerCheck(
-            frozenset({SERVICE.full_name}), mutual=bool(settings.tls_client_ca_file)
+            frozenset({SERVICE.full_name, WATCHER.full_name}), mutual=bool(settings.tls_client_ca_file)
         )
         server = grpc.aio.server(
             # The observer first (outermost), so the calls CallerCheck refuses are counted and logged.
@@ -213,10 +227,11 @@ class FacadeServer:
             maximum_concurrent_rpcs=max_calls_in_flight(settings),
         )
         resources.push_async_callback(self._drain, server)
-        server.add_generic_rpc_handlers((build_handler(client),))
+        server.add_generic_rpc_handlers((build_handler(client, answers=answers),))
+        server.add_generic_rpc_handlers((build_watcher(answers, settings, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
-            add_reflection(server, (SERVICE.full_name, health.SERVICE_NAME))
+            add_reflection(server, (SERVICE.full_name, WATCHER.full_name, health.SERVICE_NAME))
         address = f"{settings.bind_host}:{settings.grpc_port}"
         try:
             if credentials is None:
@@ -230,6 +245,8 @@ class FacadeServer:
         await server.start()
 
     async def _drain(self, server: grpc.aio.Server) -> None:
+        if self.answers is not None:
+            self.answers.begin_drain()  # open watches end UNAVAILABLE now, not when the grace runs out
         await server.stop(self._grace)
 
     async def _start_http(self, resources: contextlib.AsyncExitStack) -> None:

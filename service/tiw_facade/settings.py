@@ -110,6 +110,13 @@ def positive_float(raw: str) -> float:
     return value
 
 
+def non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise Invalid("must be an integer >= 0")
+    return value
+
+
 def boolean(raw: str) -> bool:
     lowered = raw.lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -448,6 +455,58 @@ class Settings:
         "Idempotency keys kept in process (without Redis); beyond it the oldest is forgotten, and a "
         "retry with it may create a second task.",
         default=100_000,
+    )
+
+    max_staleness: float = setting(
+        "TIW_MAX_STALENESS",
+        positive_float,
+        "Oldest a cached non-terminal Describe answer may be, in seconds, for a call without "
+        "`tiw-max-age-ms` (docs/answers.md). Answers callers ask for are refreshed at 90% of this age.",
+        default=2.0,
+    )
+    max_stale_on_saturation: float = setting(
+        "TIW_MAX_STALE_ON_SATURATION",
+        positive_float,
+        "Oldest cached answer, in seconds, served instead of RESOURCE_EXHAUSTED when no rate-limit "
+        "slot comes within the call's deadline; also how long non-terminal answers are kept.",
+        default=30.0,
+    )
+    cache_entries: int = setting(
+        "TIW_CACHE_ENTRIES",
+        positive_int,
+        "Describe answers kept in process; beyond it the least recently used is dropped.",
+        default=10_000,
+    )
+    cache_terminal_ttl: float = setting(
+        "TIW_CACHE_TERMINAL_TTL",
+        positive_float,
+        "Seconds a terminal answer (snapshot `Finished`, push `STOPPED`, video `FINISHED`) is kept.",
+        default=3600.0,
+    )
+    cache_not_found_ttl: float = setting(
+        "TIW_CACHE_NOT_FOUND_TTL",
+        positive_float,
+        "Seconds an `InvalidParameter.TaskNotFound` answer is kept (TIW may lag behind its creates).",
+        default=2.0,
+    )
+    refresh_interest: float = setting(
+        "TIW_REFRESH_INTEREST",
+        positive_float,
+        "Seconds after the last call (or while a watch is open) that an answer is refreshed with "
+        "spare quota.",
+        default=10.0,
+    )
+    refresh_reserve: int = setting(
+        "TIW_REFRESH_RESERVE",
+        non_negative_int,
+        "Rate-limit slots per action that refreshes leave free for direct calls.",
+        default=2,
+    )
+    max_watches: int = setting(
+        "TIW_MAX_WATCHES",
+        positive_int,
+        "Watch streams open at once on one replica; beyond it, RESOURCE_EXHAUSTED.",
+        default=10_000,
     )
 
     @property

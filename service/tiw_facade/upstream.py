@@ -69,6 +69,11 @@ MAX_TIW_CODE_LENGTH = 128
 REQUEST_ID = re.compile(r"[!-~]{1,128}")
 
 
+class NoSpareQuota(Exception):
+    """A call that may use only spare quota (a refresh) found none: nothing was sent. Not a failure
+    any caller sees: whoever asked for spare quota only asks again later."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """What may be re-sent for one action, by what TIW does on a duplicate."""
@@ -190,6 +195,8 @@ class TiwClient:
         policy: RetryPolicy = NEVER_RESEND,
         decode: Callable[[dict[str, Any]], T] = _as_is,  # type: ignore[assignment]
         see_through: bool = False,
+        spare: bool = False,
+        admitted: Callable[[], None] | None = None,
     ) -> T:
         """Send ``action`` with ``params``; return ``decode`` of TIW's ``Response`` (without ``Error``).
 
@@ -198,6 +205,11 @@ class TiwClient:
 
         ``see_through``: ``deadline`` bounds the wait for a slot and when an attempt may start; an
         attempt once sent waits for TIW's answer for TIW_UPSTREAM_TIMEOUT whatever the deadline.
+
+        ``admitted``: called when an attempt gets its slot (it is sent next).
+
+        ``spare``: take only quota that direct calls leave (``Limiter.try_spare``, keeping
+        TIW_REFRESH_RESERVE slots free); without any, raise ``NoSpareQuota`` at once.
         """
         budget_end = deadline if deadline is not None else time.monotonic() + self._settings.upstream_timeout
         body = encode(params)
@@ -206,7 +218,9 @@ class TiwClient:
         while True:
             attempt += 1
             try:
-                return await self._attempt(action, body, budget_end, decode, see_through)
+                return await self._attempt(
+                    action, body, budget_end, decode, see_through=see_through, spare=spare, admitted=admitted
+                )
             except TiwError as exc:
                 if answer_lost and exc.code == policy.success_after_lost_answer:
                     log.info("earlier attempt succeeded; its answer was lost", extra={"action": action})
@@ -235,7 +249,10 @@ class TiwClient:
         body: bytes,
         budget_end: float,
         decode: Callable[[dict[str, Any]], T],
+        *,
         see_through: bool = False,
+        spare: bool = False,
+        admitted: Callable[[], None] | None = None,
     ) -> T:
         remaining = budget_end - time.monotonic()
         if remaining < MIN_ATTEMPT_TIME:
@@ -246,9 +263,8 @@ class TiwClient:
         signer = await self._current_signer()
         # Seen through, a sent attempt has TIW_UPSTREAM_TIMEOUT whatever the deadline: its lease's
         # hold must cover that long, as a request TIW may receive that late.
-        lease = await self._admit(
-            action, budget_end, self._settings.upstream_timeout if see_through else remaining
-        )
+        hold = self._settings.upstream_timeout if see_through else remaining
+        lease = await (self._admit_spare(action, hold) if spare else self._admit(action, budget_end, hold))
         # One attempt may take TIW_UPSTREAM_TIMEOUT at most, so a lost request on a long caller
         # deadline still leaves time to try again where that is safe.
         remaining = min(budget_end - time.monotonic(), self._settings.upstream_timeout)
@@ -257,6 +273,8 @@ class TiwClient:
             raise UpstreamTimeout(
                 "the deadline was spent waiting for a rate-limit slot", outcome=Outcome.NOT_SENT
             )
+        if admitted is not None:
+            admitted()
         if see_through:  # the caller's deadline no longer cuts it: see the docstring of call()
             remaining = self._settings.upstream_timeout
         code = "CANCELLED"  # unless the attempt ends otherwise: the caller went away mid-flight
@@ -342,6 +360,20 @@ class TiwClient:
             raise RateLimited(exc.action, exc.reason, exc.retry_after) from exc
         except LimiterClosed as exc:
             raise ShuttingDown() from exc
+
+    async def _admit_spare(self, action: str, remaining: float) -> Lease:
+        """A token direct calls leave over, or ``NoSpareQuota``."""
+        try:
+            lease = await self._limiter.try_spare(
+                action,
+                hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
+                reserve=self._settings.refresh_reserve,
+            )
+        except LimiterClosed as exc:
+            raise ShuttingDown() from exc
+        if lease is None:
+            raise NoSpareQuota(action)
+        return lease
 
     @staticmethod
     def _decode(decode: Callable[[dict[str, Any]], T], answer: dict[str, Any]) -> T:

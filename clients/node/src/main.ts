@@ -1,12 +1,14 @@
 // Calls tiw-facade with @grpc/grpc-js and the TypeScript ts-proto writes into src/gen/, and checks
-// what a caller relies on: the five RPCs, rich error details, deadlines, presence, health.
+// what a caller relies on: the five RPCs, rich error details, deadlines, presence, health, and a
+// watch stream (tiw.facade.v1.TaskWatcher).
 //
 //   node dist/main.js --target 127.0.0.1:50051 --limited-target 127.0.0.1:50052 --emulator http://127.0.0.1:8090
 //
 // --target is a facade on the TIW emulator, --limited-target a second one on the same emulator with
 // TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT (to be refused), --emulator the emulator's URL
-// (its admin endpoint injects the latency behind the deadline check). It prints each check and
-// exits 1 at the first failure.
+// (its admin endpoint injects the latency behind the deadline check and adds the watched task). It
+// prints each check and exits 1 at the first failure.
+import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";
 import { credentials, Metadata, status as Code, type CallOptions, type ServiceError } from "@grpc/grpc-js";
 import { Status } from "./gen/google/rpc/status";
@@ -18,6 +20,7 @@ import {
   type DescribeSnapshotTaskRequest,
   type DescribeSnapshotTaskResponse,
 } from "./gen/tiw/v20190919/tiw";
+import { TaskWatcherClient } from "./gen/tiw/facade/v1/watcher";
 
 // The emulator's seeded tasks: TIW's documented examples (see tests/test_rpcs.py).
 const SEED_SDK_APP_ID = 1400000001;
@@ -28,6 +31,8 @@ const SNAPSHOT_APP_ID = 1400127230;
 const SNAPSHOT_TASK = "f2e1728c-6e87-4481-abe1-cde8542a5a10";
 const CREATE_APP_ID = 1400123480;
 const SERVICE = "tiw.v20190919.TiwService";
+// The watched task runs this long, then finishes: the stream sees Running, then Finished.
+const WATCH_RUN_SECONDS = 3;
 
 const { values: args } = parseArgs({
   options: {
@@ -41,6 +46,7 @@ if (!args["limited-target"] || !args.emulator) {
   process.exit(2);
 }
 const tiw = new TiwServiceClient(args.target!, credentials.createInsecure());
+const watcher = new TaskWatcherClient(args.target!, credentials.createInsecure());
 const limited = new TiwServiceClient(args["limited-target"], credentials.createInsecure());
 const health = new HealthClient(args.target!, credentials.createInsecure());
 
@@ -204,7 +210,8 @@ const checks: [string, () => Promise<void>][] = [
       const action = "DescribeVideoGenerationTask";
       await admin("POST", "/_emulator/faults", JSON.stringify({ kind: "latency", action, delay: 2 }));
       try {
-        const request = { sdkAppId: SEED_SDK_APP_ID, taskId: VIDEO_TASK };
+        // A task nobody asked about: the facade has no cached answer to give instead of waiting for TIW.
+        const request = { sdkAppId: SEED_SDK_APP_ID, taskId: `deadline-node-${randomUUID()}` };
         const status = await failure(call(tiw.describeVideoGenerationTask, tiw, request, 300), Code.DEADLINE_EXCEEDED);
         // The facade answers just before the deadline (ErrorInfo UPSTREAM_TIMEOUT); on a slow machine
         // the client's own deadline may fire first, which is DEADLINE_EXCEEDED without details.
@@ -213,6 +220,26 @@ const checks: [string, () => Promise<void>][] = [
       } finally {
         await admin("DELETE", `/_emulator/faults?action=${action}`);
       }
+    },
+  ],
+  [
+    "WatchSnapshotTask: Running, then Finished, then the stream ends OK",
+    async () => {
+      const taskId = `watch-node-${randomUUID()}`;
+      const task = { Kind: "snapshot", TaskId: taskId, SdkAppId: SEED_SDK_APP_ID, RunSeconds: WATCH_RUN_SECONDS };
+      await admin("POST", "/_emulator/tasks", JSON.stringify(task));
+      // The stream sends the current answer at once and then each change, as the DescribeSnapshotTask
+      // responses themselves; the loop ends when the stream ends OK (after Finished) and throws the
+      // ServiceError of any other end. On UNAVAILABLE (the replica stopped) a caller watches again:
+      // the new stream starts with the current state. A watch lasts as long as its task, not as
+      // long as a call: a deadline of its own.
+      const stream = watcher.watchSnapshotTask({ request: { taskId, sdkAppId: SEED_SDK_APP_ID } }, metadata(), within(60_000));
+      const seen: string[] = [];
+      for await (const answer of stream as AsyncIterable<DescribeSnapshotTaskResponse>) {
+        seen.push(answer.status ?? "");
+      }
+      expect(seen.length >= 2 && seen[0] === "Running" && seen.at(-1) === "Finished", `want Running first and Finished last, saw ${seen}`);
+      console.log(`      saw ${seen}`);
     },
   ],
 ];
@@ -232,6 +259,6 @@ async function main(): Promise<number> {
 }
 
 main().then((code) => {
-  for (const client of [tiw, limited, health]) client.close();
+  for (const client of [tiw, watcher, limited, health]) client.close();
   process.exit(code);
 });

@@ -6,6 +6,8 @@ import com.google.protobuf.Message;
 import com.google.rpc.BadRequest;
 import com.google.rpc.ErrorInfo;
 import com.google.rpc.RetryInfo;
+import com.tiwfacade.facade.v1.TaskWatcherGrpc;
+import com.tiwfacade.facade.v1.WatchSnapshotTaskRequest;
 import com.tiwfacade.tiw.v20190919.CreateSnapshotTaskRequest;
 import com.tiwfacade.tiw.v20190919.CreateSnapshotTaskResponse;
 import com.tiwfacade.tiw.v20190919.DescribeSnapshotTaskRequest;
@@ -34,22 +36,25 @@ import java.net.URI;
 import java.net.http.HttpClient;
 import java.net.http.HttpRequest;
 import java.net.http.HttpResponse;
+import java.util.ArrayList;
 import java.util.HashMap;
+import java.util.Iterator;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
 /**
  * Calls tiw-facade with grpc-java and the classes {@code buf generate} writes into gen/, and checks
- * what a caller relies on: the five RPCs, rich error details, deadlines, presence, health.
+ * what a caller relies on: the five RPCs, rich error details, deadlines, presence, health, and a
+ * watch stream (tiw.facade.v1.TaskWatcher).
  *
  * <pre>java -cp ... com.tiwfacade.example.Main --target 127.0.0.1:50051 \
  *     --limited-target 127.0.0.1:50052 --emulator http://127.0.0.1:8090</pre>
  *
  * <p>--target is a facade on the TIW emulator, --limited-target a second one on the same emulator
  * with TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT (to be refused), --emulator the emulator's URL
- * (its admin endpoint injects the latency behind the deadline check). It prints each check and
- * exits 1 at the first failure.
+ * (its admin endpoint injects the latency behind the deadline check and adds the watched task). It
+ * prints each check and exits 1 at the first failure.
  */
 public final class Main {
   // The emulator's seeded tasks: TIW's documented examples (see tests/test_rpcs.py).
@@ -61,6 +66,8 @@ public final class Main {
   private static final String SNAPSHOT_TASK = "f2e1728c-6e87-4481-abe1-cde8542a5a10";
   private static final long CREATE_APP_ID = 1400123480L;
   private static final String SERVICE = "tiw.v20190919.TiwService";
+  // The watched task runs this long, then finishes: the stream sees Running, then Finished.
+  private static final int WATCH_RUN_SECONDS = 3;
 
   private interface Check {
     void run() throws Exception;
@@ -73,6 +80,7 @@ public final class Main {
   }
 
   private final TiwServiceBlockingStub tiw;
+  private final TaskWatcherGrpc.TaskWatcherBlockingStub watcher;
   private final TiwServiceBlockingStub limited;
   private final HealthGrpc.HealthBlockingStub health;
   private final String emulator;
@@ -82,6 +90,8 @@ public final class Main {
     Metadata headers = new Metadata();
     headers.put(Metadata.Key.of("x-client", Metadata.ASCII_STRING_MARSHALLER), "tiw-facade-java-example");
     this.tiw = TiwServiceGrpc.newBlockingStub(channel)
+        .withInterceptors(MetadataUtils.newAttachHeadersInterceptor(headers));
+    this.watcher = TaskWatcherGrpc.newBlockingStub(channel)
         .withInterceptors(MetadataUtils.newAttachHeadersInterceptor(headers));
     this.limited = TiwServiceGrpc.newBlockingStub(limitedChannel);
     this.health = HealthGrpc.newBlockingStub(channel);
@@ -117,6 +127,7 @@ public final class Main {
     checks.put("INVALID_ARGUMENT with BadRequest field violations", main::badRequest);
     checks.put("RESOURCE_EXHAUSTED with RetryInfo from the rate-limited facade", main::refused);
     checks.put("a 300 ms deadline against a 2 s upstream delay ends DEADLINE_EXCEEDED", main::deadline);
+    checks.put("WatchSnapshotTask: Running, then Finished, then the stream ends OK", main::watchSnapshot);
     try {
       for (Map.Entry<String, Check> check : checks.entrySet()) {
         try {
@@ -265,10 +276,12 @@ public final class Main {
   private void deadline() throws Exception {
     String action = "DescribeVideoGenerationTask";
     admin("POST", "/_emulator/faults", "{\"kind\": \"latency\", \"action\": \"" + action + "\", \"delay\": 2}");
+    // A task nobody asked about: the facade has no cached answer to give instead of waiting for TIW.
+    String taskId = "deadline-java-" + java.util.UUID.randomUUID();
     try {
       com.google.rpc.Status status = failure(() -> tiw.withDeadlineAfter(300, TimeUnit.MILLISECONDS)
           .describeVideoGenerationTask(DescribeVideoGenerationTaskRequest.newBuilder()
-              .setSdkAppId(SEED_SDK_APP_ID).setTaskId(VIDEO_TASK).build()), Status.Code.DEADLINE_EXCEEDED);
+              .setSdkAppId(SEED_SDK_APP_ID).setTaskId(taskId).build()), Status.Code.DEADLINE_EXCEEDED);
       // The facade answers just before the deadline (ErrorInfo UPSTREAM_TIMEOUT); on a slow machine
       // the client's own deadline may fire first, which is DEADLINE_EXCEEDED without details.
       for (Any any : status.getDetailsList()) {
@@ -279,6 +292,29 @@ public final class Main {
     } finally {
       admin("DELETE", "/_emulator/faults?action=" + action, "");
     }
+  }
+
+  /**
+   * Watches a task until its final state. The stream sends the current answer at once and then each
+   * change, as the DescribeSnapshotTask responses themselves; the blocking iterator ends when the
+   * stream ends OK (after Finished) and throws StatusRuntimeException on any other end. On
+   * UNAVAILABLE (the replica stopped) a caller watches again: the new stream starts with the current
+   * state.
+   */
+  private void watchSnapshot() throws Exception {
+    String taskId = "watch-java-" + java.util.UUID.randomUUID();
+    admin("POST", "/_emulator/tasks", "{\"Kind\": \"snapshot\", \"TaskId\": \"" + taskId + "\", \"SdkAppId\": "
+        + SEED_SDK_APP_ID + ", \"RunSeconds\": " + WATCH_RUN_SECONDS + "}");
+    // A watch lasts as long as its task, not as long as a call: a deadline of its own.
+    Iterator<DescribeSnapshotTaskResponse> stream = watcher.withDeadlineAfter(60, TimeUnit.SECONDS)
+        .watchSnapshotTask(WatchSnapshotTaskRequest.newBuilder()
+            .setRequest(DescribeSnapshotTaskRequest.newBuilder().setTaskId(taskId).setSdkAppId(SEED_SDK_APP_ID))
+            .build());
+    List<String> seen = new ArrayList<>();
+    stream.forEachRemaining(answer -> seen.add(answer.getStatus()));
+    expect(seen.size() >= 2 && seen.get(0).equals("Running") && seen.get(seen.size() - 1).equals("Finished"),
+        "want Running first and Finished last, saw " + seen);
+    System.out.println("      saw " + seen);
   }
 
   private void admin(String method, String path, String body) throws Exception {

@@ -1,0 +1,126 @@
+"""What the answer cache keeps, how it names it, and what a store of it must do.
+
+A *key* is one Describe request: the action and the request message in protobuf's deterministic
+serialisation, so two calls asking the same thing share one key whatever their field order. It is
+also everything a refresh needs: any replica can send the request again from the key alone.
+
+An *entry* is one answer of TIW to that request: the response message (serialised, RequestId
+included, as TIW gave it) or the one error worth keeping (``InvalidParameter.TaskNotFound``), and
+the wall-clock time it arrived. Wall time, not monotonic: replicas compare the ages of shared
+entries, and only the wall clock means the same on every host (to within NTP's skew).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Key:
+    """One Describe request: ``action`` and the request message's deterministic serialisation."""
+
+    action: str
+    request: bytes
+
+    def text(self) -> str:
+        """The key as text (Redis member and key names): the action, a colon, base64url of the request."""
+        return f"{self.action}:{base64.urlsafe_b64encode(self.request).decode()}"
+
+    @classmethod
+    def from_text(cls, text: str) -> Key:
+        action, _, encoded = text.partition(":")
+        return cls(action, base64.urlsafe_b64decode(encoded))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    """One answer of TIW: a response, or a kept error; and when it arrived (``time.time()``)."""
+
+    answered_at: float
+    request_id: str  # TIW's RequestId of the request that produced this answer
+    payload: bytes = b""  # the response message, serialised; empty for an error
+    terminal: bool = False  # a final state: it never changes, whatever the age
+    error_code: str = ""  # TIW's error code of a kept error (then ``payload`` is empty)
+    error_message: str = ""
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.error_code)
+
+    def age(self, now: float) -> float:
+        """Seconds since TIW answered, never negative (another host's clock may be a little ahead)."""
+        return max(0.0, now - self.answered_at)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lifetimes:
+    """How long a store keeps each kind of entry, in seconds."""
+
+    terminal: float  # TIW_CACHE_TERMINAL_TTL
+    not_found: float  # TIW_CACHE_NOT_FOUND_TTL
+    changing: float  # TIW_MAX_STALE_ON_SATURATION: older, a non-terminal answer is of no use
+
+    def of(self, entry: Entry) -> float:
+        if entry.is_error:
+            return self.not_found
+        return self.terminal if entry.terminal else self.changing
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached or answered nonsense: use the process's own store."""
+
+
+class Store(Protocol):
+    """Where entries live: in process (``_local``) or in Redis, shared by every replica (``_shared``).
+
+    Every time is wall-clock seconds (``time.time()``). A shared store raises ``StoreUnavailable``
+    for any trouble with its backend; the in-process store never raises.
+    """
+
+    async def get(self, key: Key) -> Entry | None:
+        """The entry of ``key``, or None (never kept, expired, dropped, or invalidated)."""
+
+    async def get_many(self, keys: Sequence[Key]) -> list[Entry | None]:
+        """``get`` of each key, in one round trip."""
+
+    async def put(self, key: Key, entry: Entry, *, asked_at: float) -> bool:
+        """Keep ``entry`` for its lifetime; True if it was kept.
+
+        Not kept when the key was invalidated at or after ``asked_at`` (the time the request that
+        produced it was begun: its answer may predate the change that invalidated the key), or when
+        the store holds an answer that arrived later (answers never go back in time).
+        Keeping a terminal or error entry also ends the key's refreshes.
+        """
+
+    async def invalidate(self, keys: Iterable[Key], *, at: float) -> None:
+        """Drop the entries of ``keys``, and refuse answers to requests begun before ``at``."""
+
+    async def postpone(self, key: Key, *, at: float) -> None:
+        """A refresh of ``key`` failed: offer it again (``next_due``) as if it had been answered at
+        ``at``, not at once (a failing request is not re-sent in a loop)."""
+
+    async def lease(self, key: Key, seconds: float) -> bool:
+        """Take the right to fetch ``key`` for ``seconds`` (one replica at a time); False if taken."""
+
+    async def unlease(self, key: Key) -> None:
+        """Give up the lease of ``key`` (taken by this store) before it runs out."""
+
+    async def want(self, keys: Iterable[Key], *, until: float) -> None:
+        """Someone wants fresh answers of ``keys`` until ``until``: refresh them while so.
+
+        Extends, never shortens, a key's wanted time.
+        """
+
+    async def next_due(self, action: str, *, older_than: float, lease: float, now: float) -> Key | None:
+        """The key of ``action`` to refresh next, with its lease taken for ``lease`` seconds; or None.
+
+        Among keys wanted at ``now`` that have an entry neither terminal nor an error (or had one,
+        until a write invalidated it: due at once), and whose lease is free: the one answered
+        longest ago (or postponed to longest ago), provided that was before ``older_than``.
+        """
+
+    async def aclose(self) -> None:
+        """Close connections (a shared store); the in-process store forgets nothing by it."""

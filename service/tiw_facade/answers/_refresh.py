@@ -1,0 +1,78 @@
+"""Spare quota spent on the answers callers keep asking for, least recently refreshed first.
+
+One loop per shared action: take the due key from the refresh schedule (Redis's, shared by every
+replica, while it answers; else the process's), then a slot the direct calls leave over
+(``Limiter.try_spare``, which keeps TIW_REFRESH_RESERVE slots free), then fetch it through the same
+flight a caller would join. Oldest answer first spreads the age of answers evenly when the quota
+cannot keep them all young, instead of some tasks starving; an answer younger than 90% of
+TIW_MAX_STALENESS is not refreshed (no quota spent on answers every caller would take anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from tiw_facade.answers._entries import StoreUnavailable
+
+if TYPE_CHECKING:
+    from tiw_facade.answers import Answers
+
+log = logging.getLogger("tiw_facade.answers")
+
+# Nothing due: look again this soon (a new key is wanted within this of its first call).
+IDLE = 0.1
+# No spare slot: ask again this soon (tokens come back a window after each answer, all the time).
+NO_SPARE = 0.05
+
+
+class Refresher:
+    def __init__(
+        self, answers: Answers, actions: Sequence[str], refresh_after: float, *, clock: Callable[[], float]
+    ) -> None:
+        self._answers = answers
+        self._actions = tuple(actions)
+        self._refresh_after = refresh_after
+        self._clock = clock
+
+    async def run(self) -> None:
+        loops = [
+            asyncio.create_task(self._refresh(action), name=f"refresh-{action}") for action in self._actions
+        ]
+        try:
+            while True:
+                await self._answers.tell_wanted()
+                await asyncio.sleep(IDLE)
+        finally:
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _refresh(self, action: str) -> None:
+        while True:
+            try:
+                pause = await self._once(action)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: the loop must outlive it, callers still get answers
+                log.exception("refresh failed", extra={"action": action})
+                pause = 1.0
+            await asyncio.sleep(pause)  # 0: let the callers' tasks run between refreshes
+
+    async def _once(self, action: str) -> float:
+        """Refresh one key if one is due and a spare slot is free; how long to pause before the next."""
+        store = self._answers.schedule()
+        now = self._clock()
+        try:
+            key = await store.next_due(
+                action, older_than=now - self._refresh_after, lease=self._answers.lease_seconds, now=now
+            )
+        except StoreUnavailable:
+            self._answers.schedule_failed()
+            return IDLE
+        if key is None:
+            return IDLE
+        refreshed = await self._answers.refresh(key)  # gives the key's lease up when it ends
+        return NO_SPARE if refreshed is None else 0.0

@@ -1,0 +1,298 @@
+"""The answer store every replica of one account shares: Redis, each rule one atomic Lua script.
+
+Per account, every key under one prefix ``tiw:{<account hash>}:answers:`` (the {hash tag} keeps an
+account's keys in one Redis Cluster slot, so the scripts, which name some keys themselves, stay
+valid on a Cluster):
+
+``...e:<key>``        hash: the entry (``a`` answered_at as repr, ``r`` RequestId, ``p`` payload,
+                      ``t`` present if terminal, ``c``/``m`` a kept error; empty fields left out);
+                      expires its lifetime after TIW answered, as the in-process store's do.
+``...i:<key>``        the invalidation stamp: the latest ``at`` the key was invalidated at; kept
+                      long after any request begun before it could still answer.
+``...l:<key>``        the lease: the token of the store instance that holds it.
+``...w:<action>``     sorted set of wanted keys, score = until when they are wanted.
+``...s:<action>``     the refresh schedule: sorted set of wanted keys whose entry is neither
+                      terminal nor an error, score = its answered_at (0: no entry yet).
+
+``<key>`` is ``Key.text()``. Times are the callers' wall clocks (``time.time()``), as floats:
+Redis keeps scores as doubles and prints them exactly, so answered_at survives the trip unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from tiw_facade.answers._entries import Entry, Key, Lifetimes, StoreUnavailable
+
+T = TypeVar("T")
+
+# "Redis is not answering properly" (redis-py wraps socket errors, but some OS-level ones surface).
+STORE_ERRORS = (RedisError, OSError)
+# A reply that does not parse is as much "not answering properly" as a lost connection.
+SHAPE_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError)
+# next_due looks at this many of the schedule's oldest members at most: each call stays O(log n)
+# even when many of the oldest are leased by other replicas.
+SCAN = 64
+# An invalidation stamp must outlive every request begun before it; the longest such request is
+# bounded by what the facade waits for TIW, far below this.
+MIN_STAMP_LIFETIME = 60.0
+
+# KEYS: entry, stamp, schedule, wanted. ARGV: asked_at, answered_at, lifetime (ms), '1' if the entry
+# ends refreshes (terminal or error), the key's member, then the entry's fields as name, value pairs.
+PUT_SCRIPT = """
+local stamp = redis.call('GET', KEYS[2])
+if stamp and tonumber(stamp) >= tonumber(ARGV[1]) then return 0 end
+local held = redis.call('HGET', KEYS[1], 'a')
+if held and tonumber(held) > tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('ZREM', KEYS[3], ARGV[5])
+  redis.call('ZREM', KEYS[4], ARGV[5])
+elseif redis.call('ZSCORE', KEYS[4], ARGV[5]) then
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
+end
+return 1
+"""
+# KEYS: (entry, stamp, schedule) per key. ARGV: at, the stamp's lifetime (ms), each key's member.
+# A wanted key left without an entry is due first (score 0); a later stamp is never lowered.
+INVALIDATE_SCRIPT = """
+local at = tonumber(ARGV[1])
+for i = 3, #ARGV do
+  local n = (i - 3) * 3
+  redis.call('DEL', KEYS[n + 1])
+  local stamp = redis.call('GET', KEYS[n + 2])
+  if not stamp or tonumber(stamp) < at then
+    redis.call('SET', KEYS[n + 2], ARGV[1], 'PX', ARGV[2])
+  end
+  redis.call('ZADD', KEYS[n + 3], 'XX', 0, ARGV[i])
+end
+"""
+# KEYS: (wanted, schedule, entry) per key. ARGV: until, each key's member. A key with an entry joins
+# the schedule unless the entry ended refreshes (terminal or error). One without an entry does not:
+# its callers ask TIW themselves, and a request that keeps failing must not be re-sent in a loop.
+WANT_SCRIPT = """
+for i = 2, #ARGV do
+  local n = (i - 2) * 3
+  local member = ARGV[i]
+  redis.call('ZADD', KEYS[n + 1], 'GT', ARGV[1], member)
+  if not redis.call('ZSCORE', KEYS[n + 2], member) then
+    local entry = redis.call('HMGET', KEYS[n + 3], 'a', 't', 'c')
+    if entry[1] and not entry[2] and not entry[3] then
+      redis.call('ZADD', KEYS[n + 2], entry[1], member)
+    end
+  end
+end
+"""
+# KEYS: schedule. ARGV: at, the key's member. A scheduled key is next due as if answered at ``at``.
+POSTPONE_SCRIPT = """
+redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[2])
+"""
+# KEYS: schedule, wanted. ARGV: now, older_than, lease (ms), our token, the leases' key prefix, SCAN.
+# Keys no longer wanted leave both sets; the oldest free one is leased and returned.
+NEXT_DUE_SCRIPT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
+local older_than = tonumber(ARGV[2])
+local members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[6]) - 1, 'WITHSCORES')
+for i = 1, #members, 2 do
+  local member = members[i]
+  if tonumber(members[i + 1]) >= older_than then return false end
+  if not redis.call('ZSCORE', KEYS[2], member) then
+    redis.call('ZREM', KEYS[1], member)
+  elseif redis.call('SET', ARGV[5] .. member, ARGV[4], 'NX', 'PX', ARGV[3]) then
+    return member
+  end
+end
+return false
+"""
+# KEYS: the lease. ARGV: our token.
+UNLEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _fields(entry: Entry) -> list[str | bytes]:
+    """The entry as hash fields, the empty ones left out (they are the defaults)."""
+    fields: list[str | bytes] = ["a", repr(entry.answered_at)]
+    for name, value in (
+        ("r", entry.request_id),
+        ("p", entry.payload),
+        ("t", "1" if entry.terminal else ""),
+        ("c", entry.error_code),
+        ("m", entry.error_message),
+    ):
+        if value:
+            fields += (name, value)
+    return fields
+
+
+def _parse(fields: dict[bytes, bytes]) -> Entry:
+    return Entry(
+        answered_at=float(fields[b"a"]),
+        request_id=fields.get(b"r", b"").decode(),
+        payload=bytes(fields.get(b"p", b"")),
+        terminal=b"t" in fields,
+        error_code=fields.get(b"c", b"").decode(),
+        error_message=fields.get(b"m", b"").decode(),
+    )
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
+    except SHAPE_ERRORS as exc:
+        raise StoreUnavailable(f"Redis answered nonsense: {type(exc).__name__}: {exc}") from exc
+
+
+class RedisAnswerStore:
+    """``Store`` on Redis, shared by every replica of ``account``; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        account: str,
+        lifetimes: Lifetimes,
+        timeout: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._lifetimes = lifetimes
+        self._clock = clock
+        self._stamp_ms = _ms(max(MIN_STAMP_LIFETIME, 2 * lifetimes.changing))
+        # Leases taken by this instance carry its token: only it gives them up early.
+        self._token = secrets.token_hex(16)
+        # Short time-outs, connecting included: the caller falls back to its own store rather than
+        # wait. One immediate retry on a broken connection only (a pooled connection that died with
+        # a Redis restart); never on a time-out, which would double the stall.
+        self._client: Redis = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+        )
+        self._put = self._client.register_script(PUT_SCRIPT)
+        self._invalidate = self._client.register_script(INVALIDATE_SCRIPT)
+        self._want = self._client.register_script(WANT_SCRIPT)
+        self._next_due = self._client.register_script(NEXT_DUE_SCRIPT)
+        self._unlease = self._client.register_script(UNLEASE_SCRIPT)
+        self._postpone = self._client.register_script(POSTPONE_SCRIPT)
+        # The account (a SecretId) is hashed: no need to spell it out in Redis.
+        self.prefix = f"tiw:{{{hashlib.sha256(account.encode()).hexdigest()[:16]}}}:answers:"
+
+    def entry_key(self, key: Key) -> str:
+        return f"{self.prefix}e:{key.text()}"
+
+    def stamp_key(self, key: Key) -> str:
+        return f"{self.prefix}i:{key.text()}"
+
+    def lease_key(self, key: Key) -> str:
+        return f"{self.prefix}l:{key.text()}"
+
+    def wanted_key(self, action: str) -> str:
+        return f"{self.prefix}w:{action}"
+
+    def schedule_key(self, action: str) -> str:
+        return f"{self.prefix}s:{action}"
+
+    async def _call(self, pending: Awaitable[T]) -> T:
+        with _unavailable():
+            return await pending
+
+    async def get(self, key: Key) -> Entry | None:
+        # One command, not a pipeline of one: this is every non-terminal call's read.
+        with _unavailable():
+            fields = cast("dict[bytes, bytes]", await self._client.hgetall(self.entry_key(key)))
+            return _parse(fields) if fields else None
+
+    async def get_many(self, keys: Sequence[Key]) -> list[Entry | None]:
+        if not keys:
+            return []
+        with _unavailable():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(self.entry_key(key))
+                found = cast("list[dict[bytes, bytes]]", await pipe.execute())
+            return [_parse(fields) if fields else None for fields in found]
+
+    async def put(self, key: Key, entry: Entry, *, asked_at: float) -> bool:
+        keys = (
+            self.entry_key(key),
+            self.stamp_key(key),
+            self.schedule_key(key.action),
+            self.wanted_key(key.action),
+        )
+        final = "1" if entry.terminal or entry.is_error else "0"
+        # An entry lives for its lifetime from when TIW answered (as the in-process store keeps it),
+        # counted on our clock, which took answered_at, not on Redis's, which may be skewed.
+        lifetime = _ms(self._lifetimes.of(entry) - entry.age(self._clock()))
+        args = (repr(asked_at), repr(entry.answered_at), lifetime, final, key.text(), *_fields(entry))
+        kept = await self._call(self._put(keys=keys, args=args))
+        return bool(kept)
+
+    async def invalidate(self, keys: Iterable[Key], *, at: float) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        names = [
+            name
+            for key in keys
+            for name in (self.entry_key(key), self.stamp_key(key), self.schedule_key(key.action))
+        ]
+        args: list[str | int] = [repr(at), self._stamp_ms, *(key.text() for key in keys)]
+        await self._call(self._invalidate(keys=names, args=args))
+
+    async def postpone(self, key: Key, *, at: float) -> None:
+        await self._call(self._postpone(keys=(self.schedule_key(key.action),), args=(repr(at), key.text())))
+
+    async def lease(self, key: Key, seconds: float) -> bool:
+        taken = await self._call(self._client.set(self.lease_key(key), self._token, nx=True, px=_ms(seconds)))
+        return bool(taken)
+
+    async def unlease(self, key: Key) -> None:
+        await self._call(self._unlease(keys=(self.lease_key(key),), args=(self._token,)))
+
+    async def want(self, keys: Iterable[Key], *, until: float) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        names = [
+            name
+            for key in keys
+            for name in (self.wanted_key(key.action), self.schedule_key(key.action), self.entry_key(key))
+        ]
+        args = [repr(until), *(key.text() for key in keys)]
+        await self._call(self._want(keys=names, args=args))
+
+    async def next_due(self, action: str, *, older_than: float, lease: float, now: float) -> Key | None:
+        keys = (self.schedule_key(action), self.wanted_key(action))
+        args = (repr(now), repr(older_than), _ms(lease), self._token, f"{self.prefix}l:", SCAN)
+        with _unavailable():
+            member = await self._next_due(keys=keys, args=args)
+            if member is None:
+                return None
+            key = Key.from_text(cast(bytes, member).decode())
+            if key.action != action:
+                raise ValueError(f"a key of {key.action!r} in the schedule of {action!r}")
+            return key
+
+    async def aclose(self) -> None:
+        await self._call(self._client.aclose())
