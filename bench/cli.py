@@ -1,6 +1,6 @@
 """``python -m bench [--quick] [--only SUITES] [--profile] [--output FILE]``.
 
-SUITES: comma-separated, of overhead, quota, fairness, local, http-clients (all by default).
+SUITES: comma-separated, of overhead, quota, fairness, local, http-clients, answers (all by default).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import fairness, http_clients, local, overhead, profiling, quota, report
+from bench import answers, fairness, http_clients, local, overhead, profiling, quota, report
 from bench.common import Budget, Section
 from bench.procs import ROOT, BenchError, Processes
 
@@ -23,6 +23,7 @@ SUITES: dict[str, Callable[[Processes, Budget], Section]] = {
     "fairness": fairness.run,
     "local": local.run,
     "http-clients": http_clients.run,
+    "answers": answers.run,
 }
 BENCH_DIR = Path(__file__).resolve().parent
 FULL_OUTPUT = BENCH_DIR / "RESULTS.md"

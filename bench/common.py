@@ -21,6 +21,7 @@ class Budget:
     quota_seconds: float
     quota_warmup: float
     local_seconds: float
+    answers_seconds: float  # the measuring window of each answers workload
     concurrency: int = 32
 
     @classmethod
@@ -34,6 +35,7 @@ class Budget:
             quota_seconds=30.0,
             quota_warmup=2.0,
             local_seconds=2.0,
+            answers_seconds=30.0,
         )
 
     @classmethod
@@ -47,6 +49,7 @@ class Budget:
             quota_seconds=5.0,
             quota_warmup=1.5,
             local_seconds=1.0,
+            answers_seconds=10.0,
         )
 
 
