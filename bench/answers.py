@@ -59,6 +59,7 @@ from bench.procs import (
     free_port,
 )
 from bench.quota import Snapshot, snapshot
+from bench.roles import BARE_WATCH_SECONDS
 from bench.stats import median, paired, percentile
 
 JSON = dict[str, Any]
@@ -512,6 +513,7 @@ class Watched:
     first: Snapshot
     second: Snapshot
     final: Snapshot
+    bare_growth: float  # MB: a bare grpc.aio server holding as many streams
 
 
 def rss_mb(proc: Proc) -> float:
@@ -530,33 +532,12 @@ def watch(procs: Processes, budget: Budget, rng: random.Random) -> Watched:
         [facade] = fleet.facades
         workers = generators(procs, fleet, "watch")
         seconds = budget.answers_seconds
+        baseline = bare_stream_memory(procs, workers, seconds)
         begin = time.time() + 1.0
         opened = begin + WATCH_RAMP
         tasks = create_tasks(fleet.admin, (SNAPSHOT,), opened + 1.0, opened + seconds - SEEN_MARGIN, rng)
-        specs = [
-            {
-                "method": f"/{WATCHER}/Watch{SNAPSHOT.action.removeprefix('Describe')}",
-                "request": "Watch" + SNAPSHOT.action.removeprefix("Describe") + "Request",
-                "response": f"{SNAPSHOT.action}Response",
-                "params": {"request": SNAPSHOT.params(task.task_id)},
-            }
-            for task in tasks
-        ]
-        share = math.ceil(WATCHES / GENERATORS)
-        commands = [
-            {
-                "op": "watch",
-                "begin": begin,
-                "ramp": WATCH_RAMP,
-                "targets": fleet.targets,
-                "tasks": specs,
-                "streams": [index * share, min(WATCHES, (index + 1) * share)],
-                "total": WATCHES,
-                "channels": WATCH_CHANNELS,
-                "timeout": WATCH_RAMP + seconds + 30,
-            }
-            for index in range(GENERATORS)
-        ]
+        specs = [watch_spec(task.task_id) for task in tasks]
+        commands = watch_commands(fleet.targets, specs, begin, seconds)
         rss_before = rss_mb(facade)
         answers: list[JSON] = []
         driver = threading.Thread(
@@ -581,7 +562,59 @@ def watch(procs: Processes, budget: Budget, rng: random.Random) -> Watched:
         read_changes(fleet.admin, tasks)
     (start, first), (end, second) = marks
     records = [record for answer in answers for record in answer["records"]]
-    return Watched(tasks, records, rss_before, peak, (start, end), first, second, final)
+    return Watched(tasks, records, rss_before, peak, (start, end), first, second, final, baseline)
+
+
+def watch_spec(task_id: str) -> JSON:
+    name = SNAPSHOT.action.removeprefix("Describe")
+    return {
+        "method": f"/{WATCHER}/Watch{name}",
+        "request": f"Watch{name}Request",
+        "response": f"{SNAPSHOT.action}Response",
+        "params": {"request": SNAPSHOT.params(task_id)},
+    }
+
+
+def watch_commands(targets: list[str], specs: list[JSON], begin: float, seconds: float) -> list[JSON]:
+    """Each generator's share of the WATCHES streams, opened over WATCH_RAMP from ``begin``."""
+    share = math.ceil(WATCHES / GENERATORS)
+    return [
+        {
+            "op": "watch",
+            "begin": begin,
+            "ramp": WATCH_RAMP,
+            "targets": targets,
+            "tasks": specs,
+            "streams": [index * share, min(WATCHES, (index + 1) * share)],
+            "total": WATCHES,
+            "channels": WATCH_CHANNELS,
+            "timeout": WATCH_RAMP + seconds + 30,
+        }
+        for index in range(GENERATORS)
+    ]
+
+
+def bare_stream_memory(procs: Processes, workers: Sequence[Worker], seconds: float) -> float:
+    """The RSS growth (MB) of a bare grpc.aio server (bench.roles' echo, its plain WatchSnapshotTask)
+    holding as many streams from the same generators: what grpc.aio itself costs per stream."""
+    server, target = procs.echo()
+    try:
+        specs = [watch_spec(f"bare-{index}") for index in range(TASKS)]
+        bare = watch_commands([target], specs, time.time() + 1.0, seconds)
+        before = peak = rss_mb(server)
+        answers: list[JSON] = []
+        driver = threading.Thread(
+            target=lambda: answers.extend(in_parallel(workers, bare, WATCH_RAMP + 60)), daemon=True
+        )
+        driver.start()
+        while driver.is_alive():
+            peak = max(peak, rss_mb(server))
+            driver.join(SAMPLE_EVERY)
+        if len(answers) != len(workers):
+            raise BenchError(f"the bare-stream baseline failed; logs in {procs.dir}")
+        return peak - before
+    finally:
+        procs.stop(server)
 
 
 class Stream(NamedTuple):
@@ -631,7 +664,9 @@ def watch_report(run: Watched) -> tuple[str, list[Goal]]:
         Goal(
             f"Answers ({name}): facade RSS growth ≤ {RSS_GOAL_MB:g} MB with {WATCHES:,} streams",
             growth <= RSS_GOAL_MB,
-            f"{growth:.0f} MB ({run.rss_before:.0f} → peak {run.rss_peak:.0f} MB)",
+            f"{growth:.0f} MB ({run.rss_before:.0f} → peak {run.rss_peak:.0f} MB); a bare grpc.aio server "
+            f"holding as many streams: {run.bare_growth:.0f} MB, so the facade is "
+            f"{fmt_ratio(growth / run.bare_growth if run.bare_growth > 0 else math.inf, 2)} that",
         ),
         Goal(
             f"Answers ({name}): every stream ends OK after its task's terminal state",
@@ -663,7 +698,10 @@ in the window: {upstream} ({upstream / (end - start):.1f}/s); whole run: max {st
 {stats["throttled"]} throttled. First stream: as for polling, the first message of any stream of the
 task that showed Finished; every stream: the same for each stream; first message: from the caller's
 start of the stream to its first message (the state at once). RSS: the facade's `VmRSS` before
-the first stream opened and its peak, sampled every {SAMPLE_EVERY:g} s until the last stream ended.
+the first stream opened and its peak, sampled every {SAMPLE_EVERY:g} s until the last stream ended;
+the baseline, measured first in the same run by the same generators: a bare grpc.aio server
+(`bench.roles` echo: Running, an {BARE_WATCH_SECONDS:g} s wait, Finished) holding as many streams
+grew by {run.bare_growth:.0f} MB.
 
 {table(WATCH_HEADER, [row])}
 """

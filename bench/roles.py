@@ -94,12 +94,40 @@ async def echo(port: int) -> int:
     service, method = ECHO_METHOD.strip("/").split("/")
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
+    server.add_generic_rpc_handlers((_bare_watcher(),))
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
     await _until_terminated()
     await server.stop(0)
     return 0
+
+
+# How long a bare watch stream stays open between its two messages: longer than the answers bench
+# takes to open all of its streams, so they are all open at once, as on the facade.
+BARE_WATCH_SECONDS = 8.0
+
+
+def _bare_watcher() -> grpc.GenericRpcHandler:
+    """``WatchSnapshotTask`` as plain grpc.aio would serve it: Running, a wait, Finished, OK. The
+    baseline of what holding a stream open costs, for the answers bench's memory figure."""
+    from tiw_facade._proto.tiw.facade.v1 import watcher_pb2
+    from tiw_facade._proto.tiw.v20190919 import tiw_pb2
+
+    response = tiw_pb2.DescribeSnapshotTaskResponse
+
+    async def watch(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        task_id = request.request.task_id
+        yield response(task_id=task_id, status="Running")
+        await asyncio.sleep(BARE_WATCH_SECONDS)
+        yield response(task_id=task_id, status="Finished")
+
+    handler = grpc.unary_stream_rpc_method_handler(
+        watch,
+        request_deserializer=watcher_pb2.WatchSnapshotTaskRequest.FromString,
+        response_serializer=response.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler("tiw.facade.v1.TaskWatcher", {"WatchSnapshotTask": handler})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
