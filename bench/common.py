@@ -69,13 +69,20 @@ class Section:
     notes: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def grpc_call(action: str, params: dict[str, object]) -> dict[str, object]:
-    """A worker's description of a facade RPC."""
+# The request metadata of a call that must reach TIW: the answer cache (docs/answers.md) would
+# otherwise answer repeated Describe calls itself, and the sections that measure the way to TIW
+# (overhead, quota, fairness, local) would measure the cache.
+FRESH = [["tiw-max-age-ms", "0"]]
+
+
+def grpc_call(action: str, params: dict[str, object], *, fresh: bool = True) -> dict[str, object]:
+    """A worker's description of a facade RPC; ``fresh``: it asks TIW, never the answer cache."""
     return {
         "method": f"/{FACADE_SERVICE}/{action}",
         "request": f"{action}Request",
         "response": f"{action}Response",
         "params": params,
+        "metadata": FRESH if fresh else [],
     }
 
 

@@ -70,7 +70,9 @@ def exhausted_facade(
     env = facade_environment(f"http://{HOST}:{hole}", grpc_port, http_port, TIW_RATE_LIMIT="1")
     facade = procs.facade(env, profile=profile)
     target = f"{HOST}:{grpc_port}"
-    worker.request({"op": "hold", "target": target, "call": VALID_CALL, "timeout": 600}, timeout=10)
+    # The held call asks about another task: the same request would be shared with it (docs/answers.md).
+    held = grpc_call(DESCRIBE_WHITEBOARD_PUSH, {**PARAMS[DESCRIBE_WHITEBOARD_PUSH], "TaskId": "held-forever"})
+    worker.request({"op": "hold", "target": target, "call": held, "timeout": 600}, timeout=10)
     _until_admitted(f"http://{HOST}:{http_port}/metrics", DESCRIBE_WHITEBOARD_PUSH)
     probe = worker.request(
         {"op": "seq", "target": target, "call": VALID_CALL, "params": [VALID_CALL["params"]], "warmup": 0,

@@ -22,6 +22,7 @@ Outcomes are ``OK``, a gRPC status code name, or the TIW error code the SDK rais
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import sys
@@ -51,7 +52,8 @@ class GrpcClient:
         self._held: list[asyncio.Future[str]] = []
 
     def _callable(self, target: str, spec: JSON) -> Any:
-        key = (target, spec["method"])
+        metadata = tuple((name, value) for name, value in spec.get("metadata", ()))
+        key = (target, spec["method"], metadata)
         found = self._callables.get(key)
         if found is None:
             from tiw_facade._proto.tiw.v20190919 import tiw_pb2
@@ -61,11 +63,14 @@ class GrpcClient:
                 channel = self._channels[target] = self._grpc.aio.insecure_channel(target)
             request = getattr(tiw_pb2, spec["request"])
             response = getattr(tiw_pb2, spec["response"])
-            found = self._callables[key] = channel.unary_unary(
+            found = channel.unary_unary(
                 spec["method"],
                 request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString,
             )
+            if metadata:
+                found = functools.partial(found, metadata=metadata)
+            self._callables[key] = found
         return found
 
     @staticmethod

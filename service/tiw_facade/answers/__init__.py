@@ -318,6 +318,7 @@ class Answers:
         self, key: Key, request: Message, cached: Entry | None, deadline: float | None
     ) -> Served:
         series = self._metrics.answers_of(key.action)
+        retried = False
         while True:
             flight = self._flights.get(key)
             leader = flight is None
@@ -331,9 +332,10 @@ class Answers:
                 continue  # joined a refresh that found no spare quota: ask as a caller
             except (RateLimited, UpstreamTimeout, Late) as exc:
                 saturated = isinstance(exc, RateLimited) or exc.outcome is Outcome.NOT_SENT
-                # A shared request that was given up for the first caller's deadline (not sent) is
-                # still worth one of this caller's own, with its own time.
-                if saturated and not leader and not isinstance(exc, Late) and _time_left(deadline):
+                # A shared request given up unsent for its first caller's shorter deadline is still
+                # worth one of this caller's own, once, with its own time.
+                if saturated and not retried and not isinstance(exc, Late) and flight.outlived_by(deadline):
+                    retried = True
                     continue
                 # No slot within the deadline: the newest answer kept, if not too old, rather than a
                 # refusal. (Not when TIW was asked and is slow: that is not for a cache to hide.)
@@ -352,7 +354,7 @@ class Answers:
             return self._serve(key.action, entry, source, self._clock())
 
     def _start_flight(self, key: Key, request: Message, deadline: float | None, *, spare: bool) -> Flight:
-        flight = self._flights[key] = Flight(spare)
+        flight = self._flights[key] = Flight(spare, deadline)
         flight.task = asyncio.create_task(
             self._fly(key, request, deadline, flight), name=f"answers-flight-{key.action}"
         )
@@ -530,10 +532,6 @@ class Answers:
                 if entry is not None:
                     self._local.keep(key, entry, asked_at=entry.answered_at)
                     self._publish(key, entry)
-
-
-def _time_left(deadline: float | None) -> bool:
-    return deadline is None or deadline - time.monotonic() > 0.05
 
 
 def _policy_request(key: Key) -> Message:
