@@ -333,3 +333,20 @@ async def test_a_describe_in_flight_across_a_stop_does_not_answer_with_the_old_s
         after = await facade.stub.DescribeWhiteboardPush(request, timeout=5, metadata=metadata)
         assert after.status == "STOPPED"
     assert (await before).status in {"PUSHING", "STOPPED"}
+
+
+async def test_a_short_deadline_refused_does_not_refuse_a_patient_caller(
+    start_facade: StartFacade,
+) -> None:
+    facade = await start_facade(TIW_RATE_LIMIT="1", TIW_REFRESH_RESERVE="1")
+    busy = facade.emulator.add_snapshot_task(sdk_app_id=SDK_APP_ID, run_seconds=60)
+    task = facade.emulator.add_snapshot_task(sdk_app_id=SDK_APP_ID, run_seconds=60)
+    await describe(facade, busy, max_age_ms=0)  # the one slot is out for the next second
+    short = asyncio.ensure_future(describe(facade, task, deadline=0.3))
+    await asyncio.sleep(0)  # the short call asks first: no slot within 0.3 s, refused at once
+    patient, _ = await describe(facade, task, deadline=5)  # waits for its own slot
+    assert patient.status == "Running"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await short
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert upstream(facade.emulator) == 2
