@@ -48,7 +48,7 @@ class GrpcClient:
 
         self._grpc = grpc
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._callables: dict[tuple[str, str], Any] = {}
+        self._callables: dict[tuple[str, str, tuple[tuple[str, str], ...]], Any] = {}
         self._held: list[asyncio.Future[str]] = []
 
     def _callable(self, target: str, spec: JSON) -> Any:
