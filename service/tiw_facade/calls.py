@@ -21,6 +21,17 @@ class CallRecord:
 
 CURRENT_CALL: contextvars.ContextVar[CallRecord] = contextvars.ContextVar("tiw_facade_call")
 
+
+def record_for(action: str) -> CallRecord:
+    """The current RPC's record, naming ``action``; a throwaway one for a call served without the
+    interceptor (tests), which nobody reads."""
+    record = CURRENT_CALL.get(None)
+    if record is None:
+        record = CallRecord()
+    record.action = action
+    return record
+
+
 UNIDENTIFIED = "unidentified"  # the caller of a call that names none
 # The caller of the current TiwService call, set by identity.CallerCheck (a gRPC interceptor) and read
 # by the upstream client for the limiter's fair share. Here, not in identity.py, so that neither the

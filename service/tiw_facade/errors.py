@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -128,6 +129,16 @@ def build_status(code: grpc.StatusCode, message: str, details: Iterable[object] 
     proto = status_pb2.Status(code=_rpc_code(code), message=message, details=packed)
     status: grpc.Status = rpc_status.to_status(proto)
     return status
+
+
+def answer(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+    """End the call (or stream, after what it sent) with ``status``. Setting it and returning, rather
+    than ``abort_with_status``, spares grpc.aio raising and unwinding an exception through every
+    frame: a quarter of the CPU of a call answered without going upstream (bench/RESULTS.md, local
+    path)."""
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
 
 
 def status_for(exc: BaseException, *, action: str) -> grpc.Status:

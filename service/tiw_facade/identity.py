@@ -129,17 +129,18 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
             self._wrapped[method] = wrapped
         return wrapped
 
-    def _checked(self, inner: Any, action: str) -> Any:
-        mutual = self._mutual
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any], action: str) -> str | None:
+        """The call's caller; or None, once the call is answered with the refusal."""
+        try:
+            return caller_of(context, mutual=self._mutual)
+        except FacadeError as exc:
+            errors.answer(context, errors.status_for(exc, action=action))
+            return None
 
+    def _checked(self, inner: Any, action: str) -> Any:
         async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                caller = caller_of(context, mutual=mutual)
-            except FacadeError as exc:
-                status = errors.status_for(exc, action=action)
-                context.set_code(status.code)
-                context.set_details(status.details)
-                context.set_trailing_metadata(status.trailing_metadata)
+            caller = self._caller(context, action)
+            if caller is None:
                 return None
             token = CURRENT_CALLER.set(caller)
             try:
@@ -150,16 +151,9 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
         return checked
 
     def _checked_stream(self, inner: Any, action: str) -> Any:
-        mutual = self._mutual
-
         async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            try:
-                caller = caller_of(context, mutual=mutual)
-            except FacadeError as exc:
-                status = errors.status_for(exc, action=action)
-                context.set_code(status.code)
-                context.set_details(status.details)
-                context.set_trailing_metadata(status.trailing_metadata)
+            caller = self._caller(context, action)
+            if caller is None:
                 return
             token = CURRENT_CALLER.set(caller)
             try:

@@ -21,21 +21,19 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from tiw_facade import errors, validate
+from tiw_facade import errors
 from tiw_facade._proto.tiw.facade.v1 import watcher_pb2
 from tiw_facade.answers import Answers, Entry
-from tiw_facade.calls import CURRENT_CALL, CallRecord
+from tiw_facade.calls import record_for
 from tiw_facade.failures import (
     FacadeError,
-    InvalidRequest,
-    MalformedRequest,
     Outcome,
     TiwError,
     TooManyWatches,
     UpstreamTimeout,
 )
 from tiw_facade.handler import SERVICE as TIW_SERVICE
-from tiw_facade.handler import Undecodable, lenient_deserializer, upstream_deadline
+from tiw_facade.handler import Undecodable, lenient_deserializer, upstream_deadline, valid_request
 from tiw_facade.metrics import Metrics
 from tiw_facade.settings import Settings
 
@@ -100,17 +98,9 @@ def _behavior(
     async def stream(
         request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Message]:
-        record = CURRENT_CALL.get(None)
-        if record is None:  # served without the interceptor (tests): nobody reads it
-            record = CallRecord()
-        record.action = action
+        record = record_for(action)
         try:
-            if isinstance(request, Undecodable):
-                raise MalformedRequest(request.message_name)
-            inner = getattr(request, REQUEST_FIELD)  # an absent one is empty: its required fields say so
-            found = validate.violations(inner, REQUEST_FIELD)
-            if found:
-                raise InvalidRequest(found)
+            inner = valid_request(request, REQUEST_FIELD)
             deadline = upstream_deadline(context.time_remaining(), time.monotonic())
             # aclosing: a stream cancelled while a message is on its way still ends the watch now
             # (its interest in the task, its waits), not whenever the generator is collected.
@@ -130,7 +120,7 @@ def _behavior(
                 record.request_id = failure.request_id or record.request_id
             else:
                 record.tiw_code = "INTERNAL"
-            _fail(context, errors.status_for(failure, action=action))
+            errors.answer(context, errors.status_for(failure, action=action))
 
     return stream
 
@@ -149,11 +139,3 @@ def _deadline_passed() -> UpstreamTimeout:
         "the deadline passed before the task reached its final state; watch again to go on",
         outcome=Outcome.NOT_SENT,
     )
-
-
-def _fail(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
-    """End the stream with ``status``, after whatever messages it sent (none, for a refusal): set,
-    not raised, as handler.py does for the Describe RPCs."""
-    context.set_code(status.code)
-    context.set_details(status.details)
-    context.set_trailing_metadata(status.trailing_metadata)

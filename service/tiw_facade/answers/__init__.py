@@ -85,7 +85,6 @@ class Served:
     entry: Entry
     source: Source
     age: float
-    stale: bool = False  # given instead of a refusal: older than the caller asked for
 
 
 class Answers:
@@ -284,7 +283,7 @@ class Answers:
         series.served(source, age)
         if stale:
             series.stale.inc()
-        return Served(entry, source, age, stale)
+        return Served(entry, source, age)
 
     def _shared_usable(self) -> bool:
         return self._shared is not None and self._clock() >= self._shared_down_until
