@@ -319,6 +319,17 @@ def test_shutdown_fits_in_the_grace_period(overlay: str) -> None:
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
 
 
+QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_memory_budget_fits_the_pod_limit(overlay: str) -> None:
+    limit = container(overlay)["resources"]["limits"]["memory"]
+    limit_bytes = int(limit[:-2]) * QUANTITY[limit[-2:]]
+    # The process's own ~65 MiB before any call, then the budget, with room for fragmentation.
+    assert 65 * QUANTITY["Mi"] + effective_settings(overlay).memory_budget <= 0.9 * limit_bytes
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_locked_down(overlay: str) -> None:
     for kind in ("Deployment", "StatefulSet"):

@@ -82,6 +82,9 @@ REPLAY_METADATA = (("tiw-source", "replay"),)
 MAX_AGE_KEY = "tiw-max-age-ms"
 # Longer than any answer is kept: a caller's "any age" is the cache's own bound.
 MAX_AGE_LIMIT_MS = 86_400_000
+# Checked before int(), whose work grows with the digits and which refuses more than 4,300 of them
+# with a ValueError (an INTERNAL answer, an ERROR line). Room for leading zeros, and no more.
+MAX_AGE_DIGITS = 16
 
 
 def upstream_deadline(time_remaining: float | None, now: float) -> float | None:
@@ -117,9 +120,13 @@ def lenient_deserializer(request_class: type[Message]) -> Callable[[bytes], Mess
 
     def deserialize(data: bytes) -> Message | Undecodable:
         try:
-            return request_class.FromString(data)
+            request = request_class.FromString(data)
         except Exception:  # DecodeError mostly; whatever the parser says, the bytes are the caller's
             return undecodable
+        # Unknown fields reach nobody (TIW is sent the known ones): dropped here, a call waiting for
+        # its slot holds a few known fields, not whatever padding its caller sent (docs/limits.md).
+        request.DiscardUnknownFields()
+        return request
 
     return deserialize
 
@@ -141,10 +148,11 @@ def max_age(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     if not values:
         return None
     text = str(values[0])
-    if len(values) > 1 or not text.isdigit() or not text.isascii() or int(text) > MAX_AGE_LIMIT_MS:
-        raise InvalidRequest(
-            [(MAX_AGE_KEY, f"(metadata) must be given once, as whole milliseconds 0..{MAX_AGE_LIMIT_MS}")]
-        )
+    # ASCII digits only: str.isdigit() also takes other scripts' digits, and superscripts int() refuses.
+    digits = len(text) <= MAX_AGE_DIGITS and text.isascii() and text.isdigit()
+    if len(values) > 1 or not digits or int(text) > MAX_AGE_LIMIT_MS:
+        rule = f"whole milliseconds 0..{MAX_AGE_LIMIT_MS}, at most {MAX_AGE_DIGITS} ASCII digits"
+        raise InvalidRequest([(MAX_AGE_KEY, f"(metadata) must be given once, as {rule}")])
     return int(text) / 1000
 
 

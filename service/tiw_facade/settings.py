@@ -19,7 +19,11 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from tiw_facade import budget
+
 DEFAULT_ENDPOINT = "https://tiw.tencentcloudapi.com"
+MIN_MEMORY_BUDGET = 16 << 20
+_DERIVED = budget.bounds(budget.DEFAULT_BUDGET)  # what the README states as the defaults
 _SPEC = "tiw_facade.setting"  # the metadata key of a field's Spec
 
 
@@ -114,6 +118,20 @@ def non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
         raise Invalid("must be an integer >= 0")
+    return value
+
+
+_BYTE_UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+def byte_size(raw: str) -> int:
+    """Bytes, as Kubernetes writes a memory quantity in binary units: ``160Mi``, ``1Gi``, ``65536``."""
+    found = re.fullmatch(r"([0-9]{1,12})(Ki|Mi|Gi)?", raw)
+    if found is None:
+        raise Invalid("must be a whole number of bytes, optionally with Ki, Mi or Gi (e.g. 160Mi)")
+    value = int(found[1]) * _BYTE_UNITS[found[2] or ""]
+    if value < MIN_MEMORY_BUDGET:
+        raise Invalid(f"must be at least {MIN_MEMORY_BUDGET >> 20}Mi")
     return value
 
 
@@ -422,24 +440,48 @@ class Settings:
 
     @staticmethod
     def _weights(raw: str) -> tuple[tuple[str, int], ...]:
-        """``billing=3,classroom=1``: caller names (or SPIFFE IDs), each with a positive integer."""
+        """``billing=3,classroom=1``: caller names (or SPIFFE IDs), each with a weight of 1 to 100."""
+        # A caller's turn of the round robin is `weight` tokens in a row, and a caller that starts
+        # waiting may wait one turn of every other: at the documented 20 requests per second, 100
+        # is 5 s, the default TIW_MAX_QUEUE_WAIT. A heavier turn would outlast other callers'
+        # deadlines, and 1% steps are finer than any share worth setting.
+        most = 100
+        # The metrics' own label values (metrics.CallerSeries): a caller listed under one would be
+        # counted together with everyone that label stands for.
+        reserved = {
+            "unidentified": "the share of every caller not listed or proven",
+            "other": "the metrics' label for proven callers not listed",
+        }
         found: dict[str, int] = {}
         for entry in filter(None, (part.strip() for part in raw.split(","))):
             name, equals, weight = (part.strip() for part in entry.rpartition("="))
-            if not equals or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}|spiffe://[^\s=,]+", name):
+            # ASCII only, SPIFFE IDs included (the spec allows no more, and at most 2048 bytes).
+            if not equals or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}|spiffe://[!-<>-~]{1,2039}", name):
                 raise Invalid(f"{entry!r} is not caller=weight (a caller name or spiffe:// ID)")
-            if not weight.isdigit() or int(weight) < 1 or name in found:
-                raise Invalid(f"{entry!r}: the weight must be a positive integer, once per caller")
-            found[name] = int(weight)
+            if name in reserved:
+                raise Invalid(f"{entry!r}: {name!r} is reserved ({reserved[name]}), not a caller name")
+            if name in found:
+                raise Invalid(f"{entry!r}: {name!r} is given a weight twice")
+            # Not str.isdigit, which takes Arabic-Indic and superscript digits; nor int() alone,
+            # which takes '+1' and '1_0'.
+            if not re.fullmatch(r"[0-9]+", weight):
+                raise Invalid(f"{entry!r}: the weight must be a whole number in the digits 0-9")
+            # By length first: Python refuses int() of over 4300 digits with an unhelpful message.
+            digits = weight.lstrip("0")
+            value = int(digits or "0") if len(digits) <= len(str(most)) else most + 1
+            if not 1 <= value <= most:
+                raise Invalid(f"{entry!r}: the weight must be from 1 to {most}")
+            found[name] = value
         return tuple(found.items())
 
     caller_weights: tuple[tuple[str, int], ...] = setting(
         "TIW_CALLER_WEIGHTS",
         _weights,
         "Shares of the rate limit by caller (`tiw-caller`, or the client certificate's name), e.g. "
-        "`billing=3,classroom=1`; a caller not named weighs 1.",
+        "`billing=3,classroom=1`, weights 1 to 100. A `tiw-caller` not named here shares one share "
+        "with every other unproven caller; a certificate's name not named here weighs 1.",
         default=(),
-        shown_default="(empty: all weigh 1)",
+        shown_default="(empty: certificates weigh 1, unproven callers share one)",
     )
 
     idempotency_ttl: float = setting(
@@ -454,7 +496,8 @@ class Settings:
         positive_int,
         "Idempotency keys kept in process (without Redis); beyond it the oldest is forgotten, and a "
         "retry with it may create a second task.",
-        default=100_000,
+        default=0,
+        shown_default=f"(from TIW_MEMORY_BUDGET: {_DERIVED.idempotency_max_keys})",
     )
 
     max_staleness: float = setting(
@@ -474,8 +517,10 @@ class Settings:
     cache_entries: int = setting(
         "TIW_CACHE_ENTRIES",
         positive_int,
-        "Describe answers kept in process; beyond it the least recently used is dropped.",
-        default=10_000,
+        "Describe answers kept in process (and keys marked wanted); beyond it the least recently "
+        "used is dropped.",
+        default=0,
+        shown_default=f"(from TIW_MEMORY_BUDGET: {_DERIVED.cache_entries})",
     )
     cache_terminal_ttl: float = setting(
         "TIW_CACHE_TERMINAL_TTL",
@@ -505,9 +550,34 @@ class Settings:
     max_watches: int = setting(
         "TIW_MAX_WATCHES",
         positive_int,
-        "Watch streams open at once on one replica; beyond it, RESOURCE_EXHAUSTED.",
-        default=10_000,
+        "Watch streams open at once on one replica; beyond it, RESOURCE_EXHAUSTED `TOO_MANY_WATCHES`.",
+        default=0,
+        shown_default=f"(from TIW_MEMORY_BUDGET: {_DERIVED.max_watches})",
     )
+    max_watches_per_caller: int = setting(
+        "TIW_MAX_WATCHES_PER_CALLER",
+        positive_int,
+        "Watch streams one caller may hold open on one replica (a proven identity, or all unproven "
+        "callers together: docs/limits.md); beyond it, RESOURCE_EXHAUSTED `TOO_MANY_WATCHES`.",
+        default=0,
+        shown_default=f"(from TIW_MEMORY_BUDGET: {_DERIVED.max_watches_per_caller})",
+    )
+    memory_budget: int = setting(
+        "TIW_MEMORY_BUDGET",
+        byte_size,
+        "Memory, in bytes (`Ki`, `Mi`, `Gi` suffixes), that what callers make grow may take: the "
+        "defaults of TIW_CACHE_ENTRIES, TIW_MAX_WATCHES, TIW_MAX_WATCHES_PER_CALLER and "
+        "TIW_IDEMPOTENCY_MAX_KEYS are shares of it (docs/limits.md). Sized for a 256Mi pod limit.",
+        default=budget.DEFAULT_BUDGET,
+        shown_default=f"{budget.DEFAULT_BUDGET >> 20}Mi",
+    )
+
+    def __post_init__(self) -> None:
+        # A bound left at 0 (unset) takes its share of the memory budget; one set explicitly wins.
+        derived = budget.bounds(self.memory_budget, max_watches=self.max_watches or None)
+        for field in dataclasses.fields(derived):
+            if getattr(self, field.name) == 0:
+                object.__setattr__(self, field.name, getattr(derived, field.name))
 
     @property
     def account(self) -> str:

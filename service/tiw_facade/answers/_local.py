@@ -120,7 +120,11 @@ class LocalStore:
         for key in keys:
             wanted = self._wanted.setdefault(key.action, {})
             if wanted.get(key, 0.0) < until:
+                wanted.pop(key, None)  # re-inserted last: each dict is in order of ``until``
                 wanted[key] = until
+            # Bounded like the entries: the key wanted the longest ago (first to expire) goes first.
+            while len(wanted) > self._max_entries:
+                del wanted[next(iter(wanted))]
 
     async def next_due(self, action: str, *, older_than: float, lease: float, now: float) -> Key | None:
         wanted = self._wanted.get(action)
