@@ -5,11 +5,14 @@ Many services poll the same few tasks; the account allows 20 requests per second
 - **Coalescing.** Identical calls in flight at once share one request to TIW (a *flight*). The flight
   is a task of its own, owned by no caller: a caller that leaves (cancelled, past its deadline) does
   not end it for the others (the trap of naive singleflight), and its answer, or its error, goes to
-  every caller still waiting.
-- **A cache exact about age.** Each answer keeps the time TIW gave it. A terminal answer (the task is
-  over) is final; any other is given to a caller only while younger than the caller's bound
-  (``tiw-max-age-ms``, default TIW_MAX_STALENESS). When no rate-limit slot comes within a caller's
-  deadline, a cached answer up to TIW_MAX_STALE_ON_SATURATION old is given instead of a refusal.
+  every caller still waiting. A caller joins a flight only if it is unsent or was sent within the
+  caller's bound before the caller came; else it waits for the next one, shared the same way.
+- **A cache exact about age.** Each answer keeps the time its request was sent: TIW read its state
+  between the send and the answer, so that is as new as it provably is, and every age counts from
+  it. A terminal answer (the task is over) is final; any other is given to a caller only while
+  younger than the caller's bound (``tiw-max-age-ms``, default TIW_MAX_STALENESS). When no
+  rate-limit slot comes within a caller's deadline, a cached answer up to
+  TIW_MAX_STALE_ON_SATURATION old is given instead of a refusal.
   The caller always learns the source and the age.
 - **Shared by replicas.** With Redis, entries, leases (one replica fetches a key at a time) and the
   refresh schedule live there; the process keeps copies to fall back on while Redis is unreachable.
@@ -167,12 +170,22 @@ class Answers:
 
     @staticmethod
     def key(action: str, request: Message) -> Key:
-        return Key(action, request.SerializeToString(deterministic=True))
+        """The key of ``request``: the canonical form of what TIW is sent for it.
+
+        The known fields only, in the deterministic serialisation (field order, explicit defaults and
+        repeated occurrences on the wire are all one form): unknown fields never reach TIW, so they
+        must not make two keys of one question, nor let a caller grow the cache with padding.
+        """
+        canonical = type(request)()
+        canonical.CopyFrom(request)
+        canonical.DiscardUnknownFields()
+        return Key(action, canonical.SerializeToString(deterministic=True))
 
     async def describe(
         self, action: str, request: Message, *, max_age: float | None, deadline: float | None
     ) -> Served:
-        """An answer to ``request`` no older than ``max_age`` seconds (None: TIW_MAX_STALENESS).
+        """An answer to ``request`` no older than ``max_age`` seconds (None: TIW_MAX_STALENESS) when
+        this call arrived: its request was sent to TIW at most that long before the call arrived.
 
         ``deadline``: ``time.monotonic()`` by which the caller needs it. Raises the failures of a
         call to TIW; a kept error (an unknown task) is a ``Served`` whose entry ``is_error``.
@@ -180,11 +193,16 @@ class Answers:
         key = self.key(action, request)
         now = self._clock()
         bound = self._settings.max_staleness if max_age is None else max_age
-        self._note_wanted(key, now)
         cached = await self._lookup(key)
         if cached is not None and self._fresh(cached, bound, now):
-            return self._serve(action, cached, "cache", now)
-        return await self._through_flight(key, request, cached, deadline)
+            served = self._serve(action, cached, "cache", now)
+        else:
+            served = await self._through_flight(key, request, cached, deadline, arrival=now, bound=bound)
+        # Only an answer that can change is worth refreshing, and only answered questions are noted:
+        # a refused call leaves nothing behind, however many distinct questions a caller sends.
+        if not (served.entry.terminal or served.entry.is_error):
+            self._note_wanted(key, now)
+        return served
 
     async def stopped(self, action: str, request: Message) -> None:
         """``request`` of ``action`` (a write) reached TIW: drop the answers it made stale, everywhere."""
@@ -210,11 +228,9 @@ class Answers:
         iteration ends). Raises TiwError for an unknown task, ShuttingDown when the facade stops."""
         if self._draining:
             raise ShuttingDown()
-        key = self.key(action, request)
-        topic = self._topics.join(key)
+        topic = self._topics.join(self.key(action, request))
         try:
-            served = await self.describe(action, request, max_age=None, deadline=deadline)
-            entry = served.entry
+            entry = (await self.describe(action, request, max_age=None, deadline=deadline)).entry
             topic.publish(entry)
             sent: bytes | None = None
             while True:
@@ -227,13 +243,19 @@ class Answers:
                 if entry.terminal:
                     return
                 while not self._draining and (topic.latest is None or topic.latest is entry):
-                    await topic.changed()
+                    # Inline, not a coroutine of the topic's: its frame would be held by every
+                    # waiting stream.
+                    waiter = topic.waiter()
+                    try:
+                        await waiter
+                    finally:
+                        topic.forget(waiter)
                 if self._draining:
                     raise ShuttingDown()
                 assert topic.latest is not None
                 entry = topic.latest
         finally:
-            self._topics.leave(key, topic)
+            self._topics.leave(topic)
 
     # --- what the refresher uses ---
 
@@ -278,7 +300,8 @@ class Answers:
         return entry.age(now) <= bound
 
     def _serve(self, action: str, entry: Entry, source: Source, now: float, *, stale: bool = False) -> Served:
-        age = 0.0 if source == "upstream" else entry.age(now)
+        # Upstream too: TIW's answer is as old as its request, however long TIW took to give it.
+        age = entry.age(now)
         series = self._metrics.answers_of(action)
         series.served(source, age)
         if stale:
@@ -314,8 +337,17 @@ class Answers:
         return shared
 
     async def _through_flight(
-        self, key: Key, request: Message, cached: Entry | None, deadline: float | None
+        self,
+        key: Key,
+        request: Message,
+        cached: Entry | None,
+        deadline: float | None,
+        *,
+        arrival: float,
+        bound: float,
     ) -> Served:
+        """TIW's answer through the flight of ``key`` if this caller may share it (``joinable``), else
+        through the next one, begun when it lands and shared by all who waited for it."""
         series = self._metrics.answers_of(key.action)
         retried = False
         while True:
@@ -326,6 +358,11 @@ class Answers:
             else:
                 series.coalesced_waiters.inc()
             try:
+                if not flight.joinable(arrival, bound):
+                    # Sent too long before this call arrived: TIW may have read its state before the
+                    # caller's bound reaches back to. The first to wake after it lands begins the next.
+                    await self._behind(flight, deadline)
+                    continue
                 entry, from_peer = await self._await(flight, deadline)
             except NoSpareQuota:
                 continue  # joined a refresh that found no spare quota: ask as a caller
@@ -349,11 +386,15 @@ class Answers:
             finally:
                 if not leader:
                     series.coalesced_waiters.dec()
+            if from_peer and not self._fresh(entry, bound, arrival):
+                # Another replica's request, sent before this call's bound reaches back to (it held
+                # the lease before this call came): once it is answered, the next request is newer.
+                continue
             source: Source = "upstream" if leader and not from_peer else "coalesced"
             return self._serve(key.action, entry, source, self._clock())
 
     def _start_flight(self, key: Key, request: Message, deadline: float | None, *, spare: bool) -> Flight:
-        flight = self._flights[key] = Flight(spare, deadline)
+        flight = self._flights[key] = Flight(spare, deadline, clock=self._clock)
         flight.task = asyncio.create_task(
             self._fly(key, request, deadline, flight), name=f"answers-flight-{key.action}"
         )
@@ -368,9 +409,7 @@ class Answers:
 
     @staticmethod
     async def _await(flight: Flight, deadline: float | None) -> tuple[Entry, bool]:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = await asyncio.wait((flight.task,), timeout=timeout)  # never cancels the flight
-        if done:
+        if await _lands_by(flight, deadline):
             return flight.task.result()
         if flight.sent:
             raise Late(
@@ -379,6 +418,15 @@ class Answers:
         raise Late(
             "no rate-limit slot came within the deadline for the request this call shares", Outcome.NOT_SENT
         )
+
+    @staticmethod
+    async def _behind(flight: Flight, deadline: float | None) -> None:
+        """Wait for ``flight`` to land, whatever its outcome (it is not this caller's request)."""
+        if not await _lands_by(flight, deadline):
+            raise Late(
+                "TIW has not answered in time an earlier request, after which this call's was to be sent",
+                Outcome.UNKNOWN,
+            )
 
     async def _fly(
         self, key: Key, request: Message, deadline: float | None, flight: Flight
@@ -400,6 +448,9 @@ class Answers:
         try:
             entry = await self._ask_tiw(key, request, deadline, flight)
             if not await self._keep(key, entry, asked_at):
+                newer = await self._newer(key, entry)
+                if newer is not None:
+                    return newer, True
                 # Refused: a write (a stop, maybe on another replica) invalidated the key after this
                 # request began, so its answer may predate the write; and callers who asked after the
                 # write may have joined this flight. Everyone gets an answer asked for after it.
@@ -412,6 +463,14 @@ class Answers:
         finally:
             if leased or spare:
                 await self._unlease(key)
+
+    async def _newer(self, key: Key, entry: Entry) -> Entry | None:
+        """An answer kept to a request sent after ``entry``'s, if any: another replica's, whose lease
+        overlapped ours (Redis was out of reach, or the lease ran out). A write that refused
+        ``entry`` dropped whatever was kept before it, so this one was asked for after the write: it
+        serves this flight's callers as well as asking TIW again would, at no cost."""
+        found = await self._lookup(key)
+        return found if found is not None and found.answered_at > entry.answered_at else None
 
     async def _keep(self, key: Key, entry: Entry, asked_at: float) -> bool:
         """Store ``entry`` here and in Redis; False if a store refused it (an invalidation after
@@ -433,19 +492,20 @@ class Answers:
                 self._shared_failed()
 
     async def _ask_tiw(self, key: Key, request: Message, deadline: float | None, flight: Flight) -> Entry:
+        begun = self._clock()
         try:
             response = await self._fetch(key.action, request, deadline, flight.spare, flight.mark_sent)
         except TiwError as exc:
             if exc.code not in _policy.KEPT_ERRORS:
                 raise
             return Entry(
-                answered_at=self._clock(),
+                answered_at=flight.sent_since(begun),
                 request_id=exc.request_id,
                 error_code=exc.code,
                 error_message=exc.message,
             )
         return Entry(
-            answered_at=self._clock(),
+            answered_at=flight.sent_since(begun),
             request_id=getattr(response, "request_id", ""),
             payload=response.SerializeToString(),
             terminal=_policy.is_terminal(key.action, response),
@@ -453,7 +513,8 @@ class Answers:
 
     async def _peer_answer(self, key: Key, deadline: float | None) -> Entry | None:
         """Wait for another replica's request for ``key``: its answer, or None once its lease is
-        gone (then the lease is ours). Raises UpstreamTimeout at the deadline.
+        gone (then the lease is ours). Raises UpstreamTimeout at the deadline. That request may have
+        been sent before this flight's callers came: each checks the answer against its own bound.
 
         Polls Redis, from PEER_POLL up to PEER_POLL_MAX apart: most answers come within a round
         trip to TIW, and a replica with many keys waiting must not flood Redis meanwhile.
@@ -490,8 +551,19 @@ class Answers:
         until = now + self._settings.refresh_interest
         told = self._told_wanted.get(key, 0.0)
         if force or until - told >= WANT_EVERY:
+            self._told_wanted.pop(key, None)  # re-inserted last: the dict is in order of interest
             self._told_wanted[key] = until
             self._to_tell.add(key)
+            self._bound_wanted()
+
+    def _bound_wanted(self) -> None:
+        """At most TIW_CACHE_ENTRIES keys noted as wanted: the ones whose interest is oldest go first
+        (an answer no longer kept has nothing to refresh anyway)."""
+        # The dict is in order of ``until``, so the first key is also the first to expire: O(1) a call.
+        while len(self._told_wanted) > self._settings.cache_entries:
+            oldest = next(iter(self._told_wanted))
+            del self._told_wanted[oldest]
+            self._to_tell.discard(oldest)
 
     async def tell_wanted(self) -> None:
         """Tell the stores which keys callers want (batched: once per key per WANT_EVERY)."""
@@ -508,9 +580,6 @@ class Answers:
                     await self._shared.want(group, until=until)  # type: ignore[union-attr]
                 except StoreUnavailable:
                     self._shared_failed()
-        if len(self._told_wanted) > 4 * self._settings.cache_entries:
-            now = self._clock()
-            self._told_wanted = {key: until for key, until in self._told_wanted.items() if until > now}
 
     async def _keep_watched(self) -> None:
         """Watched keys stay wanted, and other replicas' answers of them reach their watchers."""
@@ -531,6 +600,13 @@ class Answers:
                 if entry is not None:
                     self._local.keep(key, entry, asked_at=entry.answered_at)
                     self._publish(key, entry)
+
+
+async def _lands_by(flight: Flight, deadline: float | None) -> bool:
+    """Whether ``flight`` lands before ``deadline`` (``time.monotonic()``); never cancels it."""
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    done, _ = await asyncio.wait((flight.task,), timeout=timeout)
+    return bool(done)
 
 
 def _policy_request(key: Key) -> Message:

@@ -6,8 +6,10 @@ also everything a refresh needs: any replica can send the request again from the
 
 An *entry* is one answer of TIW to that request: the response message (serialised, RequestId
 included, as TIW gave it) or the one error worth keeping (``InvalidParameter.TaskNotFound``), and
-the wall-clock time it arrived. Wall time, not monotonic: replicas compare the ages of shared
-entries, and only the wall clock means the same on every host (to within NTP's skew).
+the wall-clock time the request that produced it was sent. Sent, not answered: TIW read its state
+somewhere between the two, so the answer is provably no older than the send, and ages count from it.
+Wall time, not monotonic: replicas compare the ages of shared entries, and only the wall clock
+means the same on every host (to within NTP's skew).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class Key:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Entry:
-    """One answer of TIW: a response, or a kept error; and when it arrived (``time.time()``)."""
+    """One answer of TIW: a response, or a kept error; and how new it provably is (``time.time()``)."""
 
+    # When the request TIW answered was sent (its rate-limit slot granted), not when the answer came:
+    # what TIW answered may be as old as that, and ages must never claim it newer.
     answered_at: float
     request_id: str  # TIW's RequestId of the request that produced this answer
     payload: bytes = b""  # the response message, serialised; empty for an error
@@ -51,7 +55,7 @@ class Entry:
         return bool(self.error_code)
 
     def age(self, now: float) -> float:
-        """Seconds since TIW answered, never negative (another host's clock may be a little ahead)."""
+        """Seconds since the request was sent, never negative (another host's clock may be ahead)."""
         return max(0.0, now - self.answered_at)
 
 
@@ -91,7 +95,7 @@ class Store(Protocol):
 
         Not kept when the key was invalidated at or after ``asked_at`` (the time the request that
         produced it was begun: its answer may predate the change that invalidated the key), or when
-        the store holds an answer that arrived later (answers never go back in time).
+        the store holds an answer to a request sent later (answers never go back in time).
         Keeping a terminal or error entry also ends the key's refreshes.
         """
 
@@ -118,8 +122,8 @@ class Store(Protocol):
         """The key of ``action`` to refresh next, with its lease taken for ``lease`` seconds; or None.
 
         Among keys wanted at ``now`` that have an entry neither terminal nor an error (or had one,
-        until a write invalidated it: due at once), and whose lease is free: the one answered
-        longest ago (or postponed to longest ago), provided that was before ``older_than``.
+        until a write invalidated it: due at once), and whose lease is free: the one whose request
+        was sent longest ago (or postponed to longest ago), provided that was before ``older_than``.
         """
 
     async def aclose(self) -> None:

@@ -6,7 +6,7 @@ valid on a Cluster):
 
 ``...e:<key>``        hash: the entry (``a`` answered_at as repr, ``r`` RequestId, ``p`` payload,
                       ``t`` present if terminal, ``c``/``m`` a kept error; empty fields left out);
-                      expires its lifetime after TIW answered, as the in-process store's do.
+                      expires its lifetime after its request was sent, as the in-process store's do.
 ``...i:<key>``        the invalidation stamp: the latest ``at`` the key was invalidated at; kept
                       long after any request begun before it could still answer.
 ``...l:<key>``        the lease: the token of the store instance that holds it.
@@ -16,6 +16,9 @@ valid on a Cluster):
 
 ``<key>`` is ``Key.text()``. Times are the callers' wall clocks (``time.time()``), as floats:
 Redis keeps scores as doubles and prints them exactly, so answered_at survives the trip unchanged.
+answered_at is ``Entry.answered_at``: when the request TIW answered was sent, not when its answer
+came. (Entries written by an older facade, same format, carry the arrival: they read a round trip
+younger than they are until they expire.)
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ SCAN = 64
 # bounded by what the facade waits for TIW, far below this.
 MIN_STAMP_LIFETIME = 60.0
 
-# KEYS: entry, stamp, schedule, wanted. ARGV: asked_at, answered_at, lifetime (ms), '1' if the entry
-# ends refreshes (terminal or error), the key's member, then the entry's fields as name, value pairs.
+# KEYS: entry, stamp, schedule, wanted. ARGV: asked_at, answered_at (the send), lifetime (ms), '1' if
+# the entry ends refreshes (terminal or error), the key's member, then the entry's fields as pairs.
+# An answer to a request sent before the one held is refused: answers never go back in time.
 PUT_SCRIPT = """
 local stamp = redis.call('GET', KEYS[2])
 if stamp and tonumber(stamp) >= tonumber(ARGV[1]) then return 0 end
@@ -241,8 +245,8 @@ class RedisAnswerStore:
             self.wanted_key(key.action),
         )
         final = "1" if entry.terminal or entry.is_error else "0"
-        # An entry lives for its lifetime from when TIW answered (as the in-process store keeps it),
-        # counted on our clock, which took answered_at, not on Redis's, which may be skewed.
+        # An entry lives for its lifetime from when its request was sent (as the in-process store
+        # keeps it), counted on our clock, which took answered_at, not on Redis's, which may be skewed.
         lifetime = _ms(self._lifetimes.of(entry) - entry.age(self._clock()))
         args = (repr(asked_at), repr(entry.answered_at), lifetime, final, key.text(), *_fields(entry))
         kept = await self._call(self._put(keys=keys, args=args))
