@@ -107,13 +107,36 @@ class ShuttingDown(FacadeError):
 
 
 class TooManyWatches(FacadeError):
-    """This replica holds as many watch streams as TIW_MAX_WATCHES allows; watch from another, or later."""
+    """A watch stream over one of a replica's caps: the replica's own (TIW_MAX_WATCHES), or the
+    caller's share of it (TIW_MAX_WATCHES_PER_CALLER, given ``caller``); watch from another, or later.
+
+    ``ErrorInfo.metadata`` names the cap (``limit``, ``setting``), so a caller can tell a busy
+    replica (another may take the stream) from its own streams being too many (close some).
+    """
 
     reason = "TOO_MANY_WATCHES"
     outcome = Outcome.NOT_SENT
+    REPLICA_CAP = "TIW_MAX_WATCHES"
+    CALLER_CAP = "TIW_MAX_WATCHES_PER_CALLER"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"this replica already serves {limit} watch streams (TIW_MAX_WATCHES); retry later")
+    def __init__(self, limit: int, *, caller: str | None = None) -> None:
+        self.limit = limit
+        self.caller = caller
+        self.setting = self.REPLICA_CAP if caller is None else self.CALLER_CAP
+        if caller is None:
+            text = f"this replica already serves {limit} watch streams ({self.setting}); retry later"
+        else:
+            text = (
+                f"caller {caller!r} already holds {limit} watch streams on this replica ({self.setting}); "
+                "end one, or retry later"
+            )
+        super().__init__(text)
+
+    def metadata(self) -> dict[str, str]:
+        found = {**super().metadata(), "limit": str(self.limit), "setting": self.setting}
+        if self.caller is not None:
+            found["caller"] = self.caller
+        return found
 
 
 class UpstreamFailure(FacadeError):

@@ -58,9 +58,11 @@ def max_calls_in_flight(settings: Settings) -> int:
 
     Sized so the limiter refuses first (with RetryInfo): every call it may queue per action, every
     call holding a slot while its upstream attempt lasts, every watch TIW_MAX_WATCHES allows (so
-    the watcher refuses the one too many with its own status), plus probes. Each holds at most
-    ``max_request_bytes`` of request, so that product bounds the memory of calls in flight
-    (defaults: 16,100 calls x 16 KiB, at most about 250 MiB).
+    the watcher refuses the one too many with its own status, naming the cap; the per-caller cap is
+    within it and needs no room of its own), plus probes. Each unary call holds at most
+    ``max_request_bytes`` of request, so that product bounds their memory (defaults: 6,100 calls x
+    16 KiB, at most about 95 MiB); the watches' memory, request included, is their share of
+    TIW_MEMORY_BUDGET (``budget.WATCH_COST`` each).
     """
     per_action = settings.max_queue_length + settings.rate_limit * math.ceil(settings.upstream_timeout)
     return len(SERVICE.methods) * per_action + settings.max_watches + OTHER_RPCS
@@ -218,7 +220,9 @@ class FacadeServer:
         quiet = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
         credentials = tls.server_credentials(settings)  # None: plaintext
         callers = identity.CallerCheck(
-            frozenset({SERVICE.full_name, WATCHER.full_name}), mutual=bool(settings.tls_client_ca_file)
+            frozenset({SERVICE.full_name, WATCHER.full_name}),
+            mutual=bool(settings.tls_client_ca_file),
+            listed=(name for name, _ in settings.caller_weights),
         )
         server = grpc.aio.server(
             # The observer first (outermost), so the calls CallerCheck refuses are counted and logged.

@@ -4,8 +4,14 @@ A watch is a Describe asked once and answered until the task's final state: each
 the request of the Describe action ``DescribeX`` (found by that message type in TiwService) and
 streams that action's response messages, exactly as ``Answers.watch`` yields them. Everything that
 makes a watch cheap (one refresh schedule per task, across replicas, from spare quota) lives in
-``answers``; this module only speaks gRPC: validation, the per-process bound, deadlines, and
-failures as the same rich statuses as the Describe RPCs (errors.status_for with the Describe action).
+``answers``; this module only speaks gRPC: validation, the per-process bounds (the replica's and
+each caller's), deadlines, and failures as the same rich statuses as the Describe RPCs
+(errors.status_for with the Describe action).
+
+Each open stream costs memory the replica must have (``budget.WATCH_COST``, most of it grpc's own
+state for the stream), so the handler holds as little as it can while a stream waits: no helper
+coroutine or context manager per stream, and the answers' bytes are sent as Answers keeps them
+(shared by every stream of the task), not parsed into a message of each stream's own.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -23,8 +29,8 @@ from google.protobuf.message import Message
 
 from tiw_facade import errors
 from tiw_facade._proto.tiw.facade.v1 import watcher_pb2
-from tiw_facade.answers import Answers, Entry
-from tiw_facade.calls import record_for
+from tiw_facade.answers import Answers
+from tiw_facade.calls import CURRENT_SHARE, record_for
 from tiw_facade.failures import (
     FacadeError,
     Outcome,
@@ -42,7 +48,7 @@ SERVICE: ServiceDescriptor = watcher_pb2.DESCRIPTOR.services_by_name["TaskWatche
 # The field of every Watch request that holds the Describe request (the proto's convention).
 REQUEST_FIELD = "request"
 
-Stream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]]
+Stream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]
 
 
 def describe_method(method: MethodDescriptor) -> MethodDescriptor:
@@ -58,61 +64,91 @@ def describe_method(method: MethodDescriptor) -> MethodDescriptor:
 
 
 class _Slots:
-    """The watches this process holds open, bounded by TIW_MAX_WATCHES (one event loop: no lock)."""
+    """The watches this process holds open: TIW_MAX_WATCHES in all, TIW_MAX_WATCHES_PER_CALLER by
+    share (``calls.CURRENT_SHARE``: a proven or listed caller, or every other caller together).
 
-    def __init__(self, limit: int) -> None:
+    One event loop: no lock. A share is counted only while it holds a stream, so the table is never
+    larger than the streams open, however many names callers bring.
+    """
+
+    __slots__ = ("by_share", "limit", "open", "per_caller")
+
+    def __init__(self, limit: int, per_caller: int) -> None:
         self.limit = limit
+        self.per_caller = per_caller
         self.open = 0
+        self.by_share: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def take(self) -> Iterator[None]:
+    def take(self, share: str) -> None:
+        """One more stream for ``share``, or TooManyWatches naming the cap it would pass. The
+        caller's own cap is checked first: that refusal is the one its caller can act on."""
+        held = self.by_share.get(share, 0)
+        if held >= self.per_caller:
+            raise TooManyWatches(self.per_caller, caller=share)
         if self.open >= self.limit:
             raise TooManyWatches(self.limit)
+        self.by_share[share] = held + 1
         self.open += 1
-        try:
-            yield
-        finally:
-            self.open -= 1
+
+    def give_back(self, share: str) -> None:
+        self.open -= 1
+        held = self.by_share[share] - 1
+        if held:
+            self.by_share[share] = held
+        else:
+            del self.by_share[share]
 
 
 def build_watcher(answers: Answers, settings: Settings, metrics: Metrics) -> grpc.GenericRpcHandler:
     """The generic handler serving every RPC of TaskWatcher from ``answers``."""
-    slots = _Slots(settings.max_watches)
+    slots = _Slots(settings.max_watches, settings.max_watches_per_caller)
     handlers = {}
     for method in SERVICE.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
-        response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-            _behavior(describe_method(method).name, response_class, answers, slots, metrics),
+            _behavior(describe_method(method).name, answers, slots, metrics),
             request_deserializer=lenient_deserializer(request_class),
-            response_serializer=response_class.SerializeToString,
+            # None: the stream yields the Describe response already serialized (Answers keeps it
+            # so), which grpc sends as it is.
+            response_serializer=None,
         )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
 
 
-def _behavior(
-    action: str, response_class: type[Message], answers: Answers, slots: _Slots, metrics: Metrics
-) -> Stream:
+def _behavior(action: str, answers: Answers, slots: _Slots, metrics: Metrics) -> Stream:
     active = metrics.watches_active.labels(action=action)
 
     async def stream(
         request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[bytes]:
         record = record_for(action)
+        share = CURRENT_SHARE.get()
         try:
             inner = valid_request(request, REQUEST_FIELD)
             deadline = upstream_deadline(context.time_remaining(), time.monotonic())
-            # aclosing: a stream cancelled while a message is on its way still ends the watch now
-            # (its interest in the task, its waits), not whenever the generator is collected.
-            with slots.take(), active.track_inprogress():
+            slots.take(share)
+            active.inc()
+            try:
+                # aclosing: a stream cancelled while a message is on its way still ends the watch
+                # now (its interest in the task, its waits), not whenever the generator is collected.
                 async with contextlib.aclosing(answers.watch(action, inner, deadline=deadline)) as entries:
-                    while (entry := await _next(entries, deadline)) is not None:
+                    while True:
+                        # The deadline bounds this wait only, never a ``yield``: a timeout that fired
+                        # while grpc sends a message would cancel grpc's send, not this wait. (Written
+                        # here, not in a helper coroutine, whose frame each waiting stream would hold.)
+                        async with asyncio.timeout_at(deadline):
+                            entry = await anext(entries, None)
+                        if entry is None:
+                            return
                         if entry.is_error:  # Answers raises kept errors; never sent as a message
                             raise TiwError(entry.error_code, entry.error_message, entry.request_id)
                         record.request_id = entry.request_id
-                        yield response_class.FromString(entry.payload)
+                        yield entry.payload
                         if entry.terminal:
                             return
+            finally:
+                active.dec()
+                slots.give_back(share)
         except Exception as exc:  # every failure becomes a status; CancelledError is not an Exception
             failure = _deadline_passed() if isinstance(exc, TimeoutError) else exc
             if isinstance(failure, FacadeError):
@@ -123,14 +159,6 @@ def _behavior(
             errors.answer(context, errors.status_for(failure, action=action))
 
     return stream
-
-
-async def _next(entries: AsyncIterator[Entry], deadline: float | None) -> Entry | None:
-    """The next answer, or None after the last; TimeoutError at ``deadline`` (``time.monotonic()``,
-    the event loop's clock). The deadline bounds this wait only, never a ``yield``: a timeout that
-    fired while grpc sends a message would cancel grpc's send, not this wait."""
-    async with asyncio.timeout_at(deadline):
-        return await anext(entries, None)
 
 
 def _deadline_passed() -> UpstreamTimeout:

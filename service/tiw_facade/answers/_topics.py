@@ -11,12 +11,17 @@ from tiw_facade.answers._entries import Entry, Key
 class Topic:
     """The newest answer of one key, for its watchers: each publish wakes them all at once."""
 
-    __slots__ = ("_changed", "_content", "_content_of", "latest", "watchers")
+    __slots__ = ("_content", "_content_of", "_waiters", "key", "latest", "watchers")
 
-    def __init__(self) -> None:
+    def __init__(self, key: Key) -> None:
+        self.key = key  # the watchers' one copy of it: each stream's own would cost its bytes again
         self.latest: Entry | None = None
         self.watchers = 0
-        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # One future per waiting watcher, rather than one per topic awaited through asyncio.wait:
+        # a cancelled watcher cancels only its own, and a plain future is the cheapest thing to
+        # hold while waiting (asyncio.wait held a set, a second future and two callbacks: about
+        # 1.4 KB per open stream).
+        self._waiters: set[asyncio.Future[None]] = set()
         self._content_of: Entry | None = None
         self._content = b""
 
@@ -27,13 +32,20 @@ class Topic:
         self.wake()
 
     def wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
-        changed.set_result(None)
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def changed(self) -> None:
-        # asyncio.wait, not ``await future``: a watcher cancelled while waiting would cancel the
-        # future that every other watcher of the key waits on.
-        await asyncio.wait((self._changed,))
+    def waiter(self) -> asyncio.Future[None]:
+        """A future set at the next wake. Pass it to ``forget`` when done with it, however it ended
+        (a watcher cancelled meanwhile would leave it here until the next wake otherwise)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        return waiter
+
+    def forget(self, waiter: asyncio.Future[None]) -> None:
+        self._waiters.discard(waiter)
 
     def content(self, action: str, entry: Entry) -> bytes:
         """The entry's content (without RequestId), computed once per entry for all watchers."""
@@ -54,14 +66,14 @@ class Topics:
     def join(self, key: Key) -> Topic:
         topic = self._topics.get(key)
         if topic is None:
-            topic = self._topics[key] = Topic()
+            topic = self._topics[key] = Topic(key)
         topic.watchers += 1
         return topic
 
-    def leave(self, key: Key, topic: Topic) -> None:
+    def leave(self, topic: Topic) -> None:
         topic.watchers -= 1
-        if topic.watchers == 0 and self._topics.get(key) is topic:
-            del self._topics[key]
+        if topic.watchers == 0 and self._topics.get(topic.key) is topic:
+            del self._topics[topic.key]
 
     def publish(self, key: Key, entry: Entry) -> None:
         topic = self._topics.get(key)
