@@ -18,14 +18,22 @@ ECHO = "test.Echo"
 
 @pytest.fixture
 async def echo() -> AsyncIterator[grpc.aio.Channel]:
-    """A server whose one method answers the caller CallerCheck left in CURRENT_CALLER."""
+    """A server whose methods answer the caller and the share CallerCheck left in CURRENT_CALLER and
+    CURRENT_SHARE; ``billing`` is listed in TIW_CALLER_WEIGHTS."""
 
     async def caller(request: bytes, context: object) -> bytes:
         return calls.CURRENT_CALLER.get().encode()
 
-    method = grpc.unary_unary_rpc_method_handler(caller)
-    server = grpc.aio.server(interceptors=[identity.CallerCheck(frozenset({ECHO}), mutual=False)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO, {"Caller": method}),))
+    async def share(request: bytes, context: object) -> bytes:
+        return calls.CURRENT_SHARE.get().encode()
+
+    methods = {
+        "Caller": grpc.unary_unary_rpc_method_handler(caller),
+        "Share": grpc.unary_unary_rpc_method_handler(share),
+    }
+    check = identity.CallerCheck(frozenset({ECHO}), mutual=False, listed=["billing"])
+    server = grpc.aio.server(interceptors=[check])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO, methods),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -34,8 +42,8 @@ async def echo() -> AsyncIterator[grpc.aio.Channel]:
     await server.stop(0)
 
 
-async def ask(channel: grpc.aio.Channel, *metadata: tuple[str, str]) -> str:
-    answer: bytes = await channel.unary_unary(f"/{ECHO}/Caller")(b"", metadata=metadata, timeout=5)
+async def ask(channel: grpc.aio.Channel, *metadata: tuple[str, str], method: str = "Caller") -> str:
+    answer: bytes = await channel.unary_unary(f"/{ECHO}/{method}")(b"", metadata=metadata, timeout=5)
     return answer.decode()
 
 
@@ -47,6 +55,30 @@ async def test_the_handler_sees_the_named_caller(echo: grpc.aio.Channel) -> None
 async def test_calls_without_a_name_share_one_caller(echo: grpc.aio.Channel) -> None:
     assert await ask(echo) == calls.UNIDENTIFIED
     assert await ask(echo, ("other-key", "billing")) == calls.UNIDENTIFIED
+
+
+async def test_only_listed_claimed_names_get_a_share_of_their_own(echo: grpc.aio.Channel) -> None:
+    # The claimed name is kept as the caller; the share is the listed name's or the common one.
+    assert await ask(echo, ("tiw-caller", "billing"), method="Share") == "billing"
+    assert await ask(echo, ("tiw-caller", "invented-7")) == "invented-7"
+    assert await ask(echo, ("tiw-caller", "invented-7"), method="Share") == calls.UNIDENTIFIED
+    assert await ask(echo, method="Share") == calls.UNIDENTIFIED
+    # Both are the call's alone: nothing is left behind for the next one.
+    assert (calls.CURRENT_CALLER.get(), calls.CURRENT_SHARE.get()) == (calls.UNIDENTIFIED,) * 2
+
+
+@pytest.mark.parametrize(
+    ("caller", "share"),
+    [
+        (identity.Caller("billing", proven=False), "billing"),  # listed: the operator vouches for it
+        (identity.Caller("invented", proven=False), calls.UNIDENTIFIED),
+        (identity.Caller(calls.UNIDENTIFIED, proven=False), calls.UNIDENTIFIED),
+        (identity.Caller("spiffe://td/ns/a/sa/b", proven=True), "spiffe://td/ns/a/sa/b"),  # not listed
+        (identity.Caller("billing", proven=True), "billing"),
+    ],
+)
+def test_a_share_is_a_proven_or_listed_name(caller: identity.Caller, share: str) -> None:
+    assert identity.share_of(caller, frozenset({"billing"})) == share
 
 
 @pytest.mark.parametrize(

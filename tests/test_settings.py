@@ -9,6 +9,8 @@ import sys
 
 import pytest
 from tiw_facade import settings
+from tiw_facade.calls import UNIDENTIFIED
+from tiw_facade.metrics import CallerSeries
 from tiw_facade.settings import DEFAULT_ENDPOINT, Settings, SettingsError, load
 
 BASE = {
@@ -114,6 +116,48 @@ def test_an_endpoint_with_userinfo_is_refused() -> None:
     with pytest.raises(SettingsError) as caught:
         load({**BASE, "TIW_ENDPOINT": "https://me@tiw.tencentcloudapi.com"})
     assert "must not carry user:password@" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("a=\u0661", "'a=\u0661': the weight must be a whole number in the digits 0-9"),  # Arabic-Indic one
+        ("a=\u00b2", "the weight must be a whole number in the digits 0-9"),  # superscript two
+        ("a=+1", "the weight must be a whole number in the digits 0-9"),
+        ("a=1_0", "the weight must be a whole number in the digits 0-9"),
+        ("a=1.5", "the weight must be a whole number in the digits 0-9"),
+        ("a=-1", "the weight must be a whole number in the digits 0-9"),
+        ("a=", "the weight must be a whole number in the digits 0-9"),
+        ("a=0", "'a=0': the weight must be from 1 to 100"),
+        ("a=101", "'a=101': the weight must be from 1 to 100"),
+        ("a=99999999999999999999", "the weight must be from 1 to 100"),
+        ("a=" + "9" * 5000, "the weight must be from 1 to 100"),  # past int()'s own digit limit
+        ("other=1", "'other' is reserved (the metrics' label for proven callers not listed)"),
+        ("unidentified=2", "'unidentified' is reserved (the share of every caller not listed or proven)"),
+        ("billing=1,billing=2", "'billing=2': 'billing' is given a weight twice"),
+        ("b\u00efll=1", "is not caller=weight"),
+        ("spiffe://td/\u00e9=1", "is not caller=weight"),
+        ("billing", "is not caller=weight"),
+    ],
+)
+def test_caller_weights_are_refused_naming_the_problem(raw: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load({**BASE, "TIW_CALLER_WEIGHTS": raw})
+    message = str(caught.value)
+    assert message.startswith("TIW_CALLER_WEIGHTS=")
+    assert problem in message
+
+
+def test_caller_weights_take_ascii_digits_up_to_100() -> None:
+    weights = load({**BASE, "TIW_CALLER_WEIGHTS": "billing=100, classroom=007,spiffe://td/ns/a/sa/b=1"})
+    assert weights.caller_weights == (("billing", 100), ("classroom", 7), ("spiffe://td/ns/a/sa/b", 1))
+
+
+def test_reserved_caller_names_are_the_metrics_own_labels() -> None:
+    assert CallerSeries.UNIDENTIFIED == UNIDENTIFIED
+    for label in (CallerSeries.UNIDENTIFIED, CallerSeries.OTHER):
+        with pytest.raises(SettingsError, match="is reserved"):
+            load({**BASE, "TIW_CALLER_WEIGHTS": f"{label}=1"})
 
 
 def test_defaults_fill_only_what_is_missing() -> None:

@@ -33,7 +33,12 @@ def record_for(action: str) -> CallRecord:
 
 
 UNIDENTIFIED = "unidentified"  # the caller of a call that names none
-# The caller of the current TiwService call, set by identity.CallerCheck (a gRPC interceptor) and read
-# by the upstream client for the limiter's fair share. Here, not in identity.py, so that neither the
-# client nor the limiter imports anything of gRPC.
+# The caller of the current call as it names itself (or as its certificate names it), set by
+# identity.CallerCheck (a gRPC interceptor): who the call is, not what share it gets (CURRENT_SHARE).
+# Here, not in identity.py, so that neither the client nor the limiter imports anything of gRPC.
 CURRENT_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("tiw_caller", default=UNIDENTIFIED)
+# The name a call's fair share and its per-caller bounds (the limiter's queue, watch slots) are kept
+# under: a proven identity (a client certificate), a name the operator lists in TIW_CALLER_WEIGHTS,
+# or UNIDENTIFIED for every other caller together (a name a caller merely claims costs it nothing to
+# invent, so invented names must not each get a share). Set by identity.CallerCheck.
+CURRENT_SHARE: contextvars.ContextVar[str] = contextvars.ContextVar("tiw_share", default=UNIDENTIFIED)

@@ -7,19 +7,24 @@ certificate names the caller (its SPIFFE ID, else its first DNS name, else its C
 ``tiw-caller`` that says otherwise is refused with PERMISSION_DENIED: a name cannot be borrowed.
 
 ``CallerCheck`` (a server interceptor) resolves the name once per call and leaves it in
-``CURRENT_CALLER`` for the handler and the limiter.
+``CURRENT_CALLER`` (the name as given), and the name the call's fair share is kept under in
+``CURRENT_SHARE`` (for the limiter and other per-caller bounds). A name only claimed costs nothing to
+invent: a flood under 200 made-up names would otherwise take 200 turns of the round robin to one of
+an honest caller's. So the share is the certificate's name, or a claimed name the operator lists in
+``TIW_CALLER_WEIGHTS``; every other caller shares the one ``unidentified`` share.
 """
 
 from __future__ import annotations
 
+import contextvars
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import grpc
 
 from tiw_facade import errors
-from tiw_facade.calls import CURRENT_CALLER, UNIDENTIFIED
+from tiw_facade.calls import CURRENT_CALLER, CURRENT_SHARE, UNIDENTIFIED
 from tiw_facade.failures import CallerMismatch, FacadeError, InvalidRequest
 from tiw_facade.settings import Settings
 
@@ -62,7 +67,14 @@ _PRECEDENCE: tuple[tuple[str, Callable[[str], bool]], ...] = (
 )
 
 
-def caller_of(context: grpc.aio.ServicerContext[Any, Any], *, mutual: bool = True) -> str:
+class Caller(NamedTuple):
+    """Who a call says it is, and whether that is proven."""
+
+    name: str  # the certificate's name, else the claimed tiw-caller, else UNIDENTIFIED
+    proven: bool  # named by a verified client certificate
+
+
+def caller_of(context: grpc.aio.ServicerContext[Any, Any], *, mutual: bool = True) -> Caller:
     """The caller of the call ``context`` serves.
 
     Raises ``InvalidRequest`` naming ``tiw-caller`` for a malformed name, and ``CallerMismatch`` when a
@@ -72,13 +84,20 @@ def caller_of(context: grpc.aio.ServicerContext[Any, Any], *, mutual: bool = Tru
     claims = [value for key, value in context.invocation_metadata() or () if key == CALLER_KEY]
     verified = certificate_name(context.auth_context()) if mutual else None
     if verified is not None and claims == [verified]:
-        return verified  # the certificate's own name echoed, though a SPIFFE ID does not fit NAME
+        # The certificate's own name echoed, though a SPIFFE ID does not fit NAME.
+        return Caller(verified, True)
     claimed = claimed_name(claims)
     if verified is None:
-        return claimed or UNIDENTIFIED
+        return Caller(claimed or UNIDENTIFIED, False)
     if claimed is not None:
         raise CallerMismatch(claimed, verified)
-    return verified
+    return Caller(verified, True)
+
+
+def share_of(caller: Caller, listed: frozenset[str]) -> str:
+    """The name ``caller``'s fair share is kept under: its own when proven or listed by the operator
+    (who thereby vouches for it, borrowable as it is without mTLS), else ``UNIDENTIFIED``."""
+    return caller.name if caller.proven or caller.name in listed else UNIDENTIFIED
 
 
 def weight_of(caller: str, settings: Settings) -> int:
@@ -90,16 +109,18 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandl
 
 
 class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Resolves the caller of every unary RPC of ``services`` into ``CURRENT_CALLER``, or refuses it.
+    """Resolves the caller of every unary RPC of ``services`` into ``CURRENT_CALLER`` and its share
+    into ``CURRENT_SHARE`` (``listed``: the names of ``TIW_CALLER_WEIGHTS``), or refuses it.
 
     A refusal is answered here with the failure's rich status (ErrorInfo, and BadRequest for a
     malformed name), so nothing of the handler runs and nothing goes upstream. Placed after the
     RpcObserver, so refusals are counted and logged like any other answer.
     """
 
-    def __init__(self, services: frozenset[str], *, mutual: bool) -> None:
+    def __init__(self, services: frozenset[str], *, mutual: bool, listed: Iterable[str]) -> None:
         self._services = services
         self._mutual = mutual
+        self._listed = frozenset(listed)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -129,7 +150,7 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
             self._wrapped[method] = wrapped
         return wrapped
 
-    def _caller(self, context: grpc.aio.ServicerContext[Any, Any], action: str) -> str | None:
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any], action: str) -> Caller | None:
         """The call's caller; or None, once the call is answered with the refusal."""
         try:
             return caller_of(context, mutual=self._mutual)
@@ -137,16 +158,24 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
             errors.answer(context, errors.status_for(exc, action=action))
             return None
 
+    def _enter(self, caller: Caller) -> tuple[contextvars.Token[str], contextvars.Token[str]]:
+        return CURRENT_CALLER.set(caller.name), CURRENT_SHARE.set(share_of(caller, self._listed))
+
+    @staticmethod
+    def _leave(tokens: tuple[contextvars.Token[str], contextvars.Token[str]]) -> None:
+        CURRENT_SHARE.reset(tokens[1])
+        CURRENT_CALLER.reset(tokens[0])
+
     def _checked(self, inner: Any, action: str) -> Any:
         async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             caller = self._caller(context, action)
             if caller is None:
                 return None
-            token = CURRENT_CALLER.set(caller)
+            tokens = self._enter(caller)
             try:
                 return await inner(request, context)
             finally:
-                CURRENT_CALLER.reset(token)
+                self._leave(tokens)
 
         return checked
 
@@ -155,11 +184,10 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
             caller = self._caller(context, action)
             if caller is None:
                 return
-            token = CURRENT_CALLER.set(caller)
-            try:
-                async for message in inner(request, context):
-                    yield message
-            finally:
-                CURRENT_CALLER.reset(token)
+            # Not reset at the end, unlike a unary call's: each RPC runs in a task (a context) of its
+            # own, and a generator may be closed from another task, where reset() would raise.
+            self._enter(caller)
+            async for message in inner(request, context):
+                yield message
 
         return checked

@@ -192,26 +192,26 @@ class Metrics:
             ("action",),
             registry=r,
         )
-        # By caller, with bounded cardinality: the callers named in TIW_CALLER_WEIGHTS, `unidentified`,
-        # and everyone else as `other` (CallerSeries).
+        # By caller's share, with bounded cardinality: the callers named in TIW_CALLER_WEIGHTS,
+        # `unidentified` (every unproven caller not named there), and proven others as `other`.
         self.limiter_caller_admitted = Counter(
             "tiw_limiter_caller_admitted_total",
             "Upstream attempts admitted by the rate limiter, by caller (named in TIW_CALLER_WEIGHTS, "
-            "else other).",
+            "unidentified, or other).",
             ("action", "caller"),
             registry=r,
         )
         self.limiter_caller_rejected = Counter(
             "tiw_limiter_caller_rejected_total",
-            "Calls refused by the rate limiter, by caller (named in TIW_CALLER_WEIGHTS, else other) "
-            "and reason.",
+            "Calls refused by the rate limiter, by caller (named in TIW_CALLER_WEIGHTS, "
+            "unidentified, or other) and reason.",
             ("action", "caller", "reason"),
             registry=r,
         )
         self.limiter_caller_wait_seconds = Histogram(
             "tiw_limiter_caller_wait_seconds",
             "Time a call waited for its rate-limit slot, by caller (named in TIW_CALLER_WEIGHTS, "
-            "else other).",
+            "unidentified, or other).",
             ("action", "caller"),
             buckets=WAIT_BUCKETS,
             registry=r,
@@ -469,17 +469,24 @@ class MethodSeries:
 
 
 class CallerSeries:
-    """The limiter's metrics by caller (a ``limiter.CallerObserver``). Callers outside ``known`` (and
-    ``unidentified``) count as ``other``: a caller names itself, so its name must not grow the series."""
+    """The limiter's metrics by caller (a ``limiter.CallerObserver``), which sees each call's share
+    (``calls.CURRENT_SHARE``): a name listed in ``known`` (TIW_CALLER_WEIGHTS), ``unidentified`` (every
+    unproven, unlisted name together), or a client certificate's name. Certificates are as many as a
+    CA issues, so an unlisted one counts as ``other``: labels stay the listed names and these two."""
+
+    # Label values of their own, so TIW_CALLER_WEIGHTS refuses them as caller names: a caller listed
+    # so would be counted together with everyone they stand for.
+    UNIDENTIFIED = "unidentified"  # calls.UNIDENTIFIED (tests/test_settings.py checks they agree)
+    OTHER = "other"
 
     def __init__(self, metrics: Metrics, known: Iterable[str]) -> None:
         self._metrics = metrics
-        self._known = frozenset(known) | {"unidentified"}
+        self._known = frozenset(known) | {self.UNIDENTIFIED}
         self._admitted: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
         self._rejected: dict[tuple[str, str, str], CounterChild] = {}
 
     def _label(self, caller: str) -> str:
-        return caller if caller in self._known else "other"
+        return caller if caller in self._known else self.OTHER
 
     def admitted(self, action: str, caller: str, wait: float) -> None:
         key = (action, self._label(caller))

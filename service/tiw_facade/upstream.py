@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tiw_facade import credentials as credentials_module
-from tiw_facade.calls import CURRENT_CALLER
+from tiw_facade.calls import CURRENT_SHARE
 from tiw_facade.failures import (
     FacadeError,
     Outcome,
@@ -347,14 +347,15 @@ class TiwClient:
     async def _admit(self, action: str, budget_end: float, remaining: float) -> Lease:
         """A token for one attempt; the limiter's refusals become the failures module's."""
         try:
-            # A slot that leaves no time to send would spend a token for nothing.
-            caller = CURRENT_CALLER.get()
+            # Keyed on the share, not the claimed name: invented names must not each get a turn.
+            share = CURRENT_SHARE.get()
             return await self._limiter.acquire(
                 action,
+                # A slot that leaves no time to send would spend a token for nothing.
                 deadline=budget_end - MIN_ATTEMPT_TIME,
                 hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
-                caller=caller,
-                weight=self._weights.get(caller, 1),
+                caller=share,
+                weight=self._weights.get(share, 1),
             )
         except QuotaExceeded as exc:
             raise RateLimited(exc.action, exc.reason, exc.retry_after) from exc
