@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -25,14 +25,15 @@ from test_rpcs import PUSH_TASK, SDK_APP_ID
 from tiw_facade import credentials, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
-from tiw_facade.emulator import Emulator, EmulatorConfig, Fault, FaultKind
+from tiw_facade.emulator import DEMO_SECRET_ID, DEMO_SECRET_KEY, Emulator, EmulatorConfig, Fault, FaultKind
 from tiw_facade.metrics import Metrics
 from tiw_facade.server import FacadeServer
 from tiw_facade.signing import Credentials, Signer
 
-OLD = ("AKIDoldKEYrotatedAWAY", "old-secret-key")
-NEW = ("AKIDnewKEYafterTHEswap", "new-secret-key")
-NEWER = ("AKIDnewerKEYthirdONE", "newer-secret-key")
+# Secret keys of a SecretKey's 32 characters at least (credentials.MIN_SECRET_KEY_LENGTH).
+OLD = ("AKIDoldKEYrotatedAWAY", "old-secret-key-of-32-characters!")
+NEW = ("AKIDnewKEYafterTHEswap", "new-secret-key-of-32-characters!")
+NEWER = ("AKIDnewerKEYthirdONE", "newer-secret-key-of-33-characters")
 WEB_IDENTITY_TOKEN = "eyJhbGciOiJSUzI1NiJ9.projected-service-account-token.signature"
 TKE = {
     "TKE_REGION": "ap-guangzhou",
@@ -103,10 +104,14 @@ class SecretVolume:
         root.mkdir(exist_ok=True)
 
     def publish(self, text: str) -> None:
+        self.publish_with(lambda path: path.write_text(text))
+
+    def publish_with(self, make: Callable[[Path], object]) -> None:
+        """A new version whose ``credentials`` is what ``make`` puts at the path it is given."""
         self.generation += 1
         version = self.root / f"..2026_01_01_00_00_0{self.generation}.{os.getpid()}"
         version.mkdir()
-        (version / "credentials").write_text(text)
+        make(version / "credentials")
         link = self.root / "..data_tmp"
         link.symlink_to(version.name)
         previous = (self.root / "..data").resolve() if (self.root / "..data").exists() else None
@@ -126,7 +131,20 @@ def test_profile_in_the_sdks_format_with_an_optional_token() -> None:
     assert credentials.parse_profile(profile(OLD)) == Credentials(*OLD)
     assert credentials.parse_profile(profile(OLD, token="tok")) == Credentials(*OLD, "tok")
     # The SDK's own reader takes `%` literally too only with interpolation off: a key may hold one.
-    assert credentials.parse_profile("[default]\nsecret_id=AKID1\nsecret_key=a%b\n").secret_key == "a%b"
+    percent = "a%b" + "c" * 29
+    text = f"[default]\nsecret_id=AKID1\nsecret_key={percent}\n"
+    assert credentials.parse_profile(text).secret_key == percent
+    # Written on Windows: the same credentials.
+    assert credentials.parse_profile(profile(OLD).replace("\n", "\r\n")) == Credentials(*OLD)
+
+
+def test_the_emulators_demo_credentials_and_tencents_shapes_are_whole() -> None:
+    demo = (DEMO_SECRET_ID, DEMO_SECRET_KEY)
+    assert credentials.parse_profile(profile(demo)) == Credentials(*demo)
+    long_term = ("AKID" + "z8krbsJ5yKBZQpn74WFkmLPx3EXAMPLE", "Gu5t9xGARNpq86cd98joQYCN3EXAMPLE")
+    assert credentials.parse_profile(profile(long_term)) == Credentials(*long_term)
+    temporary = ("AKIDtmp" + "x" * 60, "ZgYqMX7BmQ0Zyzp9Y1ajwYzEmeBWqdsH4SdDDfrvYs8=", "token" * 200)
+    assert credentials.parse_profile(profile(temporary[:2], temporary[2])) == Credentials(*temporary)
 
 
 @pytest.mark.parametrize(
@@ -139,6 +157,9 @@ def test_profile_in_the_sdks_format_with_an_optional_token() -> None:
         ("[default]\nsecret_id = AKID\nsecret_key = sk-very-secret\nsecret_key = twice\n", "not an INI file"),
         ("secret_key = sk-very-secret\n", "not an INI file"),
         ("[default]\nsecret_id = AKID\nsecret_key = sk very secret\n", "secret_key holds spaces"),
+        # Half written: the secret cut short, mid-line.
+        ("[default]\nsecret_id = AKID\nsecret_key = sk-very-secret-of-which-all-was-not", "end in a newline"),
+        ("[default]\nsecret_id = AKID\nsecret_key = sk-very-secret\n", "shorter than a SecretKey's 32"),
     ],
 )
 def test_an_invalid_profile_says_why_without_its_secret(text: str, complaint: str) -> None:

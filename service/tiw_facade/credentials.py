@@ -28,9 +28,9 @@ import logging
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import aiohttp
@@ -58,6 +58,14 @@ RETRY_MIN: Final = 0.5
 RETRY_MAX: Final = 30.0
 # Credentials are not used in their last moments: a request signed then could arrive after expiry.
 EXPIRY_GUARD_MAX: Final = 5.0
+
+# A profile is a few hundred bytes, a projected service-account token a few KiB, and STS documents
+# temporary keys of at most 1 KiB and tokens of at most 4 KiB. A larger file is not one of them, and
+# reading it whole would cost its size in memory and seconds of work.
+MAX_FILE_BYTES: Final = 64 << 10
+# Every SecretKey Tencent issues has 32 characters, and STS's temporary ones are longer: a shorter
+# secret_key was cut short or is a placeholder, and TIW would refuse every call it signed.
+MIN_SECRET_KEY_LENGTH: Final = 32
 
 # What a key, a secret or a token may contain: printable ASCII without spaces (they go into headers).
 _TOKEN_TEXT: Final = re.compile(r"[!-~]+")
@@ -135,7 +143,18 @@ class Static:
 
 
 def parse_profile(text: str) -> Credentials:
-    """The ``[default]`` credentials of a profile file; ``CredentialsError`` says what is wrong."""
+    """The ``[default]`` credentials of a profile file; ``CredentialsError`` says what is wrong.
+
+    Only a file that looks whole is taken: one read while it was being written in place would
+    otherwise yield a secret cut short, which parses but signs nothing TIW accepts. Every line of a
+    profile ends in a newline (editors, ``printf '...\\n'``, a YAML ``|`` block write one), so a
+    write cut short almost always leaves a last line without one; cut exactly at a line's end, the
+    lines there are whole and a missing secret_id or secret_key is refused below. The secret_key
+    must also have a SecretKey's length, which every key Tencent issues has. No rule on the
+    SecretId's: a temporary one has no documented shape, and the emulator's demo one is shorter.
+    """
+    if text and not text.endswith("\n"):
+        raise CredentialsError("the last line does not end in a newline (cut short while being written?)")
     parser = configparser.ConfigParser(interpolation=None)  # a "%" in a key is a "%"
     try:
         parser.read_string(text)
@@ -153,6 +172,10 @@ def parse_profile(text: str) -> Credentials:
     for name, value in values.items():
         if value and not _TOKEN_TEXT.fullmatch(value):
             raise CredentialsError(f"[{PROFILE_SECTION}] {name} holds spaces or characters no key has")
+    if len(values["secret_key"]) < MIN_SECRET_KEY_LENGTH:
+        raise CredentialsError(
+            f"[{PROFILE_SECTION}] secret_key is shorter than a SecretKey's {MIN_SECRET_KEY_LENGTH} characters"
+        )
     return Credentials(values["secret_id"], values["secret_key"], values["token"])
 
 
@@ -162,14 +185,59 @@ FileVersion = tuple[int, int, int, int]
 MISSING: Final[FileVersion] = (-1, -1, -1, -1)
 
 
-def _version(path: str) -> FileVersion:
-    status = os.stat(path)  # follows the symlinks to the file of the current version
+def _version_of(status: os.stat_result) -> FileVersion:
     return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
 
 
-def _read(path: str) -> str:
-    """A small file (a profile, a token) from a tmpfs volume: quicker read here than in a thread."""
-    return Path(path).read_text()
+def _version(path: str) -> FileVersion:
+    return _version_of(os.stat(path))  # follows the symlinks to the file of the current version
+
+
+def _check_shape(status: os.stat_result) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise CredentialsError("not a regular file")
+    if status.st_size > MAX_FILE_BYTES:
+        raise CredentialsError(f"larger than {MAX_FILE_BYTES} bytes")
+
+
+def _read(path: str) -> tuple[FileVersion, str]:
+    """A credentials file's version and text; blocking, so called through ``asyncio.to_thread``.
+
+    Only a regular file (after the symlinks: a Secret volume's file is a link to one) of at most
+    MAX_FILE_BYTES: a FIFO would block open() and read() until some writer came, a device or a huge
+    file would take forever or seconds and its size in memory. The stat before the open keeps a
+    device from being opened at all; O_NONBLOCK and the check of the open descriptor cover a FIFO
+    put in place between the two; the read itself is bounded, for a file growing meanwhile. The
+    version is the open file's, so that a swap during the read is noticed at the next poll.
+    Raises OSError, or CredentialsError (never with the content).
+    """
+    _check_shape(os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        status = os.fstat(fd)
+        _check_shape(status)
+        chunks: list[bytes] = []
+        left = MAX_FILE_BYTES + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise CredentialsError(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        return _version_of(status), b"".join(chunks).decode()
+    except UnicodeDecodeError:
+        raise CredentialsError("not UTF-8 text") from None
+
+
+def _load(path: str) -> tuple[FileVersion, Credentials]:
+    """The profile file's version and credentials, or ``CredentialsError``; in a worker thread."""
+    try:
+        version, text = _read(path)
+    except OSError as exc:
+        raise CredentialsError(_why(exc)) from None
+    return version, parse_profile(text)
 
 
 def _why(exc: OSError) -> str:
@@ -192,10 +260,7 @@ class ProfileFile:
     async def start(self) -> None:
         # At start an unreadable file is fatal: there is nothing older to serve with.
         try:
-            version = _version(self.path)
-            credentials = parse_profile(_read(self.path))
-        except OSError as exc:
-            raise CredentialsError(f"{self.path}: {_why(exc)}") from None
+            version, credentials = await asyncio.to_thread(_load, self.path)
         except CredentialsError as exc:
             raise CredentialsError(f"{self.path}: {exc}") from None
         self._credentials, self._seen = credentials, version
@@ -218,26 +283,23 @@ class ProfileFile:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._poll)
-            self.check()
+            await self.check()
 
-    def check(self) -> None:
+    async def check(self) -> None:
         """Take a new version of the file into use if there is one and it is valid.
 
-        Synchronous on the event loop: a stat per poll, and a read of a few hundred bytes from a
-        tmpfs when the file changed, cost less than handing them to a thread.
+        In a worker thread, even the stat: whatever the path now names (a FIFO, a huge file, a
+        stalled volume), the event loop serving the calls never waits for it.
         """
         try:
-            version = _version(self.path)
+            version = await asyncio.to_thread(_version, self.path)
         except OSError as exc:
             self._reject(MISSING, _why(exc))
             return
         if version == self._seen:
             return
         try:
-            credentials = parse_profile(_read(self.path))
-        except OSError as exc:
-            self._reject(version, _why(exc))
-            return
+            version, credentials = await asyncio.to_thread(_load, self.path)
         except CredentialsError as exc:
             # Maybe half written: read again at the next poll, but say so once per version.
             self._reject(version, str(exc))
@@ -403,9 +465,13 @@ class WebIdentity:
     async def _assume_role(self) -> tuple[Credentials, int, float]:
         """New credentials, their ExpiredTime (Unix seconds, Tencent's) and seconds left on them."""
         try:
-            token = _read(self._token_file).strip()  # the kubelet rotates it: read it each time
+            # The kubelet rotates it: read it each time, with the profile file's care.
+            _, text = await asyncio.to_thread(_read, self._token_file)
         except OSError as exc:
             raise CredentialsError(f"TKE_WEB_IDENTITY_TOKEN_FILE: {_why(exc)}") from None
+        except CredentialsError as exc:
+            raise CredentialsError(f"TKE_WEB_IDENTITY_TOKEN_FILE: {exc}") from None
+        token = text.strip()
         if not token:
             raise CredentialsError("TKE_WEB_IDENTITY_TOKEN_FILE is empty")
         body = json.dumps(
