@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from support.proxy import DelayProxy
 from support.redis_server import RedisServer
+from tiw_facade import shared_redis
 from tiw_facade.answers._entries import Entry, Key, Lifetimes, StoreUnavailable
 from tiw_facade.answers._shared import RedisAnswerStore
 
@@ -36,8 +37,9 @@ async def replica(redis_server: RedisServer) -> AsyncIterator[Replica]:
     stores: list[RedisAnswerStore] = []
 
     def make(url: str = redis_server.url, **kwargs: Any) -> RedisAnswerStore:
-        options: dict[str, Any] = {"account": account, "lifetimes": LONG, "timeout": TIMEOUT, **kwargs}
-        stores.append(RedisAnswerStore(url, **options))
+        options: dict[str, Any] = {"account": account, "lifetimes": LONG, **kwargs}
+        client = shared_redis.connect(shared_redis.Target(url, TIMEOUT))
+        stores.append(RedisAnswerStore(client, **options))
         return stores[-1]
 
     yield make

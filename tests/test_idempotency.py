@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from support.redis_server import RedisServer
 from test_rpcs import create_request
-from tiw_facade import idempotency
+from tiw_facade import idempotency, shared_redis
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 
@@ -236,7 +236,7 @@ async def test_an_in_flight_claim_whose_replica_died_is_an_unknown_outcome(
 ) -> None:
     facade = await start_facade(TIW_REDIS_URL=redis_server.url)
     key = f"orphan-{time.time_ns()}"
-    store = idempotency.RedisStore(redis_server.url, 1.0)
+    store = idempotency.RedisStore(shared_redis.connect(shared_redis.Target(redis_server.url, 1.0)))
     try:
         fingerprint = idempotency.fingerprint(CREATE, create_request().SerializeToString(deterministic=True))
         orphan = idempotency.Record(

@@ -113,9 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tiw-facade: configuration error: {exc}", file=sys.stderr)
         return 2
 
-    # The Redis URL whole and its password alone: a library may log either.
-    redis_password = urllib.parse.urlsplit(config.redis_url).password or ""
-    secrets = (config.secret_key, config.session_token, config.redis_url, redis_password)
+    # Each Redis URL whole and its password alone: a library may log either.
+    urls = (config.redis_url, config.answers_redis_url, config.idempotency_redis_url)
+    passwords = tuple(urllib.parse.urlsplit(url).password or "" for url in urls)
+    secrets = (config.secret_key, config.session_token, *urls, *passwords)
     logs.configure(config.log_level, secrets=secrets)
     try:
         return _run(_serve(config, with_emulator=args.emulator))

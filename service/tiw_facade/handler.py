@@ -204,7 +204,7 @@ def build_handler(
     calls (coalesced, cached); without it every call goes to TIW.
     """
     if keys is None:
-        keys = idempotency.Keys.from_settings(client.settings)
+        keys = idempotency.Keys.from_settings(client.settings, client.metrics)
         client.close_after(keys.aclose)
     handlers = {}
     for method in SERVICE.methods:

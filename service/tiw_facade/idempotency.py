@@ -22,12 +22,10 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
+from tiw_facade import shared_redis
 from tiw_facade.failures import (
     FacadeError,
     IdempotencyInFlight,
@@ -40,6 +38,7 @@ from tiw_facade.failures import (
 )
 
 if TYPE_CHECKING:
+    from tiw_facade.metrics import Metrics
     from tiw_facade.settings import Settings
 
 log = logging.getLogger("tiw_facade.idempotency")
@@ -59,7 +58,7 @@ NOT_EXECUTED = (
 SETTLE_SLACK = 5.0
 # How often a waiter on another replica's request looks at Redis again.
 POLL_INTERVAL = 0.05
-STORE_ERRORS = (RedisError, OSError)
+STORE_ERRORS = shared_redis.ERRORS
 MAX_KEY_LENGTH = 255
 
 
@@ -238,15 +237,24 @@ class RedisStore:
 
     backend = "redis"
 
-    def __init__(self, url: str, timeout: float) -> None:
-        self._client: Redis = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    def __init__(self, client: shared_redis.Client, *, metrics: Metrics | None = None) -> None:
+        self._client = client
         self._claim = self._client.register_script(CLAIM_SCRIPT)
         self._settle = self._client.register_script(SETTLE_SCRIPT)
+        self._errors = metrics.store_errors if metrics is not None else None
 
     @staticmethod
     def _name(scope: str, key: str) -> str:
-        # The account is hashed too (it may be a SecretId); its {hash tag} keeps it in one cluster slot.
-        return f"tiw-facade:idempotency:{{{hashlib.sha256(scope.encode()).hexdigest()[:16]}}}:{key}"
+        return f"{shared_redis.prefix('idempotency', scope)}:{key}"
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        try:
+            yield
+        except STORE_ERRORS as exc:
+            if self._errors is not None:
+                self._errors.labels(role="idempotency", kind=shared_redis.classify(exc)).inc()
+            raise
 
     @staticmethod
     def _pairs(record: Record) -> list[str | bytes]:
@@ -254,18 +262,21 @@ class RedisStore:
 
     async def claim(self, scope: str, key: str, record: Record, ttl: float) -> Record | None:
         args = [int(ttl * 1000), *self._pairs(record)]
-        found = await self._claim(keys=[self._name(scope, key)], args=args)
+        with self._counted():
+            found = await self._claim(keys=[self._name(scope, key)], args=args)
         if not found:
             return None
         return Record.parse(dict(zip(found[::2], found[1::2], strict=True)))
 
     async def get(self, scope: str, key: str) -> Record | None:
-        found = cast(dict[bytes, bytes], await self._client.hgetall(self._name(scope, key)))
+        with self._counted():
+            found = cast(dict[bytes, bytes], await self._client.hgetall(self._name(scope, key)))
         return Record.parse(found) if found else None
 
     async def settle(self, scope: str, key: str, token: str, record: Record | None, ttl: float) -> None:
         fields = self._pairs(record) if record is not None else []
-        await self._settle(keys=[self._name(scope, key)], args=[token, int(ttl * 1000), *fields])
+        with self._counted():
+            await self._settle(keys=[self._name(scope, key)], args=[token, int(ttl * 1000), *fields])
 
     async def changed(self, scope: str, key: str, at_most: float) -> None:
         await asyncio.sleep(min(at_most, POLL_INTERVAL))
@@ -301,10 +312,11 @@ class Keys:
         self._sender_budget = sender_budget  # beyond the caller's deadline, what a sent request may take
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Keys:
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Keys:
+        where = shared_redis.target(settings, "idempotency")
         store: Store = (
-            RedisStore(settings.redis_url, settings.redis_timeout)
-            if settings.redis_url
+            RedisStore(shared_redis.connect(where), metrics=metrics)
+            if where is not None
             else MemoryStore(settings.idempotency_max_keys)
         )
         return cls(
@@ -393,7 +405,8 @@ class Keys:
                     "idempotency_key_sha256": hashed,
                     "state": record.state.value if record else "released",
                     "tiw_request_id": record.request_id if record else "",
-                    "error": type(exc).__name__,
+                    "error": shared_redis.describe(exc),
+                    "kind": shared_redis.classify(exc),
                 },
             )
 

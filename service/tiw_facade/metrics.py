@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from tiw_facade import failures
+from tiw_facade import failures, shared_redis
 
 if TYPE_CHECKING:  # the children's classes; prometheus_client types them as their parents'
     CounterChild = Counter
@@ -82,6 +82,9 @@ RETRY_REASONS: tuple[str, ...] = (
 # ``tiw_limiter_rejected_total``'s reasons: the values of ``limiter.Reason``. A test keeps the two
 # equal; importing the limiter here would make it and this module depend on each other.
 REJECT_REASONS: tuple[str, ...] = ("deadline", "max_wait", "queue_full")
+
+# The roles of tiw_store_errors_total (the limiter's errors have a counter of their own).
+STORE_ROLES: tuple[shared_redis.Role, ...] = ("answers", "idempotency")
 
 # go-grpc-prometheus (client_golang) exports no ``_created`` series; prometheus_client would add one
 # per counter and histogram child. The switch is process-wide and read at each scrape.
@@ -230,7 +233,16 @@ class Metrics:
         )
         self.limiter_backend_errors = Counter(
             "tiw_limiter_backend_errors_total",
-            "Errors talking to the limiter's shared backend (Redis).",
+            "Errors talking to the limiter's shared backend (Redis), by kind: unreachable, timeout, "
+            "refused (Redis answered an error: OOM, READONLY...).",
+            ("kind",),
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "tiw_store_errors_total",
+            "Errors talking to the Redis of the answers or idempotency keys, by role and kind: "
+            "unreachable, timeout, refused (Redis answered an error: OOM, READONLY...).",
+            ("role", "kind"),
             registry=r,
         )
 
@@ -320,6 +332,10 @@ class Metrics:
             series.limit.set(limit)
         self.limiter_backend.labels(backend=backend).set(1)
         self.limiter_degraded.set(0)
+        for kind in shared_redis.KINDS:
+            self.limiter_backend_errors.labels(kind=kind)
+            for role in STORE_ROLES:
+                self.store_errors.labels(role=role, kind=kind)
 
     def prime_answers(self, actions: Iterable[str]) -> None:
         """Create the answer cache's series of the actions it serves, before the first call."""

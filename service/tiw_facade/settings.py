@@ -172,6 +172,18 @@ def redis_address(raw: str) -> str:
     return raw
 
 
+def sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (``[::1]:26379`` for IPv6), at least one."""
+    nodes = []
+    for item in raw.split(","):
+        host, colon, number = item.strip().rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not colon or not host or not number.isdigit():
+            raise Invalid("must be host:port pairs separated by commas, e.g. sentinel-0:26379")
+        nodes.append((host, port(number)))
+    return tuple(nodes)
+
+
 def redact_url(raw: str) -> str:
     """The URL for an error message: whatever precedes an ``@`` after ``//`` may be a password."""
     return repr(re.sub(r"(?<=//).*@", "***@", raw))
@@ -304,11 +316,55 @@ class Settings:
     redis_url: str = setting(
         "TIW_REDIS_URL",
         redis_address,
-        "Redis for the limiter shared by replicas, e.g. `redis://redis:6379/0`.",
+        "Redis for the state replicas share: the limiter's tokens, and the answers and idempotency "
+        "keys unless their own URL is set, e.g. `redis://redis:6379/0` (`rediss://` for TLS, "
+        "`unix://`, a password as `redis://:pw@host`).",
         default="",
         shown_default="(empty: in-process)",
         secret=True,  # may hold a password
         show=redact_url,
+    )
+    answers_redis_url: str = setting(
+        "TIW_ANSWERS_REDIS_URL",
+        redis_address,
+        "Redis for the Describe answers replicas share (docs/answers.md), when not TIW_REDIS_URL's.",
+        default="",
+        shown_default="(TIW_REDIS_URL)",
+        secret=True,
+        show=redact_url,
+    )
+    idempotency_redis_url: str = setting(
+        "TIW_IDEMPOTENCY_REDIS_URL",
+        redis_address,
+        "Redis for the idempotency keys (docs/idempotency.md), when not TIW_REDIS_URL's.",
+        default="",
+        shown_default="(TIW_REDIS_URL)",
+        secret=True,
+        show=redact_url,
+    )
+    redis_sentinels: tuple[tuple[str, int], ...] = setting(
+        "TIW_REDIS_SENTINELS",
+        sentinel_addresses,
+        "Redis Sentinel nodes, `host:port,host:port`: the Redis of every role without a URL of its "
+        "own (TIW_ANSWERS_REDIS_URL, TIW_IDEMPOTENCY_REDIS_URL) is then the master they name "
+        "TIW_REDIS_SENTINEL_MASTER, and TIW_REDIS_URL gives only its password, TLS and database "
+        "(its host is not used; unset: no password, database 0). The sentinels are asked without "
+        "a password.",
+        default=(),
+        shown_default="(empty: no Sentinel)",
+    )
+    redis_sentinel_master: str = setting(
+        "TIW_REDIS_SENTINEL_MASTER",
+        text,
+        "The master's name in the sentinels' configuration (`sentinel monitor <name> ...`); "
+        "required with TIW_REDIS_SENTINELS.",
+        default="",
+    )
+    redis_cluster: bool = setting(
+        "TIW_REDIS_CLUSTER",
+        boolean,
+        "Every role's Redis is a Redis Cluster, its URL one seed node (database 0 only).",
+        default=False,
     )
     redis_timeout: float = setting(
         "TIW_REDIS_TIMEOUT",
@@ -488,7 +544,8 @@ class Settings:
         "TIW_IDEMPOTENCY_TTL",
         positive_float,
         "Seconds the answer to a CreateSnapshotTask with an `idempotency-key` is kept for its retries "
-        "(docs/idempotency.md); in Redis when TIW_REDIS_URL is set, else in process.",
+        "(docs/idempotency.md); in Redis when TIW_IDEMPOTENCY_REDIS_URL or TIW_REDIS_URL is set, else "
+        "in process.",
         default=86400.0,
     )
     idempotency_max_keys: int = setting(
@@ -573,6 +630,10 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise SettingsError("TIW_REDIS_SENTINELS and TIW_REDIS_SENTINEL_MASTER go together: set both")
+        if self.redis_sentinels and self.redis_cluster:
+            raise SettingsError("TIW_REDIS_SENTINELS and TIW_REDIS_CLUSTER exclude each other")
         # A bound left at 0 (unset) takes its share of the memory budget; one set explicitly wins.
         derived = budget.bounds(self.memory_budget, max_watches=self.max_watches or None)
         for field in dataclasses.fields(derived):

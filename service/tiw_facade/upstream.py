@@ -133,6 +133,10 @@ class TiwClient:
     def settings(self) -> Settings:
         return self._settings
 
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
     async def start(self) -> None:
         await self._transport.start()
         await self._credentials.start()

@@ -12,7 +12,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from types import TracebackType
+from typing import Self
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -27,9 +29,13 @@ def free_port() -> int:
 class RedisServer:
     """``with RedisServer() as redis: ... redis.url ... redis.kill() ... redis.start()``."""
 
-    def __init__(self, port: int | None = None, *, password: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, password: str | None = None, args: Sequence[str] = ()
+    ) -> None:
         self.port = port or free_port()
         self.password = password
+        self.args = tuple(args)  # more options, e.g. ("--maxmemory", "1mb")
+        self.config_file: str | None = None  # read first (options after it override it)
         self._dir = tempfile.mkdtemp(prefix="tiw-redis-")
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -49,6 +55,7 @@ class RedisServer:
         os.makedirs(self._dir, exist_ok=True)
         args = [
             REDIS_SERVER,
+            *([self.config_file] if self.config_file else []),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", self._dir,
@@ -60,6 +67,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         deadline = time.monotonic() + timeout
         while True:
             self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -115,7 +123,7 @@ class RedisServer:
         self.kill()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -123,3 +131,19 @@ class RedisServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class RedisSentinel(RedisServer):
+    """A real Sentinel (``redis-server --sentinel``) watching the master ``name`` at ``master``'s port."""
+
+    def __init__(self, master: RedisServer, name: str = "tiw-master") -> None:
+        super().__init__(args=("--sentinel",))
+        self.name = name
+        # Sentinel rewrites its configuration file: it must be its own, and writable.
+        self.config_file = os.path.join(self._dir, "sentinel.conf")
+        with open(self.config_file, "w") as file:
+            file.write(f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"

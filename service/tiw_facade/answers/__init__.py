@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Literal
 
 from google.protobuf.message import Message
 
+from tiw_facade import shared_redis
 from tiw_facade.answers import _policy
 from tiw_facade.answers._entries import Entry, Key, Lifetimes, Store, StoreUnavailable
 from tiw_facade.answers._flight import Flight, Late
@@ -112,14 +113,14 @@ class Answers:
         self._local = LocalStore(
             lifetimes, max_entries=settings.cache_entries, metrics=self._metrics, clock=clock
         )
-        if store is None and settings.redis_url:
+        where = shared_redis.target(settings, "answers")
+        self._where = where.where if where is not None else "(none)"
+        if store is None and where is not None:
             from tiw_facade.answers._shared import RedisAnswerStore  # only with Redis configured
 
+            client = shared_redis.connect(where)
             store = RedisAnswerStore(
-                settings.redis_url,
-                account=settings.account,
-                lifetimes=lifetimes,
-                timeout=settings.redis_timeout,
+                client, account=settings.account, lifetimes=lifetimes, metrics=self._metrics
             )
         self._shared = store
         self._shared_down_until = 0.0
@@ -218,8 +219,8 @@ class Answers:
         if self._shared_usable():
             try:
                 await self._shared.invalidate([key], at=at)  # type: ignore[union-attr]
-            except StoreUnavailable:
-                self._shared_failed()
+            except StoreUnavailable as exc:
+                self._shared_failed(exc)
 
     async def watch(
         self, action: str, request: Message, *, deadline: float | None
@@ -263,8 +264,8 @@ class Answers:
         """The store whose refresh schedule counts: Redis's (shared by all replicas) while usable."""
         return self._shared if self._shared_usable() else self._local  # type: ignore[return-value]
 
-    def schedule_failed(self) -> None:
-        self._shared_failed()
+    def schedule_failed(self, exc: StoreUnavailable) -> None:
+        self._shared_failed(exc)
 
     async def refresh(self, key: Key) -> bool | None:
         """Fetch ``key`` again with spare quota (its lease is taken): True if TIW answered, False if
@@ -286,8 +287,8 @@ class Answers:
             store = self.schedule()
             try:  # due again a refresh interval from now, not at once
                 await store.postpone(key, at=self._clock())
-            except StoreUnavailable:
-                self._shared_failed()
+            except StoreUnavailable as exc:
+                self._shared_failed(exc)
             return False
         self._metrics.answers_of(key.action).refreshed["ok"].inc()
         return True
@@ -311,12 +312,14 @@ class Answers:
     def _shared_usable(self) -> bool:
         return self._shared is not None and self._clock() >= self._shared_down_until
 
-    def _shared_failed(self) -> None:
+    def _shared_failed(self, exc: StoreUnavailable) -> None:
         if self._clock() >= self._shared_warned_at + SHARED_WARN_EVERY:
             self._shared_warned_at = self._clock()
             log.warning(
-                "the shared answer cache (Redis) is unreachable: caching in this process for now",
-                extra={"retry_after_seconds": SHARED_RETRY_AFTER},
+                "the shared answer cache: Redis at %s %s; caching in this process for now",
+                self._where,
+                exc,
+                extra={"retry_after_seconds": SHARED_RETRY_AFTER, "kind": exc.kind},
             )
         self._shared_down_until = self._clock() + SHARED_RETRY_AFTER
 
@@ -328,8 +331,8 @@ class Answers:
             return local
         try:
             shared = await self._shared.get(key)  # type: ignore[union-attr]
-        except StoreUnavailable:
-            self._shared_failed()
+        except StoreUnavailable as exc:
+            self._shared_failed(exc)
             return local
         if shared is not None and (local is None or shared.answered_at > local.answered_at):
             self._local.keep(key, shared, asked_at=shared.answered_at)
@@ -443,8 +446,8 @@ class Answers:
                     if peer is not None:
                         return peer, True
                     leased = True  # the lease is ours now (taken while waiting)
-            except StoreUnavailable:
-                self._shared_failed()
+            except StoreUnavailable as exc:
+                self._shared_failed(exc)
         try:
             entry = await self._ask_tiw(key, request, deadline, flight)
             if not await self._keep(key, entry, asked_at):
@@ -479,8 +482,8 @@ class Answers:
         if self._shared_usable():
             try:
                 kept = await self._shared.put(key, entry, asked_at=asked_at) and kept  # type: ignore[union-attr]
-            except StoreUnavailable:
-                self._shared_failed()
+            except StoreUnavailable as exc:
+                self._shared_failed(exc)
         return kept
 
     async def _unlease(self, key: Key) -> None:
@@ -488,8 +491,8 @@ class Answers:
         if self._shared is not None and self._shared_usable():
             try:
                 await self._shared.unlease(key)
-            except StoreUnavailable:
-                self._shared_failed()
+            except StoreUnavailable as exc:
+                self._shared_failed(exc)
 
     async def _ask_tiw(self, key: Key, request: Message, deadline: float | None, flight: Flight) -> Entry:
         begun = self._clock()
@@ -578,8 +581,8 @@ class Answers:
             if self._shared_usable():
                 try:
                     await self._shared.want(group, until=until)  # type: ignore[union-attr]
-                except StoreUnavailable:
-                    self._shared_failed()
+                except StoreUnavailable as exc:
+                    self._shared_failed(exc)
 
     async def _keep_watched(self) -> None:
         """Watched keys stay wanted, and other replicas' answers of them reach their watchers."""
@@ -593,8 +596,8 @@ class Answers:
                 continue
             try:
                 found = await self._shared.get_many(keys)  # type: ignore[union-attr]
-            except StoreUnavailable:
-                self._shared_failed()
+            except StoreUnavailable as exc:
+                self._shared_failed(exc)
                 continue
             for key, entry in zip(keys, found, strict=True):
                 if entry is not None:

@@ -74,7 +74,15 @@ class Lifetimes:
 
 
 class StoreUnavailable(Exception):
-    """The shared store cannot be reached or answered nonsense: use the process's own store."""
+    """The shared store cannot be reached or answered nonsense: use the process's own store.
+
+    The message says what happened, as a phrase after "Redis at <where> " (``shared_redis.describe``);
+    ``kind`` is ``shared_redis.Kind``.
+    """
+
+    def __init__(self, message: str, kind: str = "unreachable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Store(Protocol):

@@ -69,8 +69,8 @@ class Refresher:
             key = await store.next_due(
                 action, older_than=now - self._refresh_after, lease=self._answers.lease_seconds, now=now
             )
-        except StoreUnavailable:
-            self._answers.schedule_failed()
+        except StoreUnavailable as exc:
+            self._answers.schedule_failed(exc)
             return IDLE
         if key is None:
             return IDLE

@@ -23,25 +23,21 @@ younger than they are until they expire.)
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-
+from tiw_facade import shared_redis
 from tiw_facade.answers._entries import Entry, Key, Lifetimes, StoreUnavailable
+
+if TYPE_CHECKING:
+    from tiw_facade.metrics import Metrics
 
 T = TypeVar("T")
 
-# "Redis is not answering properly" (redis-py wraps socket errors, but some OS-level ones surface).
-STORE_ERRORS = (RedisError, OSError)
+STORE_ERRORS = shared_redis.ERRORS
 # A reply that does not parse is as much "not answering properly" as a lost connection.
 SHAPE_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError)
 # next_due looks at this many of the schedule's oldest members at most: each call stays O(log n)
@@ -157,50 +153,50 @@ def _parse(fields: dict[bytes, bytes]) -> Entry:
     )
 
 
-@contextmanager
-def _unavailable() -> Iterator[None]:
-    try:
-        yield
-    except STORE_ERRORS as exc:
-        raise StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
-    except SHAPE_ERRORS as exc:
-        raise StoreUnavailable(f"Redis answered nonsense: {type(exc).__name__}: {exc}") from exc
-
-
 class RedisAnswerStore:
     """``Store`` on Redis, shared by every replica of ``account``; see the module docstring."""
 
     def __init__(
         self,
-        url: str,
+        client: shared_redis.Client,
         *,
         account: str,
         lifetimes: Lifetimes,
-        timeout: float,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._lifetimes = lifetimes
         self._clock = clock
+        self._errors = metrics.store_errors if metrics is not None else None
         self._stamp_ms = _ms(max(MIN_STAMP_LIFETIME, 2 * lifetimes.changing))
         # Leases taken by this instance carry its token: only it gives them up early.
         self._token = secrets.token_hex(16)
-        # Short time-outs, connecting included: the caller falls back to its own store rather than
-        # wait. One immediate retry on a broken connection only (a pooled connection that died with
-        # a Redis restart); never on a time-out, which would double the stall.
-        self._client: Redis = Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-        )
+        # Short time-outs (shared_redis.connect): the caller falls back to its own store rather than wait.
+        self._client = client
         self._put = self._client.register_script(PUT_SCRIPT)
         self._invalidate = self._client.register_script(INVALIDATE_SCRIPT)
         self._want = self._client.register_script(WANT_SCRIPT)
         self._next_due = self._client.register_script(NEXT_DUE_SCRIPT)
         self._unlease = self._client.register_script(UNLEASE_SCRIPT)
         self._postpone = self._client.register_script(POSTPONE_SCRIPT)
-        # The account (a SecretId) is hashed: no need to spell it out in Redis.
-        self.prefix = f"tiw:{{{hashlib.sha256(account.encode()).hexdigest()[:16]}}}:answers:"
+        self.prefix = shared_redis.prefix("answers", account) + ":"
+
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        """Every failure as StoreUnavailable, counted by kind (a reply that does not parse: refused)."""
+        try:
+            yield
+        except STORE_ERRORS as exc:
+            kind = shared_redis.classify(exc)
+            self._count(kind)
+            raise StoreUnavailable(shared_redis.describe(exc), kind) from exc
+        except SHAPE_ERRORS as exc:
+            self._count("refused")
+            raise StoreUnavailable(f"answered nonsense ({type(exc).__name__}: {exc})", "refused") from exc
+
+    def _count(self, kind: shared_redis.Kind) -> None:
+        if self._errors is not None:
+            self._errors.labels(role="answers", kind=kind).inc()
 
     def entry_key(self, key: Key) -> str:
         return f"{self.prefix}e:{key.text()}"
@@ -218,19 +214,19 @@ class RedisAnswerStore:
         return f"{self.prefix}s:{action}"
 
     async def _call(self, pending: Awaitable[T]) -> T:
-        with _unavailable():
+        with self._unavailable():
             return await pending
 
     async def get(self, key: Key) -> Entry | None:
         # One command, not a pipeline of one: this is every non-terminal call's read.
-        with _unavailable():
+        with self._unavailable():
             fields = cast("dict[bytes, bytes]", await self._client.hgetall(self.entry_key(key)))
             return _parse(fields) if fields else None
 
     async def get_many(self, keys: Sequence[Key]) -> list[Entry | None]:
         if not keys:
             return []
-        with _unavailable():
+        with self._unavailable():
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.hgetall(self.entry_key(key))
@@ -289,7 +285,7 @@ class RedisAnswerStore:
     async def next_due(self, action: str, *, older_than: float, lease: float, now: float) -> Key | None:
         keys = (self.schedule_key(action), self.wanted_key(action))
         args = (repr(now), repr(older_than), _ms(lease), self._token, f"{self.prefix}l:", SCAN)
-        with _unavailable():
+        with self._unavailable():
             member = await self._next_due(keys=keys, args=args)
             if member is None:
                 return None

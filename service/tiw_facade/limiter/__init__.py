@@ -148,12 +148,15 @@ def create_limiter(
     window: float = 1.0,
     observer: CallerObserver | None = None,
 ) -> Limiter:
-    """The limiter ``settings`` ask for: in-process without ``redis_url``, else shared through Redis.
+    """The limiter ``settings`` ask for: in-process without a Redis, else shared through Redis.
 
     Needs no running event loop; a shared limiter connects on first use.
     """
+    from tiw_facade import shared_redis
+
+    where = shared_redis.target(settings, "limiter")
     # Imported here: the backends import this module's interface.
-    if not settings.redis_url:
+    if where is None:
         from tiw_facade.limiter.memory import MemoryLimiter
 
         return MemoryLimiter(
@@ -167,7 +170,7 @@ def create_limiter(
     from tiw_facade.limiter.shared import RedisLimiter
 
     return RedisLimiter(
-        url=settings.redis_url,
+        target=where,
         account=settings.account,
         limit=settings.rate_limit,
         degraded_limit=settings.degraded_rate_limit,

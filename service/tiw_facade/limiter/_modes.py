@@ -64,10 +64,10 @@ class Stamps:
 
 # What a transition says, by the mode entered: level and message (formatted with ``facts``).
 _LOGS: dict[Mode, tuple[int, str]] = {
-    Mode.SUSPECT: (logging.DEBUG, "rate limiter: Redis at {where} did not answer ({error}); callers wait"),
+    Mode.SUSPECT: (logging.DEBUG, "rate limiter: Redis at {where} {error}; callers wait"),
     Mode.DEGRADED: (
         logging.WARNING,
-        "rate limiter: Redis at {where} unreachable ({error}); limiting locally to {share} per "
+        "rate limiter: Redis at {where} {error}; limiting locally to {share} per "
         "{window:g}s per action until it is back, none for the first {quarantine:.1f}s (what other "
         "replicas took just now is unknown)",
     ),
@@ -84,7 +84,7 @@ _LOGS: dict[Mode, tuple[int, str]] = {
 
 # DEGRADED without a registration in Redis that others keep room for (it never joined).
 _UNREGISTERED = (
-    "rate limiter: Redis at {where} unreachable ({error}); admitting nothing until it is back (this "
+    "rate limiter: Redis at {where} {error}; admitting nothing until it is back (this "
     "replica never registered there, so the others keep no room for a local share)"
 )
 
@@ -98,7 +98,7 @@ class Machine:
         self.stamps = Stamps()
         self._gauge = gauge
         self._wake = wake
-        self.facts = facts  # where, share, window, hold_off, error: for the log lines
+        self.facts = facts  # where, share, window, hold_off, error (shared_redis.describe): for the log lines
         gauge.set(0)
 
     def enter(self, mode: Mode, now: float, **stamps: float) -> None:

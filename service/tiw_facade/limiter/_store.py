@@ -20,23 +20,15 @@ See docs/limiter.md for why each rule keeps the fleet at or under the limit.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Protocol, cast
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-
+from tiw_facade import shared_redis
 from tiw_facade.limiter._ledger import Clock
 
-# Everything that means "Redis is not answering properly" (redis-py wraps socket errors, but a
-# few OS-level ones can surface directly).
-STORE_ERRORS = (RedisError, OSError)
+STORE_ERRORS = shared_redis.ERRORS
 
 US = 1_000_000
 
@@ -233,30 +225,25 @@ class RedisStore:
     """``Store`` on a real Redis (redis-py asyncio)."""
 
     def __init__(
-        self, url: str, account: str, tuning: Tuning, *, timeout: float, clock: Clock = time.monotonic
+        self,
+        client: shared_redis.Client,
+        account: str,
+        tuning: Tuning,
+        *,
+        timeout: float,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.replica = uuid.uuid4().hex[:12]
         self._clock = clock
         self._tuning = tuning
-        self._timeout = timeout
-        # Short time-outs, connecting included: a slow call must not stall callers for long (a
-        # failed call is retried, and only failures that persist degrade). One immediate retry on
-        # a broken connection only (a pooled connection that died with a Redis restart); never on a
-        # time-out, which would double the stall.
-        self._client: Redis = Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-        )
+        self._timeout = timeout  # the client's (shared_redis.connect): bounds when a heartbeat lands
+        self._client = client
         self._acquire = self._client.register_script(ACQUIRE_SCRIPT)
         self._release = self._client.register_script(RELEASE_SCRIPT)
         self._pause = self._client.register_script(PAUSE_SCRIPT)
         self._seed = self._client.register_script(SEED_SCRIPT)
         self._heartbeat = self._client.register_script(HEARTBEAT_SCRIPT)
-        # Replicas of one account share keys. The account (a SecretId) is hashed: no need to
-        # spell it out in Redis. The {hash tag} keeps the account's keys in one Redis Cluster slot.
-        self.prefix = f"tiw:limiter:{{{hashlib.sha256(account.encode()).hexdigest()[:16]}}}"
+        self.prefix = shared_redis.prefix("limiter", account)  # replicas of one account share keys
         self._replicas_key = self.prefix + ":replicas"
         self._epoch_key = self.prefix + ":epoch"
         # Redis's clock minus ours, as last measured (never more than the truth: Redis read its

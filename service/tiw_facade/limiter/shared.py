@@ -24,10 +24,10 @@ import logging
 import math
 import random
 import time
-import urllib.parse
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from tiw_facade import shared_redis
 from tiw_facade.limiter import CallerObserver, Lease
 from tiw_facade.limiter._ledger import BACK, HELD, LATE, RELEASED, Clock, Ledger, LocalLease
 from tiw_facade.limiter._modes import Machine, Mode
@@ -42,9 +42,12 @@ from tiw_facade.limiter._store import (
     Store,
     Tuning,
 )
+from tiw_facade.shared_redis import Target, redact
 
 if TYPE_CHECKING:
     from tiw_facade.metrics import Metrics
+
+__all__ = ["RedisLimiter", "SharedLease", "redact"]
 
 log = logging.getLogger("tiw_facade.limiter")
 
@@ -74,7 +77,7 @@ SILENT_AFTER = 1.0
 LIFETIME = 120.0
 
 
-def _refused(exc: BaseException) -> bool:
+def _connection_refused(exc: BaseException) -> bool:
     """Whether the connection was refused (redis-py wraps the OSError; it stays in the chain)."""
     seen: BaseException | None = exc
     while seen is not None:
@@ -112,20 +115,6 @@ class SharedLease(LocalLease):
                 self._limiter._sync(self)
 
 
-def redact(url: str) -> str:
-    """The Redis URL without credentials or query (which may hold a password), for logs and health."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    try:
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    except ValueError:
-        pass
-    return f"{parts.scheme}://{netloc}{parts.path}"
-
-
 class RedisLimiter(QueuedLimiter):
     """``limit`` tokens per (account, action) for all replicas, kept in Redis; see the module docstring."""
 
@@ -134,7 +123,8 @@ class RedisLimiter(QueuedLimiter):
     def __init__(
         self,
         *,
-        url: str,
+        url: str = "",
+        target: Target | None = None,
         account: str,
         limit: int,
         degraded_limit: int,
@@ -174,11 +164,14 @@ class RedisLimiter(QueuedLimiter):
         # being back (or right after a failed ping, which takes at most the time-out) and seeds one
         # round trip later; the margin covers the round trips and a replica whose loop runs late.
         self._hold_off = probe_interval + timeout + HOLD_OFF_MARGIN
-        self._where = redact(url)
+        where = target or Target(url, timeout)  # a bare URL: the common case, and the tests'
+        self._where = where.where
         tuning = Tuning(
             limit, degraded_limit, expected_replicas, window, silent_after, lifetime, self._hold_off
         )
-        self.store: Store = store or RedisStore(url, account, tuning, timeout=timeout, clock=clock)
+        self.store: Store = store or RedisStore(
+            shared_redis.connect(where), account, tuning, timeout=timeout, clock=clock
+        )
         self._serial = itertools.count()
         self._ledgers: dict[str, Ledger] = {}
         self._views: dict[str, Outlook] = {}  # what Redis last said about each action
@@ -386,8 +379,8 @@ class RedisLimiter(QueuedLimiter):
     # --- mode switches (docs/limiter.md) ---
 
     def _failed(self, exc: BaseException) -> None:
-        self._metrics.limiter_backend_errors.inc()
-        self._machine.facts["error"] = type(exc).__name__
+        self._metrics.limiter_backend_errors.labels(kind=shared_redis.classify(exc)).inc()
+        self._machine.facts["error"] = shared_redis.describe(exc)
         if self._closed:
             return
         now = self._clock()
@@ -395,7 +388,7 @@ class RedisLimiter(QueuedLimiter):
             self._machine.enter(Mode.SUSPECT, now, failing_since=now)
         stamps = self._machine.stamps
         if self._machine.mode is Mode.SUSPECT and (
-            _refused(exc) or now - stamps.failing_since >= self._suspicion
+            _connection_refused(exc) or now - stamps.failing_since >= self._suspicion
         ):
             # Others leave room for our share from a silence after our last registration; what
             # they took before that is back a window later (docs/limiter.md: "Partition").
@@ -565,12 +558,12 @@ class RedisLimiter(QueuedLimiter):
                 else ""
             )
             detail = (
-                f"Redis at {self._where} unreachable for {now - stamps.degraded_since:.0f}s "
-                f"({error}); local share: {share}{stopped}"
+                f"Redis at {self._where} failing for {now - stamps.degraded_since:.0f}s, last "
+                f"{error}; local share: {share}{stopped}"
             )
         elif mode is Mode.SUSPECT:
             silence = now - stamps.failing_since
-            detail = f"Redis at {self._where} not answering for {silence:.1f}s ({error}); callers wait"
+            detail = f"Redis at {self._where} failing for {silence:.1f}s, last {error}; callers wait"
         elif mode is Mode.RECOVERING:
             detail = (
                 f"Redis at {self._where} reachable again; local share ({share}) until every replica "
