@@ -397,7 +397,7 @@ def test_production_shares_the_limit_through_redis() -> None:
     redis_port = url.port or 6379
     redis_service = one("production", "Service", url.hostname)
     assert redis_port in {p["port"] for p in redis_service["spec"]["ports"]}
-    assert one("production", "StatefulSet")["spec"]["replicas"] == 1  # one Redis: one limit
+    assert one("production", "StatefulSet", url.hostname)["spec"]["replicas"] == 1  # one Redis: one limit
     # The facade's pods may reach it.
     egress_ports = {
         p["port"]
@@ -406,6 +406,91 @@ def test_production_shares_the_limit_through_redis() -> None:
         for p in rule.get("ports", [])
     }
     assert redis_port in egress_ports
+
+
+def redis_server_options(statefulset: dict[str, Any]) -> dict[str, str]:
+    """The ``--name value`` options of the StatefulSet's redis-server."""
+    (redis,) = [c for c in statefulset["spec"]["template"]["spec"]["containers"] if c["name"] == "redis"]
+    args = redis["args"]
+    assert args[0] == "redis-server"
+    names, values = args[1::2], args[2::2]
+    assert len(names) == len(values) and all(n.startswith("--") for n in names), args
+    return {name[2:]: value for name, value in zip(names, values, strict=True)}
+
+
+def redis_bytes(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)(mb|gb)", value.lower()).groups()  # type: ignore[union-attr]
+    return int(number) * {"mb": 2**20, "gb": 2**30}[unit]
+
+
+def kubernetes_bytes(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"Mi": 2**20, "Gi": 2**30}[unit]
+
+
+def production_redis(url_key: str) -> dict[str, Any]:
+    """The StatefulSet behind the production ConfigMap's ``url_key``, through its Service."""
+    host = urllib.parse.urlsplit(config_map("production")[url_key]).hostname
+    service = one("production", "Service", host)
+    statefulset = one("production", "StatefulSet", host)
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    return statefulset
+
+
+def test_production_redis_for_the_limiter_and_idempotency_is_durable_and_never_evicts() -> None:
+    statefulset = production_redis("TIW_REDIS_URL")
+    assert "TIW_IDEMPOTENCY_REDIS_URL" not in config_map("production")  # the records go there too
+    options = redis_server_options(statefulset)
+    assert options["appendonly"] == "yes"
+    assert options["appendfsync"] in {"always", "everysec"}
+    assert options["maxmemory-policy"] == "noeviction"
+    # Worst case: 20 creates/s kept 24 h at ~1.2 KB each (docs/redis.md).
+    assert redis_bytes(options["maxmemory"]) >= 20 * 86400 * 1200
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    pod = statefulset["spec"]["template"]["spec"]
+    (redis,) = [c for c in pod["containers"] if c["name"] == "redis"]
+    mounts = {m["name"]: m["mountPath"] for m in redis["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == options["dir"]
+    assert claim["metadata"]["name"] not in {v["name"] for v in pod.get("volumes", [])}
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    limit = kubernetes_bytes(redis["resources"]["limits"]["memory"])
+    assert limit > redis_bytes(options["maxmemory"]) * 1.2  # fragmentation, the rewrite's fork
+
+
+def test_production_redis_for_the_answers_evicts_and_keeps_nothing() -> None:
+    statefulset = production_redis("TIW_ANSWERS_REDIS_URL")
+    assert statefulset["metadata"]["name"] != production_redis("TIW_REDIS_URL")["metadata"]["name"]
+    assert statefulset["spec"]["replicas"] == 1
+    options = redis_server_options(statefulset)
+    assert options["maxmemory-policy"] == "allkeys-lru"
+    assert options["appendonly"] == "no" and options["save"] == ""
+    assert not statefulset["spec"].get("volumeClaimTemplates")
+    (redis,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert kubernetes_bytes(redis["resources"]["limits"]["memory"]) > redis_bytes(options["maxmemory"])
+
+
+def test_production_redis_admits_only_the_facade_and_prometheus() -> None:
+    facade = deployment("production")["spec"]["template"]["metadata"]["labels"]
+    for name in ("tiw-facade-redis", "tiw-facade-redis-answers"):
+        labels = one("production", "StatefulSet", name)["spec"]["template"]["metadata"]["labels"]
+        policies = [
+            policy
+            for policy in objects("production", "NetworkPolicy")
+            if policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+            and "Ingress" in policy["spec"]["policyTypes"]
+        ]
+        assert policies, f"no NetworkPolicy isolates {name}"
+        for policy in policies:
+            for rule in policy["spec"]["ingress"]:
+                ports = {p["port"] for p in rule["ports"]}
+                for peer in rule["from"]:
+                    if ports == {"redis"}:
+                        assert "namespaceSelector" not in peer
+                        assert peer["podSelector"]["matchLabels"].items() <= facade.items()
+                    else:
+                        assert ports == {"metrics"}
+                        assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
 
 
 def test_production_hpa_owns_the_replica_count_and_matches_expected_replicas() -> None:
@@ -504,7 +589,13 @@ def exported_metrics() -> dict[str, set[str]]:
 
 def test_alerts_and_dashboard_use_only_exported_metrics_and_labels() -> None:
     exported = exported_metrics()
-    outside = {"up", "kube_deployment_status_replicas_available"}  # Prometheus, kube-state-metrics
+    # Prometheus, kube-state-metrics, and the durable Redis's redis_exporter sidecar.
+    outside = {
+        "up",
+        "kube_deployment_status_replicas_available",
+        "redis_memory_used_bytes",
+        "redis_memory_max_bytes",
+    }
     all_labels = set().union(*exported.values()) | TARGET_LABELS | {"deployment"}
     queries = [alert["expr"] for alert in alerts()] + dashboard_queries()
     for query in queries:
