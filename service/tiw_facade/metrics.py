@@ -85,6 +85,12 @@ REJECT_REASONS: tuple[str, ...] = ("deadline", "max_wait", "queue_full")
 
 # The roles of tiw_store_errors_total (the limiter's errors have a counter of their own).
 STORE_ROLES: tuple[shared_redis.Role, ...] = ("answers", "idempotency")
+# tiw_store_invalid_total's (role, what): data read from Redis that failed its check and was dropped.
+# A test keeps these equal to answers._shared.INVALID_WHATS; importing it here would load protobuf.
+STORE_INVALID: tuple[tuple[str, str], ...] = (
+    *(("answers", what) for what in ("time", "fields", "payload", "key", "stamp", "schedule")),
+    ("limiter", "epoch"),
+)
 
 # go-grpc-prometheus (client_golang) exports no ``_created`` series; prometheus_client would add one
 # per counter and histogram child. The switch is process-wide and read at each scrape.
@@ -245,6 +251,21 @@ class Metrics:
             ("role", "kind"),
             registry=r,
         )
+        # Unlabelled: present (0) from start-up, so an alert on its increase sees the first loss.
+        self.idempotency_records_lost = Counter(
+            "tiw_idempotency_records_lost_total",
+            "Times this replica found the idempotency records' Redis had lost them (its marker gone): "
+            "keys it has no record of are refused for TIW_IDEMPOTENCY_LOSS_WINDOW.",
+            registry=r,
+        )
+        self.store_invalid = Counter(
+            "tiw_store_invalid_total",
+            "Data read from Redis that failed its check and was dropped (never used), by role and "
+            "what: an answer entry's time, fields, payload, or key (another request's answer); an "
+            "invalidation stamp; a refresh schedule member; the limiter's epoch.",
+            ("role", "what"),
+            registry=r,
+        )
 
         # --- answers (answers/: coalescing, the cache, refreshes, watches) ---
         self.answers = Counter(
@@ -336,6 +357,8 @@ class Metrics:
             self.limiter_backend_errors.labels(kind=kind)
             for role in STORE_ROLES:
                 self.store_errors.labels(role=role, kind=kind)
+        for owner, what in STORE_INVALID:
+            self.store_invalid.labels(role=owner, what=what)
 
     def prime_answers(self, actions: Iterable[str]) -> None:
         """Create the answer cache's series of the actions it serves, before the first call."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -136,3 +137,58 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Close connections (a shared store); the in-process store forgets nothing by it."""
+
+
+# How far in the future an entry's answered_at may lie: hosts' clocks agree to within NTP's skew
+# (milliseconds), so anything later was not written by a replica of ours and would read "fresh" for
+# as long as it is kept (docs/answers.md, "Checked before use"). 10 s, not less: the store's tests
+# write answers stamped up to 8 s ahead of the wall clock.
+CLOCK_TOLERANCE = 10.0
+# What ``invalid`` names: the label ``what`` of tiw_store_invalid_total{role="answers"}.
+TIME, FIELDS, PAYLOAD, FOREIGN = "time", "fields", "payload", "key"
+
+
+def plausible_time(value: float, now: float) -> bool:
+    """Whether ``value`` can be a time a replica wrote: finite, and not later than ``now`` allows."""
+    return math.isfinite(value) and value <= now + CLOCK_TOLERANCE
+
+
+def invalid(key: Key, entry: Entry, now: float) -> str | None:
+    """What is wrong with ``entry`` read as the answer of ``key`` (None: nothing we can tell).
+
+    The payload is checked as the answer to the key's request: it must decode as the action's
+    response, be non-empty unless the entry is a kept error, carry the request's task id when it
+    carries one (an answer copied from another key is not this key's answer), and be terminal
+    exactly when the entry says so (a forged ``t`` would keep a running task's answer for an hour).
+    A key that is no request of a shared action (the facade never makes one; tests do) has no
+    response type to check the payload against: only its time and error fields are checked.
+    """
+    from tiw_facade.answers import _policy  # protobuf classes: loaded only with the answer cache
+
+    if not plausible_time(entry.answered_at, now):
+        return TIME
+    if entry.is_error:
+        return None if entry.error_code in _policy.KEPT_ERRORS and not entry.payload else FIELDS
+    if entry.error_message:
+        return FIELDS
+    response_type = _policy.RESPONSES.get(key.action)
+    if response_type is None:
+        return None
+    try:
+        request = _policy.REQUESTS[key.action].FromString(key.request)
+    except Exception:  # upb raises DecodeError, or NotImplementedError on a wire-type mismatch
+        return None
+    if not entry.payload:
+        return PAYLOAD
+    try:
+        response = response_type.FromString(entry.payload)
+    except Exception:
+        return PAYLOAD
+    # Unknown fields are allowed: a newer release's replicas may write fields this one lacks.
+    asked = getattr(request, "task_id", "")
+    answered = getattr(response, "task_id", "")
+    if asked and answered and asked != answered:
+        return FOREIGN
+    if entry.terminal != _policy.is_terminal(key.action, response):
+        return FIELDS
+    return None

@@ -11,6 +11,9 @@ Per account (one Redis Cluster slot: every key carries the same {hash tag}):
                         leave room for that share. Entries silent for ``lifetime`` are dropped.
 ``...:epoch``           hash {id, born}: which incarnation of this state Redis holds. Missing or
                         different from what a replica was told: Redis lost its state (a restart).
+                        Malformed (no id, ``born`` not an integer time no later than Redis's clock
+                        allows, not a hash): deleted and treated as lost, so that every replica
+                        re-seeds and a new epoch is born; never a reason to refuse admissions.
 
 Every decision reads Redis's clock (``TIME``) inside a script, never a replica's: replicas' clocks
 differ, and a skewed one would over-issue. Replies are parsed here into the types below.
@@ -40,18 +43,44 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function us(x) return string.format('%.0f', x) end
 """
 
+# Redis's clock may step back a little (NTP) between the epoch's birth and now; a birth later than
+# this was not written by a heartbeat (a forged one would hold every admission off until then).
+BORN_TOLERANCE_US = 5 * US
+# The epoch as (id, born), or nil after deleting it when malformed (third value true): a heartbeat
+# then creates a new one, and every replica re-seeds as after a restart. tonumber(nil) comparisons
+# would otherwise fail the script on every call, or a garbage birth refuse admissions forever.
+_EPOCH = f"""
+local function read_epoch(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' then return nil, nil, false end
+  if kind == 'hash' then
+    local e = redis.call('HMGET', key, 'id', 'born')
+    local born = tonumber(e[2])
+    if e[1] and e[1] ~= '' and born and born == math.floor(born) and born >= 0
+        and born <= now + {BORN_TOLERANCE_US} then
+      return e[1], born, false
+    end
+  end
+  redis.call('DEL', key)
+  return nil, nil, true
+end
+"""
+
 # KEYS: leases, pause, replicas, epoch.
 # ARGV: limit, hold_us, window_us, member, epoch, hold_off_us, share, expected, silent_us, lifetime_us,
 # reserve (admit only if that many tokens stay free after this one: spare grants; 0 for callers).
-# Reply: {1} admitted; {2} epoch lost; {3, us until the epoch is settled};
-# or {0, pause_left_us, occupied, capacity (without the reserve), us until each known return...}.
+# Reply: {1} admitted; {2} epoch lost; {4} epoch malformed (deleted: lost too); {3, us until the
+# epoch is settled}; or {0, pause_left_us, occupied, capacity (without the reserve), us until each
+# known return...}.
 ACQUIRE_SCRIPT = (
     _NOW
+    + _EPOCH
     + """
 local limit, hold, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local epoch = redis.call('HMGET', KEYS[4], 'id', 'born')
-if epoch[1] ~= ARGV[5] then return {2} end
-local settled = tonumber(epoch[2]) + tonumber(ARGV[6])
+local id, born, malformed = read_epoch(KEYS[4])
+if malformed then return {4} end
+if id ~= ARGV[5] then return {2} end
+local settled = born + tonumber(ARGV[6])
 if now < settled then return {3, settled - now} end
 -- Room for the local share of every replica that may be cut off: registered but silent, and
 -- while a registration lost with Redis's state could still be in use, every expected one unseen.
@@ -60,7 +89,7 @@ local silent_us, lifetime_us = tonumber(ARGV[9]), tonumber(ARGV[10])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. us(now - lifetime_us))
 local registered = redis.call('ZCARD', KEYS[3])
 local away = registered - redis.call('ZCOUNT', KEYS[3], us(now - silent_us), '+inf')
-if now - tonumber(epoch[2]) < lifetime_us and expected - registered > 0 then
+if now - born < lifetime_us and expected - registered > 0 then
   away = away + expected - registered
 end
 local capacity = limit - share * away
@@ -128,24 +157,27 @@ return 0
 # KEYS: replicas, epoch. ARGV: replica, epoch (what the replica was told; '' to adopt whatever Redis
 # has, creating it as ARGV[3] if missing), new epoch id, lifetime_us, refresh_until (Redis us; 0: no
 # limit). Registers the replica unless the call runs after refresh_until (a call its replica gave
-# up on must not register it later than the replica can know). Reply: {epoch id, registered, now}.
+# up on must not register it later than the replica can know). Reply: {epoch id, registered, now,
+# 1 if a malformed epoch was deleted}.
 HEARTBEAT_SCRIPT = (
     _NOW
+    + _EPOCH
     + """
-local id = redis.call('HGET', KEYS[2], 'id')
+local id, born, malformed = read_epoch(KEYS[2])
+local dropped = malformed and 1 or 0
 if ARGV[2] == '' then
   if not id then
     id = ARGV[3]
     redis.call('HSET', KEYS[2], 'id', id, 'born', us(now))
   end
 elseif id ~= ARGV[2] then
-  return {id or '', 0, us(now)}
+  return {id or '', 0, us(now), dropped}
 end
 local until_us = tonumber(ARGV[5])
-if until_us > 0 and now > until_us then return {id, 0, us(now)} end
+if until_us > 0 and now > until_us then return {id, 0, us(now), dropped} end
 redis.call('ZADD', KEYS[1], us(now), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
-return {id, 1, us(now)}
+return {id, 1, us(now), dropped}
 """
 )
 
@@ -169,6 +201,8 @@ class Full:
 class EpochLost:
     """Redis no longer holds the state this replica knew (it restarted): re-seed, re-join."""
 
+    malformed: bool = False  # the epoch was not one a heartbeat writes: deleted (then lost too)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settling:
@@ -186,6 +220,7 @@ class Beat:
 
     epoch: str  # Redis's epoch ('' if none)
     registered: bool  # False: the epoch was not ours (or the call ran too late)
+    malformed: bool = False  # Redis held an epoch no heartbeat writes: deleted (a new one may be born)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -285,6 +320,8 @@ class RedisStore:
             return Admitted()
         if code == 2:
             return EpochLost()
+        if code == 4:
+            return EpochLost(malformed=True)
         if code == 3:
             return Settling(reply[1] / US)
         return Full(reply[1] / US, reply[2], reply[3], tuple(delay / US for delay in reply[4:]))
@@ -320,7 +357,7 @@ class RedisStore:
         raw = cast("list[bytes | int]", await self._heartbeat(keys=keys, args=args))
         self._offset = int(raw[2]) / US - self._clock()
         epoch_id = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
-        return Beat(epoch_id, raw[1] == 1)
+        return Beat(epoch_id, raw[1] == 1, len(raw) > 3 and raw[3] == 1)
 
     async def _measure(self) -> None:
         seconds, micros = await self._client.time()

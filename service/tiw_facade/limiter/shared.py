@@ -36,6 +36,7 @@ from tiw_facade.limiter._store import (
     STORE_ERRORS,
     Admitted,
     Beat,
+    EpochLost,
     Full,
     RedisStore,
     Settling,
@@ -75,6 +76,9 @@ SILENT_AFTER = 1.0
 # A silent registration is dropped after this long (a crashed replica's share comes back); a
 # replica cut off that long has stopped admitting by then.
 LIFETIME = 120.0
+# One warning per this long about a malformed epoch in Redis (the metric counts every one): a
+# tampered or broken Redis must not flood the log.
+INVALID_WARN_EVERY = 60.0
 
 
 def _connection_refused(exc: BaseException) -> bool:
@@ -176,6 +180,7 @@ class RedisLimiter(QueuedLimiter):
         self._ledgers: dict[str, Ledger] = {}
         self._views: dict[str, Outlook] = {}  # what Redis last said about each action
         self._epoch = ""  # Redis's epoch as last told ('' before joining)
+        self._invalid_warned_at = -math.inf
         # The latest moment a registration of ours may have landed in Redis (our clock), and when the
         # last one that did was sent: they bound when others leave room for us (docs/limiter.md).
         self._beat_bound = -math.inf
@@ -268,6 +273,8 @@ class RedisLimiter(QueuedLimiter):
             # Estimates for the callers that queue meanwhile: nothing before the state settles.
             self._views[action] = Outlook(self._limit, (), 0, now + reply.ready_in)
             return RetryAt(now + reply.ready_in)
+        if isinstance(reply, EpochLost) and reply.malformed:
+            self._malformed_epoch()
         self._lose_epoch(now)
         return RetryAt(now + self._hold_off)  # the rejoin wakes the pumps
 
@@ -401,6 +408,18 @@ class RedisLimiter(QueuedLimiter):
                 local_until=self._beat_sent + self._lifetime,
             )
 
+    def _malformed_epoch(self) -> None:
+        """Redis held an epoch no heartbeat writes; the script deleted it: count it, and say so."""
+        self._metrics.store_invalid.labels(role="limiter", what="epoch").inc()
+        now = self._clock()
+        if now >= self._invalid_warned_at + INVALID_WARN_EVERY:
+            self._invalid_warned_at = now
+            log.warning(
+                "rate limiter: Redis at %s held a malformed epoch (see tiw_store_invalid_total); "
+                "dropped it: every replica re-seeds as after a restart",
+                self._where,
+            )
+
     def _lose_epoch(self, now: float) -> None:
         """Redis lost its state (restarted): re-seed it and re-join, as on recovery."""
         if self._machine.mode is not Mode.RECOVERING or self._machine.stamps.shared_at < math.inf:
@@ -485,6 +504,8 @@ class RedisLimiter(QueuedLimiter):
         except BaseException:
             self._beat_bound = max(self._beat_bound, sent + self._timeout)  # it may still land
             raise
+        if beat.malformed:
+            self._malformed_epoch()
         if beat.registered:
             self._beat_bound = max(self._beat_bound, self._clock())
             self._beat_sent = max(self._beat_sent, sent)
