@@ -26,6 +26,7 @@ from tiw_facade.failures import (
     FacadeError,
     IdempotencyInFlight,
     IdempotencyKeyReused,
+    IdempotencyRecordsLost,
     IdempotencyUnavailable,
     InvalidRequest,
     OutcomeUnknown,
@@ -78,6 +79,8 @@ FAILURE_CODES: dict[type[FacadeError], grpc.StatusCode] = {
     IdempotencyKeyReused: grpc.StatusCode.INVALID_ARGUMENT,
     IdempotencyInFlight: grpc.StatusCode.DEADLINE_EXCEEDED,
     OutcomeUnknown: grpc.StatusCode.FAILED_PRECONDITION,
+    # Not UNAVAILABLE: retrying as is cannot help until the caller has looked for the task.
+    IdempotencyRecordsLost: grpc.StatusCode.FAILED_PRECONDITION,
     IdempotencyUnavailable: grpc.StatusCode.UNAVAILABLE,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,

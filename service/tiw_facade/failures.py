@@ -282,6 +282,33 @@ class OutcomeUnknown(FacadeError):
         return {**super().metadata(), "idempotency_key_sha256": self.key_hash}
 
 
+class IdempotencyRecordsLost(FacadeError):
+    """The key store (Redis) lost its records recently (it came back empty) and has none for this
+    ``idempotency-key``: a request with it may have been sent before the loss, so the facade cannot
+    promise at-most-once and does not send it. Retrying as is will not help: the caller must find
+    out whether the task exists. Nothing was sent."""
+
+    reason = "IDEMPOTENCY_RECORDS_LOST"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self, key_hash: str, lost_at: float = 0.0) -> None:
+        super().__init__(
+            f"the idempotency key store lost its records recently and has none for key {key_hash}: a "
+            "request with this key may already have created a task, so it is not sent. Look for the "
+            "task at TIW (DescribeSnapshotTask with a TaskID you recorded, your callbacks, TIW's "
+            "console); to create one anew, send with a new key once the loss window has passed "
+            "(TIW_IDEMPOTENCY_LOSS_WINDOW); this key stays refused"
+        )
+        self.key_hash = key_hash
+        self.lost_at = lost_at
+
+    def metadata(self) -> dict[str, str]:
+        found = {**super().metadata(), "idempotency_key_sha256": self.key_hash}
+        if self.lost_at:
+            found["lost_at"] = f"{self.lost_at:.3f}"
+        return found
+
+
 class IdempotencyUnavailable(FacadeError):
     """The store of idempotency keys (Redis) cannot be read or written, so the facade cannot promise
     to send the request at most once: it does not send it. Retry (on another replica) later."""
@@ -301,6 +328,7 @@ FACADE_FAILURES: tuple[type[FacadeError], ...] = (
     IdempotencyKeyReused,
     IdempotencyInFlight,
     OutcomeUnknown,
+    IdempotencyRecordsLost,
     IdempotencyUnavailable,
     RateLimited,
     TooManyWatches,

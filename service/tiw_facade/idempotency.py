@@ -9,6 +9,13 @@ callers' side of this.
 Two stores, one interface: in process (bounded; the oldest key is forgotten first) and Redis (a hash
 per key, claimed and settled by Lua scripts, so two replicas never both own a key). Knows nothing
 of gRPC: the handler reads the key from metadata and says how a replay is marked.
+
+A Redis that comes back empty (restarted without persistence, flushed, failed over to an empty
+replica) has forgotten every key: a retry would be sent again. So the Redis store keeps a marker
+beside the records, checked by every claim (in the same script) and every ``MARKER_INTERVAL``: a
+marker this process saw, then missing, is a loss. It is written again with the loss's time, and for
+``TIW_IDEMPOTENCY_LOSS_WINDOW`` after it every replica refuses a key it has no record of
+(``IdempotencyRecordsLost``) rather than risk a second task.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from tiw_facade.failures import (
     FacadeError,
     IdempotencyInFlight,
     IdempotencyKeyReused,
+    IdempotencyRecordsLost,
     IdempotencyUnavailable,
     InvalidRequest,
     Outcome,
@@ -60,6 +68,9 @@ SETTLE_SLACK = 5.0
 POLL_INTERVAL = 0.05
 STORE_ERRORS = shared_redis.ERRORS
 MAX_KEY_LENGTH = 255
+# How often an idle replica looks at the marker: a loss is noticed (logged, counted, the window
+# started) soon after Redis comes back, not only at the next keyed create.
+MARKER_INTERVAL = 10.0
 
 
 class State(enum.StrEnum):
@@ -67,6 +78,9 @@ class State(enum.StrEnum):
     ANSWERED = "answered"  # TIW answered: ``answer`` is the response's bytes
     FAILED = "failed"  # TIW answered an error it executed (or may have): replayed as that error
     UNKNOWN = "unknown"  # sent, never answered: TIW may have executed it; never sent again
+    # Unknown to the store soon after it lost its records (it may have been sent before): refused
+    # for the rest of its TTL, so a retry after the loss window cannot send it either.
+    LOST = "lost"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,13 +226,36 @@ class MemoryStore:
         self._entries.clear()
 
 
-# KEYS[1] the key's hash. ARGV: TTL in seconds, then the record's fields as name, value pairs.
-CLAIM_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return false
+# The marker's check, the start of both scripts below. KEYS[1] the marker (a hash: ``written``, when
+# it was written, and ``lost``, when it was written again after a loss, or ''). ARGV[1] now (Unix
+# seconds), ARGV[2] the ``written`` this process last saw ('' none). Missing: written anew, and a
+# loss if this process had seen it (a Redis empty at a process's first use is a fresh one).
+_MARKER_LUA = """
+local written = redis.call('HGET', KEYS[1], 'written')
+local lost = redis.call('HGET', KEYS[1], 'lost') or ''
+if not written then
+  written = ARGV[1]
+  if ARGV[2] ~= '' then lost = ARGV[1] end
+  redis.call('HSET', KEYS[1], 'written', written, 'lost', lost)
+end
 """
+MARKER_SCRIPT = _MARKER_LUA + "return {written, lost}\n"
+# KEYS[2] the key's hash. ARGV[3] the loss window in seconds, ARGV[4] TTL in ms, then the record's
+# fields as name, value pairs. Returns {written, lost, what}: what is the key's record (HGETALL),
+# 'claimed', or 'lost' (no record within the window after a loss: recorded as such, not claimed).
+CLAIM_SCRIPT = (
+    _MARKER_LUA
+    + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {written, lost, redis.call('HGETALL', KEYS[2])} end
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if lost ~= '' and tonumber(ARGV[1]) - tonumber(lost) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[2], 'state', 'lost')
+  return {written, lost, 'lost'}
+end
+return {written, lost, 'claimed'}
+"""
+)
 # ARGV: the claim's token, TTL in ms, then the new record's fields (none: release).
 SETTLE_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
@@ -233,19 +270,37 @@ return 1
 
 class RedisStore:
     """The keys of every replica: a hash per key, claimed with one atomic script (so two replicas
-    never both send), polled by waiters."""
+    never both send), polled by waiters; and the marker that tells a lost store (see the module)."""
 
     backend = "redis"
 
-    def __init__(self, client: shared_redis.Client, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        client: shared_redis.Client,
+        *,
+        metrics: Metrics | None = None,
+        where: str = "",
+        loss_window: float = 0.0,
+    ) -> None:
         self._client = client
         self._claim = self._client.register_script(CLAIM_SCRIPT)
         self._settle = self._client.register_script(SETTLE_SCRIPT)
+        self._mark = self._client.register_script(MARKER_SCRIPT)
         self._errors = metrics.store_errors if metrics is not None else None
+        self._lost_counter = metrics.idempotency_records_lost if metrics is not None else None
+        self._where = where  # Target.where: no secrets
+        self._loss_window = loss_window
+        self._seen = ""  # the marker's ``written`` this process last saw: '' before the first use
+        self.lost_at = 0.0  # Unix time of the last loss (noticed here or by another replica); 0 none
 
     @staticmethod
     def _name(scope: str, key: str) -> str:
         return f"{shared_redis.prefix('idempotency', scope)}:{key}"
+
+    @staticmethod
+    def _marker(scope: str) -> str:
+        # In the account's {hash tag}, like its records: one Cluster slot for the claim's two keys.
+        return f"{shared_redis.prefix('idempotency', scope)}:marker"
 
     @contextlib.contextmanager
     def _counted(self) -> Iterator[None]:
@@ -260,12 +315,41 @@ class RedisStore:
     def _pairs(record: Record) -> list[str | bytes]:
         return [item for pair in record.fields().items() for item in pair]
 
-    async def claim(self, scope: str, key: str, record: Record, ttl: float) -> Record | None:
-        args = [int(ttl * 1000), *self._pairs(record)]
+    def _marked(self, written: bytes, lost: bytes) -> None:
+        """Take in the marker a script found (and wrote, if missing): a loss if it is not the one seen."""
+        now_written = written.decode()
+        if lost:
+            self.lost_at = max(self.lost_at, float(lost))
+        if self._seen and now_written != self._seen:
+            # Missing (written again by this script) or written again by another replica's: either
+            # way the records this process relied on are gone. Once per loss: _seen moves on.
+            log.error(
+                "the idempotency records were lost: Redis at %s came back without them; keys it has "
+                "no record of are refused (IDEMPOTENCY_RECORDS_LOST) for TIW_IDEMPOTENCY_LOSS_WINDOW",
+                self._where,
+                extra={"redis": self._where, "lost_at": self.lost_at, "loss_window": self._loss_window},
+            )
+            if self._lost_counter is not None:
+                self._lost_counter.inc()
+        self._seen = now_written
+
+    async def check(self, scope: str) -> None:
+        """Look at the marker (writing it if missing): notices a loss without waiting for a claim."""
         with self._counted():
-            found = await self._claim(keys=[self._name(scope, key)], args=args)
-        if not found:
+            written, lost = await self._mark(keys=[self._marker(scope)], args=[repr(time.time()), self._seen])
+        self._marked(written, lost)
+
+    async def claim(self, scope: str, key: str, record: Record, ttl: float) -> Record | None:
+        args = [repr(time.time()), self._seen, repr(self._loss_window), int(ttl * 1000), *self._pairs(record)]
+        with self._counted():
+            written, lost, found = await self._claim(
+                keys=[self._marker(scope), self._name(scope, key)], args=args
+            )
+        self._marked(written, lost)
+        if found == b"claimed":
             return None
+        if found == b"lost":
+            raise IdempotencyRecordsLost(key, self.lost_at)
         return Record.parse(dict(zip(found[::2], found[1::2], strict=True)))
 
     async def get(self, scope: str, key: str) -> Record | None:
@@ -310,12 +394,22 @@ class Keys:
         self._scope = scope
         self._ttl = ttl
         self._sender_budget = sender_budget  # beyond the caller's deadline, what a sent request may take
+        self._watcher: asyncio.Task[None] | None = None
+        if isinstance(store, RedisStore):
+            # From start-up, so the marker is seen (and a later loss noticed) before the first create.
+            with contextlib.suppress(RuntimeError):  # no running loop: claims still check it
+                self._watcher = asyncio.get_running_loop().create_task(self._watch(store))
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Keys:
         where = shared_redis.target(settings, "idempotency")
         store: Store = (
-            RedisStore(shared_redis.connect(where), metrics=metrics)
+            RedisStore(
+                shared_redis.connect(where),
+                metrics=metrics,
+                where=where.where,
+                loss_window=settings.idempotency_loss_window,
+            )
             if where is not None
             else MemoryStore(settings.idempotency_max_keys)
         )
@@ -326,7 +420,21 @@ class Keys:
             sender_budget=settings.upstream_timeout,
         )
 
+    async def _watch(self, store: RedisStore) -> None:
+        while True:
+            try:
+                await store.check(self._scope)
+            except STORE_ERRORS:
+                pass  # counted in tiw_store_errors_total; keyed creates report it (IDEMPOTENCY_UNAVAILABLE)
+            except Exception:
+                log.exception("could not check the idempotency store's marker")
+            await asyncio.sleep(MARKER_INTERVAL)
+
     async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self.store.aclose()
 
     async def call(
@@ -416,6 +524,8 @@ class Keys:
     ) -> M:
         if record.state is State.UNKNOWN:
             raise OutcomeUnknown(hashed)
+        if record.state is State.LOST:
+            raise IdempotencyRecordsLost(hashed)
         await replayed()
         if record.state is State.FAILED:
             raise TiwError(record.code, record.message, record.request_id)

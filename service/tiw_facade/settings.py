@@ -548,6 +548,14 @@ class Settings:
         "in process.",
         default=86400.0,
     )
+    idempotency_loss_window: float = setting(
+        "TIW_IDEMPOTENCY_LOSS_WINDOW",
+        positive_float,
+        "Seconds after the idempotency records' Redis is found to have lost them (docs/idempotency.md) "
+        "during which a create whose key has no record is refused FAILED_PRECONDITION "
+        "`IDEMPOTENCY_RECORDS_LOST` rather than risk a second task: cover your callers' longest retry.",
+        default=300.0,
+    )
     idempotency_max_keys: int = setting(
         "TIW_IDEMPOTENCY_MAX_KEYS",
         positive_int,
