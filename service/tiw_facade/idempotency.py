@@ -16,6 +16,10 @@ beside the records, checked by every claim (in the same script) and every ``MARK
 marker this process saw, then missing, is a loss. It is written again with the loss's time, and for
 ``TIW_IDEMPOTENCY_LOSS_WINDOW`` after it every replica refuses a key it has no record of
 (``IdempotencyRecordsLost``) rather than risk a second task.
+
+A marker notices a loss; ``TIW_IDEMPOTENCY_REPLICAS`` prevents the commonest one, a failover to a
+replica the claim had not reached: with it, a claim must be acknowledged by that many replicas
+(Redis ``WAIT``) before the request is sent, else it is released and nothing is sent.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+from redis.asyncio import Redis
 
 from tiw_facade import shared_redis
 from tiw_facade.failures import (
@@ -71,6 +77,9 @@ MAX_KEY_LENGTH = 255
 # How often an idle replica looks at the marker: a loss is noticed (logged, counted, the window
 # started) soon after Redis comes back, not only at the next keyed create.
 MARKER_INTERVAL = 10.0
+# WAIT's own time-out, as a share of the client's socket time-out: its answer (a count, perhaps too
+# small) must come back before the socket gives up, which would say nothing of the replicas.
+WAIT_SHARE = 0.8
 
 
 class State(enum.StrEnum):
@@ -281,8 +290,12 @@ class RedisStore:
         metrics: Metrics | None = None,
         where: str = "",
         loss_window: float = 0.0,
+        replicas: int = 0,
+        replica_timeout: float = 0.25,
     ) -> None:
         self._client = client
+        self._replicas = replicas  # that must acknowledge a claim before it is sent; 0: no WAIT
+        self._wait_ms = max(1, int(replica_timeout * 1000 * WAIT_SHARE))  # WAIT 0 would block forever
         self._claim = self._client.register_script(CLAIM_SCRIPT)
         self._settle = self._client.register_script(SETTLE_SCRIPT)
         self._mark = self._client.register_script(MARKER_SCRIPT)
@@ -307,9 +320,34 @@ class RedisStore:
         try:
             yield
         except STORE_ERRORS as exc:
-            if self._errors is not None:
-                self._errors.labels(role="idempotency", kind=shared_redis.classify(exc)).inc()
+            self._count(exc)
             raise
+
+    def _count(self, exc: BaseException) -> None:
+        if self._errors is not None:
+            self._errors.labels(role="idempotency", kind=shared_redis.classify(exc)).inc()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[shared_redis.Client]:
+        """Where to write: with WAIT to follow, one connection held for both, since WAIT counts the
+        acknowledgements of its own connection's last write (on another pooled connection it would
+        count an older write, or none). Cluster is refused with replicas by the settings."""
+        if not self._replicas or not isinstance(self._client, Redis):
+            yield self._client
+            return
+        async with self._client.client() as pinned:
+            yield pinned
+
+    async def _acknowledged(self, client: shared_redis.Client) -> tuple[int, str]:
+        """WAIT for the replicas to have ``client``'s last write: how many do, and why not ('' none)."""
+        try:
+            acked = int(await client.wait(self._replicas, self._wait_ms))
+        except STORE_ERRORS as exc:
+            self._count(exc)
+            return 0, shared_redis.describe(exc)
+        if acked < self._replicas:
+            return acked, f"{acked} of {self._replicas} replicas acknowledged it within {self._wait_ms} ms"
+        return acked, ""
 
     @staticmethod
     def _pairs(record: Record) -> list[str | bytes]:
@@ -342,15 +380,38 @@ class RedisStore:
     async def claim(self, scope: str, key: str, record: Record, ttl: float) -> Record | None:
         args = [repr(time.time()), self._seen, repr(self._loss_window), int(ttl * 1000), *self._pairs(record)]
         with self._counted():
-            written, lost, found = await self._claim(
-                keys=[self._marker(scope), self._name(scope, key)], args=args
-            )
-        self._marked(written, lost)
-        if found == b"claimed":
-            return None
+            async with self._connection() as client:
+                written, lost, found = await self._claim(
+                    keys=[self._marker(scope), self._name(scope, key)], args=args, client=client
+                )
+                self._marked(written, lost)
+                if found == b"claimed":
+                    if self._replicas:
+                        await self._durable(client, scope, key, record.token)
+                    return None
         if found == b"lost":
             raise IdempotencyRecordsLost(key, self.lost_at)
         return Record.parse(dict(zip(found[::2], found[1::2], strict=True)))
+
+    async def _durable(self, client: shared_redis.Client, scope: str, key: str, token: str) -> None:
+        """Return once enough replicas have the claim just written; else release it and refuse."""
+        _, why = await self._acknowledged(client)
+        if not why:
+            return
+        # The claim may or may not be on a replica, and nothing was sent: delete it (our token only),
+        # so a retry may claim the key again. If the delete does not reach the replica either, a
+        # failover brings the claim back, in flight: retries wait for it, then get OUTCOME_UNKNOWN.
+        # Wrongly pessimistic, never a second task. Keeping it instead would block the key even
+        # without a failover; marking it released is a write that can fail to replicate in the same way.
+        try:
+            await self._settle(keys=[self._name(scope, key)], args=[token, 0], client=client)
+        except STORE_ERRORS as exc:
+            self._count(exc)  # the claim then lapses: OUTCOME_UNKNOWN, as when a sender dies
+        log.warning(
+            "an idempotency claim did not reach the replicas: released, and the create was not sent",
+            extra={"idempotency_key_sha256": key, "redis": self._where, "error": why},
+        )
+        raise IdempotencyUnavailable(f"the record could not be made durable: {why}")
 
     async def get(self, scope: str, key: str) -> Record | None:
         with self._counted():
@@ -359,8 +420,23 @@ class RedisStore:
 
     async def settle(self, scope: str, key: str, token: str, record: Record | None, ttl: float) -> None:
         fields = self._pairs(record) if record is not None else []
+        why = ""
         with self._counted():
-            await self._settle(keys=[self._name(scope, key)], args=[token, int(ttl * 1000), *fields])
+            async with self._connection() as client:
+                mine = await self._settle(
+                    keys=[self._name(scope, key)], args=[token, int(ttl * 1000), *fields], client=client
+                )
+                # A release is not waited for: nothing was sent, and if it is lost the key is only
+                # blocked (OUTCOME_UNKNOWN), never sent twice.
+                if mine and record is not None and self._replicas:
+                    _, why = await self._acknowledged(client)
+        if why:
+            # The create was sent and its caller gets the answer; only a failover now would lose it.
+            log.warning(
+                "the outcome under an idempotency key did not reach the replicas: after a failover "
+                "now, retries would get OUTCOME_UNKNOWN instead of the answer",
+                extra={"idempotency_key_sha256": key, "redis": self._where, "error": why},
+            )
 
     async def changed(self, scope: str, key: str, at_most: float) -> None:
         await asyncio.sleep(min(at_most, POLL_INTERVAL))
@@ -409,6 +485,8 @@ class Keys:
                 metrics=metrics,
                 where=where.where,
                 loss_window=settings.idempotency_loss_window,
+                replicas=settings.idempotency_replicas,
+                replica_timeout=where.timeout,
             )
             if where is not None
             else MemoryStore(settings.idempotency_max_keys)

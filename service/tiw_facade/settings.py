@@ -556,6 +556,15 @@ class Settings:
         "`IDEMPOTENCY_RECORDS_LOST` rather than risk a second task: cover your callers' longest retry.",
         default=300.0,
     )
+    idempotency_replicas: int = setting(
+        "TIW_IDEMPOTENCY_REPLICAS",
+        non_negative_int,
+        "Replicas of the idempotency records' Redis that must acknowledge a key's claim (Redis `WAIT`, "
+        "within 80% of TIW_REDIS_TIMEOUT) before the create is sent, so a failover cannot lose it; "
+        "fewer: refused UNAVAILABLE `IDEMPOTENCY_UNAVAILABLE`, nothing sent (docs/idempotency.md). "
+        "0: no wait. Not with TIW_REDIS_CLUSTER.",
+        default=0,
+    )
     idempotency_max_keys: int = setting(
         "TIW_IDEMPOTENCY_MAX_KEYS",
         positive_int,
@@ -642,6 +651,10 @@ class Settings:
             raise SettingsError("TIW_REDIS_SENTINELS and TIW_REDIS_SENTINEL_MASTER go together: set both")
         if self.redis_sentinels and self.redis_cluster:
             raise SettingsError("TIW_REDIS_SENTINELS and TIW_REDIS_CLUSTER exclude each other")
+        # WAIT counts the writes of its own connection; the cluster client sends it to every primary
+        # on connections of their own, so the count would not be about the claim.
+        if self.idempotency_replicas and self.redis_cluster:
+            raise SettingsError("TIW_IDEMPOTENCY_REPLICAS and TIW_REDIS_CLUSTER exclude each other")
         # A bound left at 0 (unset) takes its share of the memory budget; one set explicitly wins.
         derived = budget.bounds(self.memory_budget, max_watches=self.max_watches or None)
         for field in dataclasses.fields(derived):
