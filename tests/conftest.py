@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from redis.asyncio import Redis
+from support.redis_server import RedisServer
 from tiw_facade import settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY, Emulator, EmulatorConfig
@@ -110,3 +112,17 @@ async def start_facade(emulator: Emulator) -> AsyncIterator[StartFacade]:
 @pytest.fixture
 async def facade(start_facade: StartFacade) -> Facade:
     return await start_facade()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server of this test's own (a module may override it with one it shares)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator
 
-import pytest
 from conftest import Facade, StartFacade, wait_until
 from support.redis_server import RedisServer
 from test_answers import describe, upstream
@@ -52,6 +50,20 @@ async def ask(facade: Facade, task_id: str, *, max_age_ms: int | None = None) ->
     )
 
 
+def assert_shared_the_first(answered: Answer, patient: Answer) -> None:
+    """``answered`` is the first request's: TIW's state when it was sent, and as old as that when it
+    came back. ``patient``, whose bound reaches back to before that send, shared it and learned its
+    true age."""
+    assert (answered.status, answered.source) == ("PREPARED", "upstream")
+    assert answered.age_ms >= 1000 * DELAY
+    assert (patient.status, patient.source, patient.request_id) == (
+        "PREPARED",
+        "coalesced",
+        answered.request_id,
+    )
+    assert patient.age_ms >= 1000 * DELAY
+
+
 def assert_no_older_than_the_call(answer: Answer) -> None:
     """TIW read the state after the call was made: the age is within the call's own duration."""
     assert answer.age_ms <= answer.took_ms, answer
@@ -87,16 +99,7 @@ async def test_a_call_that_wants_it_fresh_waits_for_the_request_after_one_sent_b
     *fresh, patient = later
     answered = await first
 
-    # The first request: TIW's state when it was sent, and as old as that when it came back.
-    assert (answered.status, answered.source) == ("PREPARED", "upstream")
-    assert answered.age_ms >= 1000 * DELAY
-    # A bound that reaches back to before that send shares it, and learns its true age.
-    assert (patient.status, patient.source, patient.request_id) == (
-        "PREPARED",
-        "coalesced",
-        answered.request_id,
-    )
-    assert patient.age_ms >= 1000 * DELAY
+    assert_shared_the_first(answered, patient)
     # Bounds that do not: one request after the first lands, shared by all of them.
     assert {answer.status for answer in fresh} == {"PUSHING"}
     assert sorted(answer.source for answer in fresh) == ["coalesced", "coalesced", "upstream"]
@@ -154,12 +157,6 @@ async def waiting_on_a_shared_request(facade: Facade, count: int) -> None:
     raise AssertionError(f"{count} calls never waited on a shared request")
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 async def test_another_replicas_answer_is_held_to_the_callers_bound(
     start_facade: StartFacade, redis_server: RedisServer
 ) -> None:
@@ -174,15 +171,8 @@ async def test_another_replicas_answer_is_held_to_the_callers_bound(
         ask(second, task, max_age_ms=0), ask(second, task, max_age_ms=60_000)
     )
     answered = await leased
-    assert (answered.status, answered.source) == ("PREPARED", "upstream")
-    assert answered.age_ms >= 1000 * DELAY
     # The first replica's request was sent before both calls: it serves only the bound it fits.
-    assert (patient.status, patient.source, patient.request_id) == (
-        "PREPARED",
-        "coalesced",
-        answered.request_id,
-    )
-    assert patient.age_ms >= 1000 * DELAY
+    assert_shared_the_first(answered, patient)
     assert (fresh.status, fresh.source) == ("PUSHING", "upstream")
     assert_no_older_than_the_call(fresh)
     assert upstream(first.emulator, PUSH) == 2

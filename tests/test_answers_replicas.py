@@ -5,20 +5,12 @@ trouble degrades to per-process caching, never to wrong answers or failures."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 from conftest import Facade, StartFacade
 from support.redis_server import RedisServer
 from test_answers import describe, upstream
 from test_rpcs import SDK_APP_ID
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 async def replicas(

@@ -47,13 +47,6 @@ async def replica(redis_server: RedisServer) -> AsyncIterator[Replica]:
         await store.aclose()
 
 
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 def key(name: str, action: str = A) -> Key:
     return Key(action, name.encode() + b"\x00\xff")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator
 
 import pytest
 from support import SimulatedTiw, count_between, max_in_window, saturate
@@ -251,12 +250,6 @@ async def test_two_flooding_callers_share_3_to_1_and_one_alone_takes_it_all() ->
 
 
 # --- two replicas sharing Redis ---
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.mark.slow

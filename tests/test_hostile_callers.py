@@ -7,10 +7,8 @@ import asyncio
 import collections
 import itertools
 import logging
-import os
 import random
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from support.facade_process import rss_bytes, start_facade_process
 from test_rpcs import PUSH_TASK, SDK_APP_ID
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator
@@ -87,41 +86,16 @@ async def test_the_request_limit_is_a_setting(start_facade: StartFacade) -> None
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.fixture
 def facade_process(emulator: Emulator, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A facade in a process of its own (so its memory can be read), logging to a file."""
-    env = facade_environment(emulator.url, TIW_GRPC_PORT="0", TIW_LOG_LEVEL="WARNING", TIW_MAX_QUEUE_WAIT="1")
-    env["TIW_GRPC_PORT"] = str(_free_port())
-    log = (tmp_path / "facade.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tiw_facade.cli", "serve"],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    environment = facade_environment(emulator.url, TIW_LOG_LEVEL="WARNING", TIW_MAX_QUEUE_WAIT="1")
+    process, target = start_facade_process(environment, tmp_path / "facade.log")
     try:
-        yield process, f"127.0.0.1:{env['TIW_GRPC_PORT']}"
+        yield process, target
     finally:
         process.kill()
         process.wait()
-        log.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen[bytes]) -> None:

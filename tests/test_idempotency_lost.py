@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -16,13 +15,6 @@ from tiw_facade import idempotency
 from tiw_facade.emulator import Emulator
 
 WINDOW = 2.0  # TIW_IDEMPOTENCY_LOSS_WINDOW: short, so a test can see it pass
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    # One per test: each kills it and starts it again empty.
-    with RedisServer() as server:
-        yield server
 
 
 def lost_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
 import pytest
@@ -40,19 +39,6 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 def backend_errors(metrics: Metrics) -> float:
     """tiw_limiter_backend_errors_total, every kind."""
     return sum(sample(metrics, "tiw_limiter_backend_errors_total", kind=kind) for kind in shared_redis.KINDS)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 def replica(url: str, *, limit: int = 20, window: float = 1.0, **kwargs: object) -> RedisLimiter:

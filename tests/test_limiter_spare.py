@@ -10,7 +10,6 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -194,12 +193,6 @@ async def test_a_greedy_refresher_never_keeps_the_reserve_from_a_burst_of_caller
 
 
 # --- shared through Redis ---
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 def replica(url: str, *, limit: int, window: float = 1.0, **kwargs: object) -> RedisLimiter:

@@ -10,9 +10,7 @@ refused calls), and filled a 64 MB Redis within seconds.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +19,9 @@ import grpc
 import pytest
 import redis
 from conftest import facade_environment
-from support.redis_server import RedisServer, free_port
-from test_hostile_callers import raw_method, rss_bytes, wait_serving
+from support.facade_process import rss_bytes, start_facade_process
+from support.redis_server import RedisServer
+from test_hostile_callers import raw_method, wait_serving
 from test_rpcs import SDK_APP_ID
 from tiw_facade import budget
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
@@ -73,19 +72,10 @@ def start_process(
     started: list[subprocess.Popen[bytes]] = []
 
     def start(**extra: str) -> tuple[subprocess.Popen[bytes], str]:
-        port = free_port()
-        env = facade_environment(emulator.url, TIW_LOG_LEVEL="WARNING", **extra)
-        env["TIW_GRPC_PORT"] = str(port)
-        log = (tmp_path / f"facade-{len(started)}.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tiw_facade.cli", "serve"],
-            env={key: os.environ[key] for key in ("PATH", "PYTHONPATH") if key in os.environ} | env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        environment = facade_environment(emulator.url, TIW_LOG_LEVEL="WARNING", **extra)
+        process, target = start_facade_process(environment, tmp_path / f"facade-{len(started)}.log")
         started.append(process)
-        return process, f"127.0.0.1:{port}"
+        return process, target
 
     yield start
     for process in started:

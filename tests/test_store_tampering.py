@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
 import pytest
@@ -21,19 +20,6 @@ from tiw_facade.answers._entries import Key
 from tiw_facade.emulator import DEMO_SECRET_ID
 
 A = "DescribeSnapshotTask"
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 def entry_key(task: str) -> str:

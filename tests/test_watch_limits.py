@@ -5,10 +5,7 @@ read from a facade in a process of its own."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import Facade, StartFacade, facade_environment, wait_until
-from test_hostile_callers import rss_bytes, wait_serving
+from support.facade_process import rss_bytes, start_facade_process
+from test_hostile_callers import wait_serving
 from test_rpcs import SDK_APP_ID, error_info
 from test_watch import active_watches, ended, snapshot_watch
 from tiw_facade import budget
@@ -143,34 +141,17 @@ MARGIN = 8 * MiB
 @pytest.fixture
 def facade_process(emulator: Emulator, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A facade with the default budget and caps in a process of its own, so its RSS is its own."""
-    port = free_port()
-    env = facade_environment(
+    environment = facade_environment(
         emulator.url,
-        TIW_GRPC_PORT=str(port),
         TIW_LOG_LEVEL="WARNING",
         TIW_CALLER_WEIGHTS=",".join(f"{name}=1" for name in CALLERS),
     )
-    log = (tmp_path / "facade.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tiw_facade.cli", "serve"],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    process, target = start_facade_process(environment, tmp_path / "facade.log")
     try:
-        yield process, f"127.0.0.1:{port}"
+        yield process, target
     finally:
         process.kill()
         process.wait()
-        log.close()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 free now, for the facade to take."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def push_watch(task_id: str) -> wpb.WatchWhiteboardPushRequest:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import socket
 import time
-from types import TracebackType
-from typing import Self
 
-from support.redis_server import RedisServer, free_port
+from support.redis_server import Processes, RedisServer, free_port
 
 SLOTS = 16384
 # A node's cluster bus listens on its port + 10000 (Redis's fixed offset).
@@ -66,7 +64,7 @@ def _connected(nodes: bytes) -> int:
     return sum(1 for line in nodes.splitlines() if len(line.split()) > 7 and line.split()[7] == b"connected")
 
 
-class RedisCluster:
+class RedisCluster(Processes):
     """``with RedisCluster() as cluster: ... cluster.url (a seed node) ... cluster.ports``."""
 
     def __init__(self, size: int = 3) -> None:
@@ -122,16 +120,3 @@ class RedisCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import os
 import time
-from types import TracebackType
-from typing import Self
 
 from redis import Redis
 
-from support.redis_server import RedisServer
+from support.redis_server import Processes, RedisServer
 
 MASTER = "tiw-failover"
 
@@ -40,7 +38,7 @@ class Sentinel(RedisServer):
         return f"127.0.0.1:{self.port}"
 
 
-class SentinelTopology:
+class SentinelTopology(Processes):
     """``with SentinelTopology() as t: ... t.primary.kill() ... t.wait_for_failover()``.
 
     Entered only once every sentinel sees the replica and the two other sentinels: before that a
@@ -114,16 +112,3 @@ class SentinelTopology:
     def close(self) -> None:
         for server in [*self.sentinels, self.replica, self.primary]:
             server.close()
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -147,3 +147,27 @@ class RedisSentinel(RedisServer):
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+class Processes:
+    """A group of processes started together (a cluster, a failover topology): ``with`` starts
+    them, and closes those already started if the start fails, or when the block ends."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
