@@ -141,6 +141,63 @@ async def test_a_malformed_epoch_is_reborn_and_admissions_resume_within_the_limi
     assert facade.server._limiter.health()["degraded"] is False
 
 
+def errors(facade: Facade, role: str) -> float:
+    registry = facade.server.metrics.registry
+    return sum(
+        registry.get_sample_value("tiw_store_errors_total", {"role": role, "kind": kind}) or 0.0
+        for kind in shared_redis.KINDS
+    )
+
+
+@pytest.mark.parametrize("part", ["e:", "i:", "l:", f"s:{A}", f"w:{A}", "used", "sizes", "bytes"])
+async def test_an_answer_key_of_the_wrong_type_is_mended_not_an_outage(
+    start_facade: StartFacade, redis_server: RedisServer, redis_client: Redis, part: str
+) -> None:
+    """Left as it is, a list where the store writes a hash (or a string, or a sorted set) fails every
+    script that touches it with WRONGTYPE: the replica would take Redis for failing, and a lease
+    without expiry would hold the key's callers until their deadlines, for ever."""
+    facade = await start_facade(TIW_REDIS_URL=redis_server.url)
+    task = facade.emulator.add_snapshot_task(sdk_app_id=SDK_APP_ID, run_seconds=60)
+    name = await answered(facade, redis_client, task)
+    prefix = f"{shared_redis.prefix('answers', DEMO_SECRET_ID)}:"
+    key = name.removeprefix(f"{prefix}e:")
+    tampered = prefix + (part + key if part.endswith(":") else part)
+    await redis_client.delete(tampered)
+    await redis_client.rpush(tampered, "garbage")
+    for max_age_ms in (0, 0, None):
+        response, _ = await describe(facade, task, max_age_ms=max_age_ms, deadline=3)
+        assert response.task_id == task
+    for _ in range(40):  # the wanted set is written in the background, once a second per key
+        if await redis_client.type(tampered) != b"list":
+            break
+        await asyncio.sleep(0.1)
+    assert (await redis_client.type(tampered)) != b"list"
+    assert invalid(facade, "answers", "type") >= 1
+    assert errors(facade, "answers") == 0
+
+
+@pytest.mark.parametrize("suffix", [f":{A}", f":{A}:pause", ":replicas"])
+async def test_a_limiter_key_of_the_wrong_type_is_mended_not_a_refusal(
+    start_facade: StartFacade, redis_server: RedisServer, redis_client: Redis, suffix: str
+) -> None:
+    """Left as it is, a list where a sorted set belongs fails every script with WRONGTYPE: the
+    limiter would stay degraded (a local share) for as long as the key exists."""
+    limit = 5
+    facade = await start_facade(TIW_REDIS_URL=redis_server.url, TIW_RATE_LIMIT=str(limit))
+    tasks = [facade.emulator.add_snapshot_task(sdk_app_id=SDK_APP_ID, run_seconds=60) for _ in range(12)]
+    await describe(facade, tasks[0])
+    name = f"{shared_redis.prefix('limiter', DEMO_SECRET_ID)}{suffix}"
+    await redis_client.delete(name)
+    await redis_client.rpush(name, "garbage")
+    results = await asyncio.gather(*(describe(facade, task, max_age_ms=0, deadline=10) for task in tasks))
+    assert [response.task_id for response, _ in results] == tasks
+    assert most_in_a_window(facade.emulator.arrivals(A)) <= limit
+    assert (await redis_client.type(name)) != b"list"
+    assert invalid(facade, "limiter", "epoch") >= 1
+    assert facade.server._limiter is not None
+    assert facade.server._limiter.health()["degraded"] is False
+
+
 def test_the_metric_primes_every_check_the_answer_store_makes() -> None:
     from tiw_facade.answers._shared import INVALID_WHATS
     from tiw_facade.metrics import STORE_INVALID

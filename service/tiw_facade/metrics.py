@@ -59,6 +59,11 @@ GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 ANSWER_SOURCES: tuple[str, ...] = ("upstream", "coalesced", "cache")
 # Why a cached answer left the process's cache (``tiw_cache_evictions_total``'s reason).
 EVICTION_REASONS: tuple[str, ...] = ("expired", "capacity", "invalidated")
+# The same counter's reason for an answer this replica deleted from the shared answers' Redis to keep
+# their share within TIW_SHARED_ANSWERS_MAX_BYTES: a reason of its own, since it is not this
+# process's cache. Its series is made at start-up by the shared store (answers/_shared.py), so it
+# exists whenever answers are shared, the only case in which it can count.
+SHARED_EVICTION_REASON = "shared_capacity"
 REFRESH_OUTCOMES: tuple[str, ...] = ("ok", "failed")
 
 # Why an attempt is sent again (``tiw_upstream_retries_total``'s reason), the one list ``prime``
@@ -88,7 +93,7 @@ STORE_ROLES: tuple[shared_redis.Role, ...] = ("answers", "idempotency")
 # tiw_store_invalid_total's (role, what): data read from Redis that failed its check and was dropped.
 # A test keeps these equal to answers._shared.INVALID_WHATS; importing it here would load protobuf.
 STORE_INVALID: tuple[tuple[str, str], ...] = (
-    *(("answers", what) for what in ("time", "fields", "payload", "key", "stamp", "schedule")),
+    *(("answers", what) for what in ("time", "fields", "payload", "key", "stamp", "schedule", "type")),
     ("limiter", "epoch"),
 )
 
@@ -292,7 +297,8 @@ class Metrics:
         )
         self.cache_evictions = Counter(
             "tiw_cache_evictions_total",
-            "Answers dropped from this process's cache, by reason (expired, capacity, invalidated).",
+            "Answers dropped from this process's cache, by reason (expired, capacity, invalidated); "
+            "shared_capacity: deleted from the shared answers' Redis to stay within its bound.",
             ("reason",),
             registry=r,
         )

@@ -23,6 +23,14 @@ from tiw_facade import budget
 
 DEFAULT_ENDPOINT = "https://tiw.tencentcloudapi.com"
 MIN_MEMORY_BUDGET = 16 << 20
+# The shared answers' bound in Redis (TIW_SHARED_ANSWERS_MAX_BYTES): 128 MiB. It must fit whichever
+# Redis holds the answers, next to what else that Redis holds (docs/redis.md, "The answers' share"):
+# the production overlay's own answers Redis (maxmemory 256mb) keeps the other half for the answers'
+# uncounted keys (leases, schedules, stamps) and its own buffers; on the durable Redis (maxmemory
+# 2560mb, the idempotency records' worst case 1.93 GiB) it stays well within the ~580 MiB left over.
+# About 70,000 answers of ~600 bytes (answers/_shared.py, ENTRY_OVERHEAD).
+DEFAULT_SHARED_ANSWERS_MAX_BYTES = 128 << 20
+MIN_SHARED_ANSWERS_MAX_BYTES = 64 << 10
 _DERIVED = budget.bounds(budget.DEFAULT_BUDGET)  # what the README states as the defaults
 _SPEC = "tiw_facade.setting"  # the metadata key of a field's Spec
 
@@ -124,14 +132,28 @@ def non_negative_int(raw: str) -> int:
 _BYTE_UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 
 
-def byte_size(raw: str) -> int:
+def _bytes(raw: str, example: str) -> int:
     """Bytes, as Kubernetes writes a memory quantity in binary units: ``160Mi``, ``1Gi``, ``65536``."""
     found = re.fullmatch(r"([0-9]{1,12})(Ki|Mi|Gi)?", raw)
     if found is None:
-        raise Invalid("must be a whole number of bytes, optionally with Ki, Mi or Gi (e.g. 160Mi)")
-    value = int(found[1]) * _BYTE_UNITS[found[2] or ""]
+        raise Invalid(f"must be a whole number of bytes, optionally with Ki, Mi or Gi (e.g. {example})")
+    return int(found[1]) * _BYTE_UNITS[found[2] or ""]
+
+
+def byte_size(raw: str) -> int:
+    """The memory budget: bytes as ``_bytes`` reads them, at least MIN_MEMORY_BUDGET."""
+    value = _bytes(raw, "160Mi")
     if value < MIN_MEMORY_BUDGET:
         raise Invalid(f"must be at least {MIN_MEMORY_BUDGET >> 20}Mi")
+    return value
+
+
+def shared_answers_size(raw: str) -> int:
+    """The shared answers' bound: bytes as ``_bytes`` reads them, at least 64Ki (room for a few dozen
+    answers; a smaller bound would hold next to none)."""
+    value = _bytes(raw, "128Mi")
+    if value < MIN_SHARED_ANSWERS_MAX_BYTES:
+        raise Invalid(f"must be at least {MIN_SHARED_ANSWERS_MAX_BYTES >> 10}Ki")
     return value
 
 
@@ -332,6 +354,15 @@ class Settings:
         shown_default="(TIW_REDIS_URL)",
         secret=True,
         show=redact_url,
+    )
+    shared_answers_max_bytes: int = setting(
+        "TIW_SHARED_ANSWERS_MAX_BYTES",
+        shared_answers_size,
+        "Most memory, in bytes (`Ki`, `Mi`, `Gi` suffixes), the Describe answers replicas share may "
+        "take in their Redis, per account; beyond it the least recently used are deleted, so that "
+        "answers sharing a Redis with the limiter and the idempotency keys never fill it (docs/redis.md).",
+        default=DEFAULT_SHARED_ANSWERS_MAX_BYTES,
+        shown_default=f"{DEFAULT_SHARED_ANSWERS_MAX_BYTES >> 20}Mi",
     )
     idempotency_redis_url: str = setting(
         "TIW_IDEMPOTENCY_REDIS_URL",

@@ -120,7 +120,11 @@ class Answers:
 
             client = shared_redis.connect(where)
             store = RedisAnswerStore(
-                client, account=settings.account, lifetimes=lifetimes, metrics=self._metrics
+                client,
+                account=settings.account,
+                lifetimes=lifetimes,
+                max_bytes=settings.shared_answers_max_bytes,
+                metrics=self._metrics,
             )
         self._shared = store
         self._shared_down_until = 0.0

@@ -13,6 +13,18 @@ valid on a Cluster):
 ``...w:<action>``     sorted set of wanted keys, score = until when they are wanted.
 ``...s:<action>``     the refresh schedule: sorted set of wanted keys whose entry is neither
                       terminal nor an error, score = its answered_at (0: no entry yet).
+``...used``           the answers' share of Redis (``max_bytes``, TIW_SHARED_ANSWERS_MAX_BYTES):
+``...until``          sorted sets of the counted entries' members, scored by last use (a read
+``...sizes``          marks it, once a second at most) and by when the entry expires; a hash
+``...bytes``          member -> counted size; the counted total. Each put counts its entry,
+                      forgets expired ones and deletes the least recently used until the total is
+                      within the bound, in its script; stops and drops take their entries out. A
+                      counted size over-estimates what Redis spends (``ENTRY_OVERHEAD``,
+                      measured), so answers sharing a ``noeviction`` Redis with the limiter and the
+                      idempotency records never fill it. Lost bookkeeping is rebuilt as puts go
+                      (never looped on); entries of older releases are not counted and expire.
+                      The four keys expire the longest lifetime an entry may have after the last
+                      put.
 
 ``<key>`` is ``Key.text()``. Times are the callers' wall clocks (``time.time()``), as floats:
 Redis keeps scores as doubles and prints them exactly, so answered_at survives the trip unchanged.
@@ -25,7 +37,7 @@ if ``_entries.invalid`` finds nothing wrong with it as the answer of its key; on
 deleted (unless rewritten meanwhile), counted in ``tiw_store_invalid_total{role="answers"}`` and
 logged. The scripts treat a held answered_at or stamp that is not a plausible time (not a number,
 NaN, later than the writer's clock plus ``CLOCK_TOLERANCE``) as absent, so a good answer replaces it.
-The format is unchanged: entries of older releases read the same.
+The entries' format is unchanged: entries of older releases read the same.
 """
 
 from __future__ import annotations
@@ -35,7 +47,9 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from redis.exceptions import ResponseError
 
 from tiw_facade import shared_redis
 from tiw_facade.answers._entries import (
@@ -48,6 +62,8 @@ from tiw_facade.answers._entries import (
     StoreUnavailable,
     invalid,
 )
+from tiw_facade.metrics import SHARED_EVICTION_REASON
+from tiw_facade.settings import DEFAULT_SHARED_ANSWERS_MAX_BYTES
 
 if TYPE_CHECKING:
     from tiw_facade.metrics import Metrics
@@ -62,6 +78,24 @@ SHAPE_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError)
 # next_due looks at this many of the schedule's oldest members at most: each call stays O(log n)
 # even when many of the oldest are leased by other replicas.
 SCAN = 64
+# A put forgets at most this many expired entries' accounting, and evicts at most this many entries:
+# each put stays O(log n) even when the accounting has to catch up.
+EVICT_BATCH = 64
+# What an entry costs Redis beyond the allocations of its key's name, of its member three times and
+# of its fields' names and values, which the PUT script counts itself (``allocated``): the objects,
+# dictionary entries and bucket slots of the keyspace, the expiry, the hash, both sorted sets (skip
+# list nodes) and the sizes hash. Measured on redis-server 7.0.15 (jemalloc), INFO used_memory after
+# MEMORY PURGE, per entry of DescribeSnapshotTask keys (114-byte key names, 81-byte members), payloads
+# of 0 to 30,000 bytes, 1,000 to 20,000 entries: 262 to 308 with payloads up to 64 bytes (a listpack
+# hash), 493 to 579 above (a hash table), the most just after the dictionaries doubled (16,385
+# entries), 16 more with the terminal flag. 768 leaves ~30% for what the measurement missed: a
+# dictionary in the middle of rehashing holds both tables, error entries carry a field more, and
+# other Redis versions lay their structures out a little differently. With it an entry with a
+# 600-byte answer counts ~1.95 KB against ~1.75 KB spent.
+ENTRY_OVERHEAD = 768
+# A read marks its entry used if it was last marked longer ago than this: least recently used to the
+# second is close enough, and most reads then write nothing.
+USE_RESOLUTION = 1.0
 # An invalidation stamp must outlive every request begun before it; the longest such request is
 # bounded by what the facade waits for TIW, far below this.
 MIN_STAMP_LIFETIME = 60.0
@@ -71,7 +105,22 @@ INVALID_WARN_EVERY = 60.0
 # What else can be invalid (tiw_store_invalid_total{role="answers", what}): an invalidation stamp
 # that is no plausible time, and a schedule member that is no key of its action.
 STAMP, SCHEDULE = "stamp", "schedule"
-INVALID_WHATS = (TIME, FIELDS, "payload", "key", STAMP, SCHEDULE)
+# A key of the store holding another type than the scripts write (a list where a hash belongs, a
+# lease without expiry): every command on it would fail with WRONGTYPE, or a lease never end.
+WRONG_TYPE = "type"
+INVALID_WHATS = (TIME, FIELDS, "payload", "key", STAMP, SCHEDULE, WRONG_TYPE)
+# The type of each kind of key, by the name's part after the prefix (up to a colon, if any).
+KEY_TYPES = {
+    "e": "hash",
+    "i": "string",
+    "l": "string",
+    "w": "zset",
+    "s": "zset",
+    "used": "zset",
+    "until": "zset",
+    "sizes": "hash",
+    "bytes": "string",
+}
 
 # A number the caller wrote (an answered_at, a stamp) or nil: nil for anything else, NaN, or later
 # than ARGV's ``latest`` (the caller's clock plus CLOCK_TOLERANCE). tonumber accepts 'nan' and 'inf'.
@@ -83,13 +132,62 @@ local function plausible(value, latest)
 end
 """
 
-# KEYS: entry, stamp, schedule, wanted. ARGV: asked_at, answered_at (the send), lifetime (ms), '1' if
-# the entry ends refreshes (terminal or error), the key's member, latest plausible time, then the
+# The answers' share of Redis (``max_bytes``): per account, ``...used`` (sorted set, member = key text,
+# score = last use), ``...until`` (sorted set, score = when the entry expires, on the writer's clock),
+# ``...sizes`` (hash, member -> counted size) and ``...bytes`` (the counted total). B: those four
+# keys' names, in that order. ``forget`` takes a member out of them and returns its counted size (nil
+# if none); ``recount`` sums the sizes; ``uncount`` takes a size off the total. Nothing in them is
+# trusted: a size or total that is no number counts as lost, never as an error. ``allocated``: what
+# the allocator (jemalloc) hands out for a string of ``length`` bytes with Redis's header and
+# terminator (at most 9 bytes): its size class, four classes per power of two, never less.
+_ACCOUNTING = """
+local function allocated(length)
+  local n, step = length + 9, 16
+  while step * 8 < n do step = step * 2 end
+  return math.ceil(n / step) * step
+end
+local function forget(B, member)
+  local counted = tonumber(redis.call('HGET', B[3], member))
+  redis.call('HDEL', B[3], member)
+  redis.call('ZREM', B[1], member)
+  redis.call('ZREM', B[2], member)
+  return counted
+end
+local function recount(B)
+  local total = 0
+  for _, counted in ipairs(redis.call('HVALS', B[3])) do total = total + (tonumber(counted) or 0) end
+  return total
+end
+local function uncount(B, counted)
+  local total = tonumber(redis.call('GET', B[4]))
+  if total and counted and counted > 0 then
+    redis.call('SET', B[4], math.max(0, total - counted), 'KEEPTTL')
+  end
+end
+"""
+
+# KEYS: entry, stamp, schedule, wanted, then the accounting's used, until, sizes, bytes. ARGV:
+# asked_at, answered_at (the send), lifetime (ms), '1' if the entry ends refreshes (terminal or
+# error), the key's member, latest plausible time, now, the bound in bytes, the overhead counted per
+# entry, the prefix of the account's keys, the accounting's lifetime (ms), EVICT_BATCH, then the
 # entry's fields as pairs. An answer to a request sent before the one held is refused: answers never
 # go back in time. A held time or stamp that is no plausible time is dropped, not obeyed (a forged
-# one would refuse every answer for as long as it is kept). Reply: {kept, what was dropped...}.
+# one would refuse every answer for as long as it is kept). Reply: {kept, entries evicted, what was
+# dropped...}.
+#
+# Accounting: the entry counts ARGV[9] plus the allocations of its key's name, of its member three
+# times (used, until, sizes) and of each of its fields' names and values. First, up to EVICT_BATCH
+# members past their time leave the accounting (those whose entry is gone; one still there, its
+# writer's clock being behind, is given the time Redis says it has left). Then the least recently
+# used entries are deleted, up to EVICT_BATCH, until the new total is within the bound; an empty
+# index means nothing else is counted (the bookkeeping was lost): the total starts again from 0. A
+# lost total, or an evicted member without a size (the sizes were lost), makes the total the sum of
+# the sizes again. An entry larger than the bound by itself is not kept in
+# Redis (the one held is dropped, and the refresh schedule is kept as for any answer): the replicas'
+# own copies serve it. Evictions are counted only for entries that were there to delete.
 PUT_SCRIPT = (
     _PLAUSIBLE
+    + _ACCOUNTING
     + """
 local latest = tonumber(ARGV[6])
 local dropped = {}
@@ -99,42 +197,113 @@ if raw and not stamp then
   redis.call('DEL', KEYS[2])
   dropped[#dropped + 1] = 'stamp'
 end
-if stamp and stamp >= tonumber(ARGV[1]) then return {0, unpack(dropped)} end
+if stamp and stamp >= tonumber(ARGV[1]) then return {0, 0, unpack(dropped)} end
 local held = redis.call('HGET', KEYS[1], 'a')
 if held and not plausible(held, latest) then
   dropped[#dropped + 1] = 'time'
 elseif held and tonumber(held) > tonumber(ARGV[2]) then
-  return {0, unpack(dropped)}
+  return {0, 0, unpack(dropped)}
+end
+local B = {KEYS[5], KEYS[6], KEYS[7], KEYS[8]}
+local member, now, bound = ARGV[5], tonumber(ARGV[7]), tonumber(ARGV[8])
+local batch = tonumber(ARGV[12])
+local size = tonumber(ARGV[9]) + allocated(#KEYS[1]) + 3 * allocated(#member)
+for i = 13, #ARGV do size = size + allocated(#ARGV[i]) end
+local total = tonumber(redis.call('GET', B[4])) or recount(B)
+total = total - (forget(B, member) or 0)
+if redis.call('ZCARD', B[1]) == 0 then
+  total = 0
+  redis.call('DEL', B[2], B[3])
+end
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', B[2], '-inf', now, 'LIMIT', 0, batch)) do
+  local left = redis.call('PTTL', ARGV[10] .. 'e:' .. other)
+  if left == -2 then
+    total = total - (forget(B, other) or 0)
+  else
+    if left < 0 then left = tonumber(ARGV[11]) end
+    redis.call('ZADD', B[2], now + left / 1000, other)
+  end
+end
+local evicted = 0
+if size <= bound then
+  local n = 0
+  while total + size > bound and n < batch do
+    local oldest = redis.call('ZRANGE', B[1], 0, 0)
+    if #oldest == 0 then
+      total = 0
+      redis.call('DEL', B[2], B[3])
+      break
+    end
+    local counted = forget(B, oldest[1])
+    if counted then total = total - counted else total = recount(B) end
+    evicted = evicted + redis.call('DEL', ARGV[10] .. 'e:' .. oldest[1])
+    n = n + 1
+  end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if size <= bound then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 13))
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('ZADD', B[1], ARGV[7], member)
+  redis.call('ZADD', B[2], now + tonumber(ARGV[3]) / 1000, member)
+  redis.call('HSET', B[3], member, size)
+  total = total + size
+end
+redis.call('SET', B[4], math.max(0, total))
+for i = 1, 4 do
+  if redis.call('PTTL', B[i]) < tonumber(ARGV[11]) then redis.call('PEXPIRE', B[i], ARGV[11]) end
+end
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[3], ARGV[5])
   redis.call('ZREM', KEYS[4], ARGV[5])
 elseif redis.call('ZSCORE', KEYS[4], ARGV[5]) then
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
 end
-return {1, unpack(dropped)}
+return {1, evicted, unpack(dropped)}
 """
 )
-# KEYS: (entry, stamp, schedule) per key. ARGV: at, the stamp's lifetime (ms), latest plausible time,
-# each key's member. A wanted key left without an entry is due first (score 0); a later stamp is
+# KEYS: the accounting's used, then each key's entry. ARGV: now, USE_RESOLUTION, each key's member.
+# Every entry found is marked used now, if counted (entries of older releases are not) and last
+# marked more than USE_RESOLUTION ago: a read of a hot key writes nothing (no AOF, no replication).
+# Marking is best effort (pcall): a Redis refusing writes (full) still answers the read.
+GET_SCRIPT = """
+local now = tonumber(ARGV[1])
+local found = {}
+for i = 2, #KEYS do
+  local fields = redis.call('HGETALL', KEYS[i])
+  if #fields > 0 then
+    local used = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i + 1]))
+    if used and used < now - tonumber(ARGV[2]) then
+      redis.pcall('ZADD', KEYS[1], 'XX', 'GT', ARGV[1], ARGV[i + 1])
+    end
+  end
+  found[i - 1] = fields
+end
+return found
+"""
+# KEYS: the accounting's used, until, sizes, bytes, then (entry, stamp, schedule) per key. ARGV: at,
+# the stamp's lifetime (ms), latest plausible time, each key's member. The entry leaves the
+# accounting with it. A wanted key left without an entry is due first (score 0); a later stamp is
 # never lowered, but one that is no plausible time is replaced.
 INVALIDATE_SCRIPT = (
     _PLAUSIBLE
+    + _ACCOUNTING
     + """
 local at = tonumber(ARGV[1])
 local latest = tonumber(ARGV[3])
+local B = {KEYS[1], KEYS[2], KEYS[3], KEYS[4]}
+local counted = 0
 for i = 4, #ARGV do
-  local n = (i - 4) * 3
+  local n = 4 + (i - 4) * 3
   redis.call('DEL', KEYS[n + 1])
+  counted = counted + (forget(B, ARGV[i]) or 0)
   local stamp = plausible(redis.call('GET', KEYS[n + 2]), latest)
   if not stamp or stamp < at then
     redis.call('SET', KEYS[n + 2], ARGV[1], 'PX', ARGV[2])
   end
   redis.call('ZADD', KEYS[n + 3], 'XX', 0, ARGV[i])
 end
+uncount(B, counted)
 """
 )
 # KEYS: (wanted, schedule, entry) per key. ARGV: until, latest plausible time, each key's member. A
@@ -180,10 +349,13 @@ for i = 1, #members, 2 do
 end
 return false
 """
-# KEYS: entry, schedule. ARGV: the fields read as pairs (name, value), the key's member. Deletes the
-# entry only if it still holds exactly what was read (a good answer written meanwhile stays), and
-# makes a scheduled key due at once: its refresh writes the good answer.
-DROP_SCRIPT = """
+# KEYS: entry, schedule, then the accounting's used, until, sizes, bytes. ARGV: the fields read as
+# pairs (name, value), the key's member. Deletes the entry only if it still holds exactly what was
+# read (a good answer written meanwhile stays), with its accounting, and makes a scheduled key due at
+# once: its refresh writes the good answer.
+DROP_SCRIPT = (
+    _ACCOUNTING
+    + """
 local held = redis.call('HGETALL', KEYS[1])
 if #held ~= #ARGV - 1 then return 0 end
 local read = {}
@@ -192,13 +364,42 @@ for i = 1, #held, 2 do
   if read[held[i]] ~= held[i + 1] then return 0 end
 end
 redis.call('DEL', KEYS[1])
+local B = {KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+uncount(B, forget(B, ARGV[#ARGV]))
 redis.call('ZADD', KEYS[2], 'XX', 0, ARGV[#ARGV])
 return 1
 """
+)
 # KEYS: schedule, wanted. ARGV: the member. A member that is no key of its action leaves both sets.
 FORGET_SCRIPT = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+# KEYS: any of the store's keys. ARGV: the type each must have. Deletes those of another type; reply:
+# their positions (1-based).
+MEND_SCRIPT = """
+local mended = {}
+for i = 1, #KEYS do
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind ~= 'none' and kind ~= ARGV[i] then
+    redis.call('DEL', KEYS[i])
+    mended[#mended + 1] = i
+  end
+end
+return mended
+"""
+# KEYS: the lease. ARGV: our token, ms. Something there that no replica wrote (not a string, or no
+# expiry: every lease has one) is deleted first, or the key could never be fetched again. Reply:
+# {1 if taken, 1 if something was deleted}.
+LEASE_SCRIPT = """
+local mended = 0
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'none' and (kind ~= 'string' or redis.call('PTTL', KEYS[1]) < 0) then
+  redis.call('DEL', KEYS[1])
+  mended = 1
+end
+local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+return {taken, mended}
 """
 # KEYS: the lease. ARGV: our token.
 UNLEASE_SCRIPT = """
@@ -255,29 +456,64 @@ class RedisAnswerStore:
         *,
         account: str,
         lifetimes: Lifetimes,
+        max_bytes: int = DEFAULT_SHARED_ANSWERS_MAX_BYTES,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._lifetimes = lifetimes
+        self._max_bytes = max_bytes
+        # The accounting outlives every entry it counts: each put extends it to the longest lifetime.
+        self._accounting_ms = _ms(max(lifetimes.terminal, lifetimes.not_found, lifetimes.changing))
         self._clock = clock
         self._errors = metrics.store_errors if metrics is not None else None
         self._invalid = metrics.store_invalid if metrics is not None else None
+        # Made here, at start-up: the series exists before the first eviction.
+        self._evictions = (
+            metrics.cache_evictions.labels(reason=SHARED_EVICTION_REASON) if metrics is not None else None
+        )
         self._invalid_warned_at = float("-inf")
         self._invalid_unwarned = 0
-        self._stamp_ms = _ms(max(MIN_STAMP_LIFETIME, 2 * lifetimes.changing))
+        self.stamp_lifetime = max(MIN_STAMP_LIFETIME, 2 * lifetimes.changing)
+        self._stamp_ms = _ms(self.stamp_lifetime)
         # Leases taken by this instance carry its token: only it gives them up early.
         self._token = secrets.token_hex(16)
         # Short time-outs (shared_redis.connect): the caller falls back to its own store rather than wait.
         self._client = client
-        self._put = self._client.register_script(PUT_SCRIPT)
-        self._invalidate = self._client.register_script(INVALIDATE_SCRIPT)
-        self._want = self._client.register_script(WANT_SCRIPT)
-        self._next_due = self._client.register_script(NEXT_DUE_SCRIPT)
-        self._unlease = self._client.register_script(UNLEASE_SCRIPT)
-        self._postpone = self._client.register_script(POSTPONE_SCRIPT)
-        self._drop = self._client.register_script(DROP_SCRIPT)
-        self._forget = self._client.register_script(FORGET_SCRIPT)
+        self._put = self._script(PUT_SCRIPT)
+        self._get = self._script(GET_SCRIPT)
+        self._invalidate = self._script(INVALIDATE_SCRIPT)
+        self._want = self._script(WANT_SCRIPT)
+        self._next_due = self._script(NEXT_DUE_SCRIPT)
+        self._unlease = self._script(UNLEASE_SCRIPT)
+        self._lease = self._script(LEASE_SCRIPT)
+        self._mend = self._client.register_script(MEND_SCRIPT)
+        self._postpone = self._script(POSTPONE_SCRIPT)
+        self._drop = self._script(DROP_SCRIPT)
+        self._forget = self._script(FORGET_SCRIPT)
         self.prefix = shared_redis.prefix("answers", account) + ":"
+
+    def _script(self, source: str) -> Callable[..., Awaitable[Any]]:
+        """``source`` registered, called as ``(keys=, args=)``; a WRONGTYPE error is mended (see
+        ``_mended``) and the script run once more, not taken for Redis failing."""
+        script = self._client.register_script(source)
+
+        async def run(*, keys: Sequence[str], args: Sequence[Any]) -> Any:
+            try:
+                return await script(keys=keys, args=args)
+            except ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE") or not await self._mended(keys):
+                    raise
+            return await script(keys=keys, args=args)
+
+        return run
+
+    async def _mended(self, names: Sequence[str]) -> bool:
+        """Delete whichever of ``names`` holds another type than the store writes; whether any did."""
+        types = [KEY_TYPES.get(name[len(self.prefix) :].split(":", 1)[0], "none") for name in names]
+        mended = cast("list[int]", await self._mend(keys=names, args=types))
+        for _ in mended:
+            self._rejected(WRONG_TYPE, "")
+        return bool(mended)
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
@@ -311,9 +547,9 @@ class RedisAnswerStore:
         log.warning(
             "shared answers: dropped an invalid %s read from Redis (%s of %s), and %d more since the "
             "last warning; asking TIW instead (see tiw_store_invalid_total)",
-            "invalidation stamp" if what == STAMP else "entry",
+            {STAMP: "invalidation stamp", WRONG_TYPE: "key of the wrong type"}.get(what, "entry"),
             what,
-            action,
+            action or "the store",
             self._invalid_unwarned,
         )
         self._invalid_warned_at = now
@@ -330,7 +566,8 @@ class RedisAnswerStore:
             return entry
         self._rejected(what, key.action)
         read = [part for pair in fields.items() for part in pair]
-        await self._drop(keys=(self.entry_key(key), self.schedule_key(key.action)), args=(*read, key.text()))
+        names = (self.entry_key(key), self.schedule_key(key.action), *self.accounting_keys())
+        await self._drop(keys=names, args=(*read, key.text()))
         return None
 
     def entry_key(self, key: Key) -> str:
@@ -348,24 +585,29 @@ class RedisAnswerStore:
     def schedule_key(self, action: str) -> str:
         return f"{self.prefix}s:{action}"
 
+    def accounting_keys(self) -> tuple[str, str, str, str]:
+        """The answers' share of Redis: used, until, sizes, bytes (the scripts' order)."""
+        return (f"{self.prefix}used", f"{self.prefix}until", f"{self.prefix}sizes", f"{self.prefix}bytes")
+
     async def _call(self, pending: Awaitable[T]) -> T:
         with self._unavailable():
             return await pending
 
     async def get(self, key: Key) -> Entry | None:
-        # One command, not a pipeline of one: this is every non-terminal call's read.
-        with self._unavailable():
-            fields = cast("dict[bytes, bytes]", await self._client.hgetall(self.entry_key(key)))
-            return await self._checked(key, fields)
+        # One script (EVALSHA), one round trip: this is every non-terminal call's read.
+        return (await self.get_many((key,)))[0]
 
     async def get_many(self, keys: Sequence[Key]) -> list[Entry | None]:
+        """Every entry read, and marked used, by one script."""
         if not keys:
             return []
+        names = (self.accounting_keys()[0], *(self.entry_key(key) for key in keys))
+        args: list[str | float] = [repr(self._clock()), USE_RESOLUTION, *(key.text() for key in keys)]
         with self._unavailable():
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(self.entry_key(key))
-                found = cast("list[dict[bytes, bytes]]", await pipe.execute())
+            replies = cast("list[list[bytes]]", await self._get(keys=names, args=args))
+            if len(replies) != len(keys):
+                raise ValueError(f"{len(replies)} entries for {len(keys)} keys")
+            found = [dict(zip(reply[::2], reply[1::2], strict=True)) for reply in replies]
             return [await self._checked(key, fields) for key, fields in zip(keys, found, strict=True)]
 
     async def put(self, key: Key, entry: Entry, *, asked_at: float) -> bool:
@@ -374,16 +616,33 @@ class RedisAnswerStore:
             self.stamp_key(key),
             self.schedule_key(key.action),
             self.wanted_key(key.action),
+            *self.accounting_keys(),
         )
         final = "1" if entry.terminal or entry.is_error else "0"
         # An entry lives for its lifetime from when its request was sent (as the in-process store
         # keeps it), counted on our clock, which took answered_at, not on Redis's, which may be skewed.
         lifetime = _ms(self._lifetimes.of(entry) - entry.age(self._clock()))
-        latest = self._latest()
-        args = (repr(asked_at), repr(entry.answered_at), lifetime, final, key.text(), latest, *_fields(entry))
+        args = (
+            repr(asked_at),
+            repr(entry.answered_at),
+            lifetime,
+            final,
+            key.text(),
+            self._latest(),
+            repr(self._clock()),
+            self._max_bytes,
+            ENTRY_OVERHEAD,
+            self.prefix,
+            self._accounting_ms,
+            EVICT_BATCH,
+            *_fields(entry),
+        )
         with self._unavailable():
             reply = cast("list[int | bytes]", await self._put(keys=keys, args=args))
-            for what in reply[1:]:
+            evicted = cast(int, reply[1])
+            if evicted and self._evictions is not None:
+                self._evictions.inc(evicted)
+            for what in reply[2:]:
                 self._rejected(cast(bytes, what).decode(), key.action)
             return reply[0] == 1
 
@@ -392,9 +651,12 @@ class RedisAnswerStore:
         if not keys:
             return
         names = [
-            name
-            for key in keys
-            for name in (self.entry_key(key), self.stamp_key(key), self.schedule_key(key.action))
+            *self.accounting_keys(),
+            *(
+                name
+                for key in keys
+                for name in (self.entry_key(key), self.stamp_key(key), self.schedule_key(key.action))
+            ),
         ]
         args: list[str | int] = [repr(at), self._stamp_ms, self._latest(), *(key.text() for key in keys)]
         await self._call(self._invalidate(keys=names, args=args))
@@ -403,8 +665,11 @@ class RedisAnswerStore:
         await self._call(self._postpone(keys=(self.schedule_key(key.action),), args=(repr(at), key.text())))
 
     async def lease(self, key: Key, seconds: float) -> bool:
-        taken = await self._call(self._client.set(self.lease_key(key), self._token, nx=True, px=_ms(seconds)))
-        return bool(taken)
+        reply = await self._call(self._lease(keys=(self.lease_key(key),), args=(self._token, _ms(seconds))))
+        taken, mended = cast("list[int]", reply)
+        if mended:
+            self._rejected(WRONG_TYPE, key.action)
+        return taken == 1
 
     async def unlease(self, key: Key) -> None:
         await self._call(self._unlease(keys=(self.lease_key(key),), args=(self._token,)))

@@ -12,8 +12,10 @@ Per account (one Redis Cluster slot: every key carries the same {hash tag}):
 ``...:epoch``           hash {id, born}: which incarnation of this state Redis holds. Missing or
                         different from what a replica was told: Redis lost its state (a restart).
                         Malformed (no id, ``born`` not an integer time no later than Redis's clock
-                        allows, not a hash): deleted and treated as lost, so that every replica
-                        re-seeds and a new epoch is born; never a reason to refuse admissions.
+                        allows, not a hash), or another key of the account's of the wrong type
+                        (which would fail every script with WRONGTYPE): deleted and treated as
+                        lost, so that every replica re-seeds and a new epoch is born; never a
+                        reason to refuse admissions.
 
 Every decision reads Redis's clock (``TIME``) inside a script, never a replica's: replicas' clocks
 differ, and a skewed one would over-issue. Replies are parsed here into the types below.
@@ -64,6 +66,20 @@ local function read_epoch(key)
   redis.call('DEL', key)
   return nil, nil, true
 end
+-- Each of ``keys`` absent or of its type in ``types`` ('zset', 'string'); else it is deleted, with
+-- the epoch (``epoch``): the state is not what the scripts wrote, so it counts as lost.
+local function well_typed(epoch, keys, types)
+  local ok = true
+  for i = 1, #keys do
+    local kind = redis.call('TYPE', keys[i])['ok']
+    if kind ~= 'none' and kind ~= types[i] then
+      redis.call('DEL', keys[i])
+      ok = false
+    end
+  end
+  if not ok then redis.call('DEL', epoch) end
+  return ok
+end
 """
 
 # KEYS: leases, pause, replicas, epoch.
@@ -77,6 +93,7 @@ ACQUIRE_SCRIPT = (
     + _EPOCH
     + """
 local limit, hold, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if not well_typed(KEYS[4], {KEYS[1], KEYS[2], KEYS[3]}, {'zset', 'string', 'zset'}) then return {4} end
 local id, born, malformed = read_epoch(KEYS[4])
 if malformed then return {4} end
 if id ~= ARGV[5] then return {2} end
@@ -116,6 +133,7 @@ return reply
 RELEASE_SCRIPT = (
     _NOW
     + """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then return 0 end  -- gone, or ACQUIRE's to mend
 local back = now + tonumber(ARGV[2])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) > back then
@@ -138,6 +156,8 @@ return 0
 SEED_SCRIPT = (
     _NOW
     + """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return 0 end  -- ACQUIRE's to mend (the epoch goes too)
 local longest = 0
 for i = 1, #ARGV, 2 do
   local delay = tonumber(ARGV[i + 1])
@@ -163,8 +183,9 @@ HEARTBEAT_SCRIPT = (
     _NOW
     + _EPOCH
     + """
+local typed = well_typed(KEYS[2], {KEYS[1]}, {'zset'})
 local id, born, malformed = read_epoch(KEYS[2])
-local dropped = malformed and 1 or 0
+local dropped = (malformed or not typed) and 1 or 0
 if ARGV[2] == '' then
   if not id then
     id = ARGV[3]
