@@ -102,6 +102,16 @@ class RedisServer:
         """SIGKILL: no goodbye to clients, like a crashed node; its data is gone."""
         self._reap(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP: a stall (a long fork, a swapped-out host). Connections stay open, nothing answers."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the stall ends; what clients sent meanwhile is read now."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Shut down and clean up (``start()`` again works)."""
         self._reap(signal.SIGTERM)

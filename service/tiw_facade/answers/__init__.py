@@ -40,10 +40,12 @@ from google.protobuf.message import Message
 
 from tiw_facade import shared_redis
 from tiw_facade.answers import _policy
+from tiw_facade.answers._contact import Contact
 from tiw_facade.answers._entries import Entry, Key, Lifetimes, Store, StoreUnavailable
 from tiw_facade.answers._flight import Flight, Late
 from tiw_facade.answers._local import LocalStore
 from tiw_facade.answers._refresh import Refresher
+from tiw_facade.answers._shared import RedisAnswerStore
 from tiw_facade.answers._topics import Topics
 from tiw_facade.failures import FacadeError, Outcome, RateLimited, ShuttingDown, TiwError, UpstreamTimeout
 from tiw_facade.metrics import Metrics
@@ -61,15 +63,10 @@ Source = Literal["upstream", "coalesced", "cache"]
 Fetch = Callable[[str, Message, "float | None", bool, Callable[[], None]], Awaitable[Message]]
 
 SHARED_ACTIONS = frozenset(_policy.RESPONSES)
-# After a Redis error, how long the process uses only its own store before trying Redis again: not
-# a time-out per call while Redis is down.
-SHARED_RETRY_AFTER = 1.0
 # An answer is refreshed once this share of TIW_MAX_STALENESS old: just before a caller with the
 # default bound would need a new one (the rest covers the round trip), and no sooner, since each
 # refresh costs quota that other tasks may need.
 REFRESH_AT = 0.9
-# While it stays unreachable, say so once a minute, not once a second.
-SHARED_WARN_EVERY = 60.0
 # How often a call waiting on another replica's request looks for its answer in Redis: first after
 # PEER_POLL, then twice as long each time up to PEER_POLL_MAX; every PEER_LEASE_EVERY-th look also
 # tries to take the lease (a holder that died leaves it to run out).
@@ -98,7 +95,7 @@ class Answers:
         fetch: Fetch,
         metrics: Metrics | None = None,
         *,
-        store: Store | None = None,
+        store: RedisAnswerStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
@@ -116,8 +113,6 @@ class Answers:
         where = shared_redis.target(settings, "answers")
         self._where = where.where if where is not None else "(none)"
         if store is None and where is not None:
-            from tiw_facade.answers._shared import RedisAnswerStore  # only with Redis configured
-
             client = shared_redis.connect(where)
             store = RedisAnswerStore(
                 client,
@@ -127,8 +122,13 @@ class Answers:
                 metrics=self._metrics,
             )
         self._shared = store
-        self._shared_down_until = 0.0
-        self._shared_warned_at = float("-inf")
+        self._contact = Contact(
+            store,
+            self._local,
+            where=self._where,
+            stamp_lifetime=store.stamp_lifetime if store is not None else 0.0,
+            clock=clock,
+        )
         self._flights: dict[Key, Flight] = {}
         self._topics = Topics()
         self._told_wanted: dict[Key, float] = {}
@@ -151,7 +151,10 @@ class Answers:
         return action in SHARED_ACTIONS
 
     async def start(self) -> None:
+        if self._shared is not None:
+            await self._contact.beat()  # the marker written before the first call
         self._background = [
+            asyncio.create_task(self._contact.run(), name="answers-contact"),
             asyncio.create_task(self._refresher.run(), name="answers-refresher"),
             asyncio.create_task(self._keep_watched(), name="answers-watched"),
         ]
@@ -314,18 +317,19 @@ class Answers:
         return Served(entry, source, age)
 
     def _shared_usable(self) -> bool:
-        return self._shared is not None and self._clock() >= self._shared_down_until
+        return self._contact.usable
 
     def _shared_failed(self, exc: StoreUnavailable) -> None:
-        if self._clock() >= self._shared_warned_at + SHARED_WARN_EVERY:
-            self._shared_warned_at = self._clock()
-            log.warning(
-                "the shared answer cache: Redis at %s %s; caching in this process for now",
-                self._where,
-                exc,
-                extra={"retry_after_seconds": SHARED_RETRY_AFTER, "kind": exc.kind},
-            )
-        self._shared_down_until = self._clock() + SHARED_RETRY_AFTER
+        self._contact.failed(exc)
+
+    def _trusted(self, key: Key, entry: Entry | None) -> Entry | None:
+        """``entry`` as read from Redis, if it may be served: not older than a stop this replica
+        made (whose invalidation Redis may have lost), nor than this replica's last recovery."""
+        if entry is None or not self._contact.trusted(entry):
+            return None
+        if not entry.terminal and entry.answered_at <= self._local.invalidated_at(key):
+            return None
+        return entry
 
     async def _lookup(self, key: Key) -> Entry | None:
         """The newest answer of ``key`` to go by: terminal ones from the process, the rest from Redis
@@ -334,7 +338,7 @@ class Answers:
         if (local is not None and local.terminal) or not self._shared_usable():
             return local
         try:
-            shared = await self._shared.get(key)  # type: ignore[union-attr]
+            shared = self._trusted(key, await self._shared.get(key))  # type: ignore[union-attr]
         except StoreUnavailable as exc:
             self._shared_failed(exc)
             return local
@@ -483,6 +487,9 @@ class Answers:
         """Store ``entry`` here and in Redis; False if a store refused it (an invalidation after
         ``asked_at``, or a later answer already there)."""
         kept = self._local.keep(key, entry, asked_at=asked_at)
+        if self._shared_usable() and not self._contact.may_share(asked_at):
+            # Begun before this replica's last recovery: it may predate a stop Redis lost.
+            return False
         if self._shared_usable():
             try:
                 kept = await self._shared.put(key, entry, asked_at=asked_at) and kept  # type: ignore[union-attr]
@@ -492,11 +499,16 @@ class Answers:
 
     async def _unlease(self, key: Key) -> None:
         await self._local.unlease(key)
-        if self._shared is not None and self._shared_usable():
-            try:
-                await self._shared.unlease(key)
-            except StoreUnavailable as exc:
-                self._shared_failed(exc)
+        if self._shared is None:
+            return
+        if not self._shared_usable():
+            self._contact.owe_lease(key)  # or every replica's callers of the key wait for it to run out
+            return
+        try:
+            await self._shared.unlease(key)
+        except StoreUnavailable as exc:
+            self._shared_failed(exc)
+            self._contact.owe_lease(key)
 
     async def _ask_tiw(self, key: Key, request: Message, deadline: float | None, flight: Flight) -> Entry:
         begun = self._clock()
@@ -527,7 +539,7 @@ class Answers:
         trip to TIW, and a replica with many keys waiting must not flood Redis meanwhile.
         """
         assert self._shared is not None
-        known = await self._shared.get(key)
+        known = self._trusted(key, await self._shared.get(key))
         known_at = known.answered_at if known is not None else float("-inf")
         pause = PEER_POLL
         polls = 0
@@ -540,7 +552,7 @@ class Answers:
                 )
             await asyncio.sleep(pause)
             pause = min(2 * pause, PEER_POLL_MAX)
-            found = await self._shared.get(key)
+            found = self._trusted(key, await self._shared.get(key))
             if found is not None and found.answered_at > known_at:
                 self._local.keep(key, found, asked_at=found.answered_at)
                 self._publish(key, found)
@@ -603,7 +615,8 @@ class Answers:
             except StoreUnavailable as exc:
                 self._shared_failed(exc)
                 continue
-            for key, entry in zip(keys, found, strict=True):
+            for key, read in zip(keys, found, strict=True):
+                entry = self._trusted(key, read)
                 if entry is not None:
                     self._local.keep(key, entry, asked_at=entry.answered_at)
                     self._publish(key, entry)

@@ -89,6 +89,14 @@ class LocalStore:
                     self._postponed[key] = 0.0  # refreshed at once, for its watchers
         self._forget_old_invalidations()
 
+    def invalidated_at(self, key: Key) -> float:
+        """When ``key`` was last invalidated through this store (-inf: not recently)."""
+        return self._invalidated.get(key, float("-inf"))
+
+    def invalidations(self, *, since: float) -> list[tuple[Key, float]]:
+        """Every (key, at) invalidated at or after ``since``: what a recovery writes to Redis again."""
+        return [(key, at) for key, at in self._invalidated.items() if at >= since]
+
     def _forget_old_invalidations(self) -> None:
         # A stamp only matters while a request begun before it may still answer: drop old ones.
         if len(self._invalidated) > self._max_entries:

@@ -116,6 +116,7 @@ KEY_TYPES = {
     "l": "string",
     "w": "zset",
     "s": "zset",
+    "alive": "string",
     "used": "zset",
     "until": "zset",
     "sizes": "hash",
@@ -704,6 +705,18 @@ class RedisAnswerStore:
                 await self._forget(keys=keys, args=(member,))
                 return None
             return key
+
+    async def heartbeat(self, *, ttl: float) -> bool:
+        """Renew this instance's marker for ``ttl`` seconds; whether it was still there (gone: Redis
+        lost what it held since the last beat, or evicted it)."""
+        marker = f"{self.prefix}alive:{self._token}"
+        with self._unavailable():
+            try:
+                return await self._client.set(marker, "1", px=_ms(ttl), get=True) is not None
+            except ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE") or not await self._mended((marker,)):
+                    raise
+                return await self._client.set(marker, "1", px=_ms(ttl), get=True) is not None
 
     async def aclose(self) -> None:
         await self._call(self._client.aclose())
