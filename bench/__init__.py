@@ -9,6 +9,10 @@ The questions, each answered with ratios against a baseline measured in the same
 - fairness: a caller flooding one action with 10x the quota beside a light one (2 calls/s): the
   light caller's p99 wait within 1 s and none refused, with the quota invariant and utilization kept
   (1 replica, and 3 sharing Redis);
+- failover: the Redis primary behind three sentinels killed under 5x overload (three replicas): at
+  most 20 arrivals per action in any 1 second and zero throttles throughout, the longest stretch
+  without a served call, utilization before, during and after, and a keyed create retried after
+  the failover answered with the first task, created once;
 - http-clients: the HTTP clients the upstream call could use, CPU and wall time per call;
 - local: answers that need no upstream call (validation failures, immediate RESOURCE_EXHAUSTED)
   vs a bare grpc.aio echo server.

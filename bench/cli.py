@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--only SUITES] [--profile] [--output FILE]``.
 
-SUITES: comma-separated, of overhead, quota, fairness, local, http-clients, answers (all by default).
+SUITES: comma-separated, of overhead, quota, fairness, failover, local, http-clients, answers (all by
+default).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import answers, fairness, http_clients, local, overhead, profiling, quota, report
+from bench import answers, failover, fairness, http_clients, local, overhead, profiling, quota, report
 from bench.common import Budget, Section
 from bench.procs import ROOT, BenchError, Processes
 
@@ -21,6 +22,7 @@ SUITES: dict[str, Callable[[Processes, Budget], Section]] = {
     "overhead": overhead.run,
     "quota": quota.run,
     "fairness": fairness.run,
+    "failover": failover.run,
     "local": local.run,
     "http-clients": http_clients.run,
     "answers": answers.run,

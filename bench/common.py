@@ -22,6 +22,8 @@ class Budget:
     quota_warmup: float
     local_seconds: float
     answers_seconds: float  # the measuring window of each answers workload
+    failover_before: float  # seconds of load before the Redis primary is killed
+    failover_after: float  # and after
     concurrency: int = 32
 
     @classmethod
@@ -36,6 +38,8 @@ class Budget:
             quota_warmup=2.0,
             local_seconds=2.0,
             answers_seconds=30.0,
+            failover_before=6.0,
+            failover_after=14.0,
         )
 
     @classmethod
@@ -50,6 +54,8 @@ class Budget:
             quota_warmup=1.5,
             local_seconds=1.0,
             answers_seconds=10.0,
+            failover_before=4.0,
+            failover_after=10.0,
         )
 
 

@@ -199,10 +199,12 @@ class Processes:
         wait_tcp(proc, port)
         return proc, f"{HOST}:{port}"
 
-    def redis(self) -> tuple[Proc, str]:
+    def redis(self, *, replica_of: int | None = None) -> tuple[Proc, str]:
+        """A redis-server without persistence; with ``replica_of``, a replica of the one on that port."""
         port = free_port()
         data = self.dir / f"redis-{port}"
         data.mkdir()
+        replication = ["--replicaof", HOST, str(replica_of)] if replica_of is not None else []
         proc = self.spawn(
             Proc,
             f"redis-{port}",
@@ -222,11 +224,37 @@ class Processes:
                 "no",
                 "--loglevel",
                 "warning",
+                *replication,
             ],
             None,
         )
         wait_tcp(proc, port)
         return proc, f"redis://{HOST}:{port}/0"
+
+    def sentinel(
+        self, master: str, primary_port: int, *, quorum: int, down_after_ms: int, failover_timeout_ms: int
+    ) -> tuple[Proc, int]:
+        """``redis-server <conf> --sentinel`` watching the primary on ``primary_port`` as ``master``.
+
+        A sentinel rewrites its configuration file (the other sentinels, the replicas, a new master):
+        each has its own, writable, in its own directory. Answers the process and its port."""
+        port = free_port()
+        data = self.dir / f"sentinel-{port}"
+        data.mkdir()
+        config = data / "sentinel.conf"
+        config.write_text(
+            f"port {port}\n"
+            f"bind {HOST}\n"
+            f"dir {data}\n"
+            "loglevel notice\n"
+            f"sentinel monitor {master} {HOST} {primary_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
+            f"sentinel failover-timeout {master} {failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {master} 1\n"
+        )
+        proc = self.spawn(Proc, f"sentinel-{port}", [REDIS_SERVER, str(config), "--sentinel"], None)
+        wait_tcp(proc, port)
+        return proc, port
 
     def worker(self, name: str, *args: str) -> Worker:
         proc = self.spawn(Worker, name, [PYTHON, "-m", "bench.worker", *args], None, pipes=True)
@@ -244,6 +272,13 @@ class Processes:
         finally:
             for proc in reversed([p for p in self._procs if p not in before]):
                 self.stop(proc, grace=5.0)
+
+    def kill(self, proc: Proc) -> None:
+        """SIGKILL to ``proc``'s pid: a crash, with no shutdown of any kind. It stays on the list (its
+        log is kept with the others'); stopping it later does nothing."""
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGKILL)
+            proc.popen.wait()
 
     def stop(self, proc: Proc, grace: float = 10.0) -> None:
         """SIGTERM (a facade drains and exits), then SIGKILL if it lingers."""

@@ -12,7 +12,10 @@ Commands (``op``):
   ``warmup_seconds`` and then ``seconds``; answers the calls completed in the measured part.
 - ``hold`` / ``release`` (gRPC only): start a call and leave it in flight / cancel those calls.
 - ``open`` (gRPC only): an open loop of ``rate`` calls per second for each of ``calls``, for
-  ``seconds``, spread over ``targets`` in turn; answers one record per call.
+  ``seconds``, spread over ``targets`` in turn; answers one record per call. A call with ``each``
+  (a list of TIW JSON requests) sends the i-th of them in its i-th call, e.g. a task of its own each.
+- ``call`` (gRPC only): one call, tried again every 0.2 s while it is refused (RESOURCE_EXHAUSTED,
+  UNAVAILABLE) for up to ``retry_for`` seconds; answers its outcome, the answer (TIW JSON) and the tries.
 
 A gRPC call is described by ``{"method": "/pkg.Service/Method", "request": TypeName, "response":
 TypeName, "params": {TIW JSON}}``; an SDK call by ``{"action": Name, "params": {TIW JSON}}``.
@@ -139,6 +142,13 @@ class GrpcClient:
         targets: list[str] = command["targets"]
         specs: list[JSON] = command["calls"]
         prepared = [self._prepared(target, specs) for target in targets]
+        # Per kind, the messages its calls send in turn: its one request, or one per entry of ``each``.
+        variants = [
+            [self._message({**spec, "params": params}) for params in spec["each"]]
+            if spec.get("each")
+            else [prepared[0][kind][1]]
+            for kind, spec in enumerate(specs)
+        ]
         for target in targets:  # connected before the first scheduled call
             await asyncio.wait_for(self._channels[target].channel_ready(), timeout=10)
         timeout = float(command["timeout"])
@@ -148,8 +158,9 @@ class GrpcClient:
         pending: set[asyncio.Task[None]] = set()
         turn = itertools.count()
 
-        async def one(kind: int) -> None:
-            stub, message = prepared[next(turn) % len(prepared)][kind]
+        async def one(kind: int, tick: int) -> None:
+            stub, _ = prepared[next(turn) % len(prepared)][kind]
+            message = variants[kind][tick % len(variants[kind])]
             started = time.monotonic()
             code = await self._call(stub, message, timeout)
             records.append([kind, round(started, 6), _ms(time.monotonic() - started), code])
@@ -161,12 +172,38 @@ class GrpcClient:
             if delay > 0:
                 await asyncio.sleep(delay)
             for kind in range(len(specs)):
-                task = asyncio.create_task(one(kind))
+                task = asyncio.create_task(one(kind, tick))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
         if pending:
             await asyncio.wait(set(pending))
         return {"records": records, "begin": begin, "end": begin + ticks * interval}
+
+    async def call(self, command: JSON) -> JSON:
+        """One call, tried again while refused (for ``retry_for`` s): its outcome and its answer."""
+        from google.protobuf import json_format
+
+        refused = {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+        stub, message = self._prepared(command["target"], [command["call"]])[0]
+        timeout = float(command["timeout"])
+        give_up = time.monotonic() + float(command.get("retry_for", 0.0))
+        codes: list[str] = []
+        while True:
+            try:
+                answer = await stub(message, timeout=timeout)
+            except self._grpc.aio.AioRpcError as exc:
+                codes.append(str(exc.code().name))
+                if codes[-1] in refused and time.monotonic() < give_up:
+                    await asyncio.sleep(0.2)
+                    continue
+                return {"code": codes[-1], "answer": None, "tries": codes, "at": time.monotonic()}
+            codes.append("OK")
+            return {
+                "code": "OK",
+                "answer": json_format.MessageToDict(answer),
+                "tries": codes,
+                "at": time.monotonic(),
+            }
 
     async def hold(self, command: JSON) -> JSON:
         """Start one call and leave it running (until ``release``): it keeps its rate-limit token."""
@@ -194,6 +231,7 @@ async def grpc_main() -> int:
         "seq": client.seq,
         "conc": client.conc,
         "open": client.open,
+        "call": client.call,
         "hold": client.hold,
         "release": client.release,
     }
