@@ -4,17 +4,23 @@ and restarted, the facade, and the emulator counting the creates it receives."""
 
 from __future__ import annotations
 
+import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import cast
 
 import grpc
 import pytest
-from conftest import StartFacade
+import yaml
+from conftest import Facade, StartFacade
 from redis.asyncio import Redis
 from support.redis_server import RedisServer
 from test_idempotency import create, creates, reason, refused
+from test_idempotency_lost import lost_errors, lost_total
 from tiw_facade import idempotency, settings
+from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import DEMO_SECRET_ID
 
 
@@ -128,3 +134,89 @@ def test_the_setting_is_a_count_and_excludes_cluster() -> None:
                 "TIW_REDIS_CLUSTER": "true",
             }
         )
+
+
+# --- the durable Redis restarts -------------------------------------------------------------------
+
+PRODUCTION = Path(__file__).resolve().parent.parent / "k8s" / "overlays" / "production"
+# Where a pod's Redis listens and keeps its files, not how: the test's RedisServer sets these itself.
+PLACE_OPTIONS = {"port", "bind", "dir", "unixsocket", "logfile", "pidfile", "daemonize", "tls-port"}
+NO_PERSISTENCE = ("--appendonly", "no", "--save", "")
+
+
+def production_durable_redis_args() -> tuple[str, ...]:
+    """The redis-server options that k8s/overlays/production/redis.yaml gives the Redis that
+    TIW_REDIS_URL names there (the limiter's and the idempotency records'), less the place options."""
+    literals = yaml.safe_load((PRODUCTION / "kustomization.yaml").read_text())["configMapGenerator"][0]
+    url = dict(literal.split("=", 1) for literal in literals["literals"])["TIW_REDIS_URL"]
+    host = urllib.parse.urlsplit(url).hostname
+    (statefulset,) = [
+        doc
+        for doc in yaml.safe_load_all((PRODUCTION / "redis.yaml").read_text())
+        if doc and doc["kind"] == "StatefulSet" and doc["metadata"]["name"] == host
+    ]
+    (redis,) = [c for c in statefulset["spec"]["template"]["spec"]["containers"] if c["name"] == "redis"]
+    command, *args = redis["args"]
+    assert command == "redis-server", redis["args"]
+    names, values = args[::2], args[1::2]
+    assert len(names) == len(values) and all(name.startswith("--") for name in names), args
+    return tuple(
+        item
+        for name, value in zip(names, values, strict=True)
+        if name[2:] not in PLACE_OPTIONS
+        for item in (name, value)
+    )
+
+
+@pytest.fixture(
+    params=[
+        pytest.param((), id="production"),
+        # The negative control: the same test, the same options but no persistence. Must fail
+        # (strictly, and on an assertion: the retry is refused IDEMPOTENCY_RECORDS_LOST).
+        pytest.param(
+            NO_PERSISTENCE,
+            id="without-persistence",
+            marks=pytest.mark.xfail(
+                strict=True, raises=AssertionError, reason="a Redis without persistence restarts empty"
+            ),
+        ),
+    ]
+)
+def production_redis(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    # Requested before start_facade by the test, so torn down after the facades stop.
+    with RedisServer(args=(*production_durable_redis_args(), *request.param)) as server:
+        yield server
+
+
+async def test_a_key_is_not_sent_twice_because_the_durable_redis_restarted(
+    start_facade: StartFacade, production_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tiw_facade.idempotency")
+    # A long loss window: a loss noticed after the restart would refuse every new key for it.
+    facade = await start_facade(TIW_REDIS_URL=production_redis.url, TIW_IDEMPOTENCY_LOSS_WINDOW="600")
+    first, _ = await create(facade, "durable-order-1")
+    assert creates(facade.emulator) == 1
+
+    production_redis.kill()  # SIGKILL: no shutdown, no last save
+    production_redis.start()  # the same dir: what it finds there is all it has
+
+    outcome = await attempt(facade, "durable-order-1")
+    assert not isinstance(outcome, grpc.aio.AioRpcError), f"the retry was refused: {reason(outcome)}"
+    again, metadata = outcome
+    assert again.task_id == first.task_id and metadata["tiw-source"] == "replay"
+    assert creates(facade.emulator) == 1
+    # No loss noticed: not logged, not counted, and a new key is created as usual.
+    assert not lost_errors(caplog) and lost_total(facade) == 0
+    fresh = await attempt(facade, "durable-order-2")
+    assert not isinstance(fresh, grpc.aio.AioRpcError), f"a new key was refused: {reason(fresh)}"
+    assert fresh[0].task_id != first.task_id and creates(facade.emulator) == 2
+
+
+async def attempt(
+    facade: Facade, key: str
+) -> tuple[pb.CreateSnapshotTaskResponse, dict[str, str]] | grpc.aio.AioRpcError:
+    """A keyed create's answer and metadata, or its refusal."""
+    try:
+        return await create(facade, key)
+    except grpc.aio.AioRpcError as error:
+        return error
