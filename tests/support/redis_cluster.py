@@ -1,8 +1,10 @@
-"""A real three-node Redis Cluster for tests: free ports, no replicas, no persistence.
+"""A real Redis Cluster for tests: three primaries on free ports, no persistence, and either no
+replicas or one per primary (``replicas=1``), so that killing a primary makes the cluster promote
+its replica.
 
-Formed with the cluster's own commands (CLUSTER ADDSLOTSRANGE, CLUSTER MEET) over plain sockets, so
-it needs neither redis-cli nor a client library's cluster support: what is being tested (redis-py's
-RedisCluster through the facade) is not also what builds the cluster.
+Formed with the cluster's own commands (CLUSTER ADDSLOTSRANGE, CLUSTER MEET, CLUSTER REPLICATE) over
+plain sockets, so it needs neither redis-cli nor a client library's cluster support: what is being
+tested (redis-py's RedisCluster through the facade) is not also what builds the cluster.
 """
 
 from __future__ import annotations
@@ -64,13 +66,30 @@ def _connected(nodes: bytes) -> int:
     return sum(1 for line in nodes.splitlines() if len(line.split()) > 7 and line.split()[7] == b"connected")
 
 
-class RedisCluster(Processes):
-    """``with RedisCluster() as cluster: ... cluster.url (a seed node) ... cluster.ports``."""
+def _replicas_known(nodes: bytes) -> int:
+    """How many replicas a CLUSTER NODES reply lists (flags, its 3rd field, hold "slave")."""
+    return sum(1 for line in nodes.splitlines() if b"slave" in line.split()[2].split(b","))
 
-    def __init__(self, size: int = 3) -> None:
+
+def info(port: int, section: str) -> dict[str, str]:
+    """One INFO section of one node, ``field: value``."""
+    text = command(port, "INFO", section).decode()
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+
+
+class RedisCluster(Processes):
+    """``with RedisCluster() as cluster: ... cluster.url (a seed node) ... cluster.ports``.
+
+    ``replicas=1``: each primary has a replica (``replica_of(primary)``), which the others promote
+    once they agree the primary has failed: after ``node_timeout_ms`` without an answer, plus an
+    election of about a second.
+    """
+
+    def __init__(self, size: int = 3, *, replicas: int = 0, node_timeout_ms: int = 5000) -> None:
+        assert replicas in (0, 1), "one replica per primary at most"
         taken: set[int] = set()
-        self.nodes: list[RedisServer] = []
-        for _ in range(size):
+        nodes: list[RedisServer] = []
+        for _ in range(size * (1 + replicas)):
             port = cluster_port(taken)
             taken |= {port, port + BUS_OFFSET}
             node = RedisServer(port)
@@ -79,9 +98,16 @@ class RedisCluster(Processes):
             node.args = (
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{port}.conf",
-                "--cluster-node-timeout", "5000",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                # A replica's first sync at once, not after the default 5 s.
+                "--repl-diskless-sync-delay", "0",
             )  # fmt: skip
-            self.nodes.append(node)
+            nodes.append(node)
+        self.nodes = nodes
+        self.primaries = nodes[:size]  # as formed: a failover makes a replica a primary
+        self.replicas = nodes[size:]  # replicas[i] replicates primaries[i]
+        # Contiguous slot ranges, one per primary, covering all 16384.
+        self.ranges = [(i * SLOTS // size, (i + 1) * SLOTS // size - 1) for i in range(size)]
 
     @property
     def ports(self) -> list[int]:
@@ -95,27 +121,73 @@ class RedisCluster(Processes):
     def start(self, timeout: float = 15.0) -> None:
         for node in self.nodes:
             node.start()
-        # Contiguous slot ranges, one per node, covering all 16384.
-        size = len(self.nodes)
-        for index, port in enumerate(self.ports):
-            first, last = index * SLOTS // size, (index + 1) * SLOTS // size - 1
-            command(port, "CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
+        for (first, last), primary in zip(self.ranges, self.primaries, strict=True):
+            command(primary.port, "CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
         for port in self.ports[1:]:
             command(port, "CLUSTER", "MEET", "127.0.0.1", str(self.ports[0]))
-        self._wait_ok(time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        for primary, replica in zip(self.primaries, self.replicas, strict=False):
+            self._replicate(replica, primary, deadline)
+        self._wait_ok(deadline)
+
+    @staticmethod
+    def _replicate(replica: RedisServer, primary: RedisServer, deadline: float) -> None:
+        """CLUSTER REPLICATE, once the replica has heard of the primary through the gossip."""
+        primary_id = command(primary.port, "CLUSTER", "MYID").decode()
+        while True:
+            try:
+                command(replica.port, "CLUSTER", "REPLICATE", primary_id)
+                return
+            except RuntimeError:  # "Unknown node": not met yet
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def _wait_ok(self, deadline: float) -> None:
-        """Until every node knows every other and says ``cluster_state:ok`` (gossip takes a moment)."""
+        """Until every node knows every other (and every replica as one), says ``cluster_state:ok``,
+        and every replica is in sync with its primary (gossip and the first sync take a moment)."""
         while True:
             states = {port: command(port, "CLUSTER", "INFO") for port in self.ports}
-            known = {port: _connected(command(port, "CLUSTER", "NODES")) for port in self.ports}
-            if all(b"cluster_state:ok" in info for info in states.values()) and all(
-                count == len(self.ports) for count in known.values()
+            views = {port: command(port, "CLUSTER", "NODES") for port in self.ports}
+            if (
+                all(b"cluster_state:ok" in state for state in states.values())
+                and all(_connected(view) == len(self.ports) for view in views.values())
+                and all(_replicas_known(view) == len(self.replicas) for view in views.values())
+                and all(info(r.port, "replication").get("master_link_status") == "up" for r in self.replicas)
             ):
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"cluster not ok: {states}")
             time.sleep(0.05)
+
+    def keyslot(self, key: str) -> int:
+        # An integer reply, ":<slot>\r\n".
+        return int(command(self.nodes[0].port, "CLUSTER", "KEYSLOT", key)[1:])
+
+    def primary_of(self, slot: int) -> RedisServer:
+        """The primary that serves ``slot`` as the cluster was formed (before any failover)."""
+        (index,) = [i for i, (first, last) in enumerate(self.ranges) if first <= slot <= last]
+        return self.primaries[index]
+
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        return self.replicas[self.primaries.index(primary)]
+
+    @staticmethod
+    def primary_offset(primary: RedisServer) -> int:
+        return int(info(primary.port, "replication")["master_repl_offset"])
+
+    @staticmethod
+    def caught_up(replica: RedisServer, offset: int) -> bool:
+        """Whether ``replica`` has applied its primary's stream up to ``offset``."""
+        return int(info(replica.port, "replication").get("slave_repl_offset", -1)) >= offset
+
+    @staticmethod
+    def is_primary(node: RedisServer) -> bool:
+        """Whether ``node`` is a primary now (a replica the cluster promoted says so at once)."""
+        try:
+            return info(node.port, "replication").get("role") == "master"
+        except OSError:
+            return False
 
     def close(self) -> None:
         for node in self.nodes:
