@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from redis.asyncio import Redis
 
-from tiw_facade import shared_redis
+from tiw_facade import background, shared_redis
 from tiw_facade.failures import (
     FacadeError,
     IdempotencyInFlight,
@@ -510,9 +510,7 @@ class Keys:
 
     async def aclose(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await background.stop([self._watcher])
         await self.store.aclose()
 
     async def call(

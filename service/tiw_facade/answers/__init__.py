@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Literal
 
 from google.protobuf.message import Message
 
-from tiw_facade import shared_redis
+from tiw_facade import background, shared_redis
 from tiw_facade.answers import _policy
 from tiw_facade.answers._contact import Contact
 from tiw_facade.answers._entries import Entry, Key, Lifetimes, Store, StoreUnavailable
@@ -125,6 +125,7 @@ class Answers:
         self._contact = Contact(
             store,
             self._local,
+            invalidated=_policy.INVALIDATED_ACTIONS,
             where=self._where,
             stamp_lifetime=store.stamp_lifetime if store is not None else 0.0,
             clock=clock,
@@ -166,9 +167,7 @@ class Answers:
 
     async def aclose(self) -> None:
         self.begin_drain()
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await background.stop(self._background)
         flights = [flight.task for flight in self._flights.values()]
         if flights:  # each is bounded by its deadline; refreshes by TIW_UPSTREAM_TIMEOUT
             await asyncio.wait(flights, timeout=self._settings.upstream_timeout + 1)
@@ -325,7 +324,7 @@ class Answers:
     def _trusted(self, key: Key, entry: Entry | None) -> Entry | None:
         """``entry`` as read from Redis, if it may be served: not older than a stop this replica
         made (whose invalidation Redis may have lost), nor than this replica's last recovery."""
-        if entry is None or not self._contact.trusted(entry):
+        if entry is None or not self._contact.trusted(key, entry):
             return None
         if not entry.terminal and entry.answered_at <= self._local.invalidated_at(key):
             return None
@@ -487,7 +486,7 @@ class Answers:
         """Store ``entry`` here and in Redis; False if a store refused it (an invalidation after
         ``asked_at``, or a later answer already there)."""
         kept = self._local.keep(key, entry, asked_at=asked_at)
-        if self._shared_usable() and not self._contact.may_share(asked_at):
+        if self._shared_usable() and not self._contact.may_share(key, asked_at):
             # Begun before this replica's last recovery: it may predate a stop Redis lost.
             return False
         if self._shared_usable():

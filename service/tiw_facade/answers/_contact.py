@@ -16,10 +16,14 @@ process's own store serves, as before. Before this replica uses Redis again it *
 1. it writes again every invalidation it made within a stamp's lifetime (its own store keeps them),
    whether or not Redis still has them: after a failover or an empty restart nobody can tell;
 2. it gives up the leases it could not release;
-3. from then on it does not trust a non-terminal answer read from Redis whose request was sent
-   before recovery began, nor write one to Redis: such an answer may predate a stop made through
-   another replica while contact was lost, which that replica re-establishes on its own recovery.
-   The cost is one upstream request per key asked about; a terminal answer never changes and stays.
+3. for ``GRACE`` seconds it does not trust a non-terminal answer read from Redis whose request was
+   sent before recovery began, nor write one to Redis, for the actions a write invalidates (a
+   push's Describe): such an answer may predate a stop made through another replica while contact
+   was lost, which that replica writes again on its own recovery, within a heartbeat of Redis
+   answering. After that, Redis holds every stop again (a re-established stop deletes the answers
+   before it and refuses those begun before it), so trust returns. The cost is one upstream
+   request per push asked about in that second; snapshot and video answers, which no write of
+   ours invalidates, and terminal answers, which never change, are trusted throughout.
 
 Every replica beats, so every one notices an outage of more than a heartbeat and recovers once
 Redis answers; until it has, it serves from its own store (docs/answers.md, "When Redis is lost").
@@ -46,6 +50,10 @@ log = logging.getLogger("tiw_facade.answers")
 HEARTBEAT = 0.1
 # While it stays unreachable, say so once a minute, not once a heartbeat.
 WARN_EVERY = 60.0
+# How long after a recovery answers begun before it are not trusted (step 3): the other replicas'
+# own recoveries must have written their stops again by then: a heartbeat, Redis's time-out and a
+# round trip, with room for an event loop that is busy.
+GRACE = 1.0
 # At most this many leases owed: beyond, the oldest are left to run out (each lease has an expiry).
 MAX_OWED_LEASES = 10_000
 
@@ -58,6 +66,7 @@ class Contact:
         shared: RedisAnswerStore | None,
         local: LocalStore,
         *,
+        invalidated: frozenset[str],
         where: str,
         stamp_lifetime: float,
         clock: Callable[[], float] = time.time,
@@ -65,6 +74,7 @@ class Contact:
         self._shared = shared
         self._local = local
         self._where = where
+        self._invalidated = invalidated  # the actions a write invalidates
         self._stamp_lifetime = stamp_lifetime
         self._clock = clock
         self._lost = False
@@ -92,13 +102,17 @@ class Contact:
                 extra={"kind": exc.kind},
             )
 
-    def trusted(self, entry: Entry) -> bool:
+    def trusted(self, key: Key, entry: Entry) -> bool:
         """Whether an entry read from Redis may be served (see the module docstring, step 3)."""
-        return entry.terminal or entry.answered_at >= self._trust_from
+        return entry.terminal or self.may_share(key, entry.answered_at)
 
-    def may_share(self, asked_at: float) -> bool:
-        """Whether the answer of a request begun at ``asked_at`` may be written to Redis."""
-        return asked_at >= self._trust_from
+    def may_share(self, key: Key, asked_at: float) -> bool:
+        """Whether the answer of a request begun at ``asked_at`` may be read from or written to Redis."""
+        return (
+            asked_at >= self._trust_from
+            or key.action not in self._invalidated
+            or self._clock() >= self._trust_from + GRACE
+        )
 
     def owe_lease(self, key: Key) -> None:
         """The lease of ``key`` could not be given up: give it up on recovery."""

@@ -37,6 +37,8 @@ KEPT_ERRORS = frozenset({"InvalidParameter.TaskNotFound"})
 # A write through the facade → the shared action whose answers about the same task it changes. The
 # Describe request is made of the write's fields of the same names (SdkAppId, TaskId).
 INVALIDATES: Mapping[str, str] = {"StopWhiteboardPush": "DescribeWhiteboardPush"}
+# The shared actions some write makes stale: only their answers can be wrong after a lost stop.
+INVALIDATED_ACTIONS = frozenset(INVALIDATES.values())
 
 assert set(TERMINAL_STATUS) == set(RESPONSES), "every shared action needs its terminal state"
 

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from tiw_facade import background
 from tiw_facade.answers._entries import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -46,9 +47,7 @@ class Refresher:
                 await self._answers.tell_wanted()
                 await asyncio.sleep(IDLE)
         finally:
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await background.stop(loops)
 
     async def _refresh(self, action: str) -> None:
         while True:

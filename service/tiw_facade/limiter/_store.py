@@ -385,7 +385,10 @@ class RedisStore:
         self._offset = seconds + micros / US - self._clock()
 
     async def ping(self) -> None:
-        await self._client.ping()
+        # A command on one of the account's keys, not PING: on a Redis Cluster PING reaches any live
+        # node, so while the primary of the account's slot is down it succeeded, and the degraded
+        # limiter rejoined and fell back every ~0.1 s, its local share never admitting anything.
+        await self._client.exists(self._epoch_key)
 
     async def deregister(self) -> None:
         await self._client.zrem(self._replicas_key, self.replica)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from tiw_facade import shared_redis
+from tiw_facade import background, shared_redis
 from tiw_facade.limiter import CallerObserver, Lease
 from tiw_facade.limiter._ledger import BACK, HELD, LATE, RELEASED, Clock, Ledger, LocalLease
 from tiw_facade.limiter._modes import Machine, Mode
@@ -597,8 +597,7 @@ class RedisLimiter(QueuedLimiter):
     async def aclose(self) -> None:
         await super().aclose()
         if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+            await background.stop([self._watcher])
             self._watcher = None
         if self._tasks:
             # Let releases in flight land, so the other replicas get those tokens back on time.
