@@ -17,6 +17,7 @@ from support.failover_load import (
     FRESH,
     AroundTheKill,
     Load,
+    PushWatch,
     create,
     describe_push,
     replica_caught_up,
@@ -90,11 +91,15 @@ async def test_the_invariants_hold_through_a_cluster_failover(
     load = Load(facades, LIMIT)
     started = time.time()
     running = asyncio.create_task(load.run(BEFORE + AFTER))
+    # (d) Asked all along, too: a kept PUSHING must not come back while the shared answers are away.
+    watch = PushWatch(facades, push)
+    watching = asyncio.create_task(watch.run(BEFORE + AFTER))
     await asyncio.sleep(BEFORE)
     killed = time.time()
     primary.kill()
     promotion = asyncio.create_task(promoted(cluster, replica, within=AFTER))
     await running
+    await watching
     ended = time.time()
     promoted_at = await promotion
 
@@ -106,7 +111,8 @@ async def test_the_invariants_hold_through_a_cluster_failover(
     promoted_after = f"{promoted_at - killed:.2f} s after the kill" if promoted_at else "not promoted"
     print(
         f"\nCluster failover (slot {slot}, primary :{primary.port} -> replica :{replica.port}, "
-        f"promoted {promoted_after}): {seen.report(load)}"
+        f"promoted {promoted_after}): {seen.report(load)}; the stopped push "
+        f"described {len(watch.seen)} times ({len(watch.pushing())} PUSHING), refused {watch.refused}"
     )
     assert promoted_at is not None, "the cluster promoted the replica"
     assert max_in_window(arrivals) <= LIMIT, sorted(arrivals)
@@ -118,7 +124,11 @@ async def test_the_invariants_hold_through_a_cluster_failover(
     # (c) The retry after the failover, on another facade: the first task, and no second create.
     assert await create(facades[2], request, "failover-order-1") == first
     assert emulator.stats()[CREATE].tasks_created == 1
-    # (d) Stopped, on every facade, from a kept answer or fresh.
+    # (d) Never PUSHING again, during the failover or after it; stopped on every facade, from a kept
+    # answer or fresh.
+    assert not watch.pushing(), watch.pushing()
+    assert not watch.others, [(error.code(), error.details()) for error in watch.others]
+    assert any(at > killed for at, _, _ in watch.seen), "the push was described after the kill"
     for facade in facades:
         for metadata in ((), FRESH):
             assert await describe_push(facade, push, metadata) == "STOPPED", (facade.target, metadata)

@@ -16,6 +16,7 @@ from support.failover_load import (
     FRESH,
     AroundTheKill,
     Load,
+    PushWatch,
     create,
     describe_push,
     replica_caught_up,
@@ -68,10 +69,14 @@ async def test_the_invariants_hold_through_a_sentinel_failover(
     load = Load(facades, LIMIT)
     started = time.time()
     running = asyncio.create_task(load.run(BEFORE + AFTER))
+    # (d) Asked all along, too: a kept PUSHING must not come back while the shared answers are away.
+    watch = PushWatch(facades, push)
+    watching = asyncio.create_task(watch.run(BEFORE + AFTER))
     await asyncio.sleep(BEFORE)
     killed = time.time()
     topology.primary.kill()
     await running
+    await watching
     ended = time.time()
     failed_over = topology.master_port() == topology.replica.port
 
@@ -80,7 +85,10 @@ async def test_the_invariants_hold_through_a_sentinel_failover(
     seen = AroundTheKill.measure(
         load, arrivals, started=started, killed=killed, ended=ended, before=BEFORE, after=AFTER
     )
-    print(f"\nSentinel failover: failed over: {failed_over}; {seen.report(load)}")
+    print(
+        f"\nSentinel failover: failed over: {failed_over}; {seen.report(load)}; the stopped push "
+        f"described {len(watch.seen)} times ({len(watch.pushing())} PUSHING), refused {watch.refused}"
+    )
     assert failed_over, "the sentinels promoted the replica"
     assert max_in_window(arrivals) <= LIMIT, sorted(arrivals)
     assert emulator.stats()[DESCRIBE].throttled == 0
@@ -91,7 +99,11 @@ async def test_the_invariants_hold_through_a_sentinel_failover(
     # (c) The retry after the failover, on another facade: the first task, and no second create.
     assert await create(facades[2], request, "failover-order-1") == first
     assert emulator.stats()[CREATE].tasks_created == 1
-    # (d) Stopped, on every facade, from a kept answer or fresh.
+    # (d) Never PUSHING again, during the failover or after it; stopped on every facade, from a kept
+    # answer or fresh.
+    assert not watch.pushing(), watch.pushing()
+    assert not watch.others, [(error.code(), error.details()) for error in watch.others]
+    assert any(at > killed for at, _, _ in watch.seen), "the push was described after the kill"
     for facade in facades:
         for metadata in ((), FRESH):
             assert await describe_push(facade, push, metadata) == "STOPPED", (facade.target, metadata)

@@ -144,6 +144,38 @@ async def create(facade: Facade, request: pb.CreateSnapshotTaskRequest, key: str
     return str(answer.task_id)
 
 
+@dataclasses.dataclass
+class PushWatch:
+    """Every facade asked about a push (its kept answer, or a fresh one when it has none) every
+    ``every`` seconds while the load runs: each status seen, with when and where."""
+
+    facades: list[Facade]
+    task_id: str
+    seen: list[tuple[float, str, str]] = dataclasses.field(default_factory=list)  # (time, target, status)
+    refused: int = 0
+    others: list[grpc.aio.AioRpcError] = dataclasses.field(default_factory=list)
+
+    async def run(self, seconds: float, every: float = 0.25) -> None:
+        until = time.monotonic() + seconds
+        request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=self.task_id)
+        while time.monotonic() < until:
+            await asyncio.gather(*(self._ask(facade, request) for facade in self.facades))
+            await asyncio.sleep(every)
+
+    async def _ask(self, facade: Facade, request: pb.DescribeWhiteboardPushRequest) -> None:
+        try:
+            answer = await facade.stub.DescribeWhiteboardPush(request, timeout=3)
+            self.seen.append((time.time(), facade.target, str(answer.status)))
+        except grpc.aio.AioRpcError as error:
+            if error.code() in REFUSED:
+                self.refused += 1
+            else:
+                self.others.append(error)
+
+    def pushing(self) -> list[tuple[float, str, str]]:
+        return [seen for seen in self.seen if seen[2] == "PUSHING"]
+
+
 async def stop_push(facade: Facade, task_id: str) -> None:
     request = pb.StopWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=task_id)
     await retry(lambda: facade.stub.StopWhiteboardPush(request, timeout=5))
