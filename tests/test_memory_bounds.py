@@ -176,7 +176,11 @@ async def test_redis_keeps_to_the_answers_share(
         after = int(used.info("memory")["used_memory"])
         used.close()
     print(f"Redis used_memory grew {(after - before) / MiB:.2f} MiB")  # shown with -s
-    assert codes[grpc.StatusCode.OK] >= CALLS // 2, codes
+    # The padded half is one question, answered from one kept answer. On a starved machine (CI
+    # beside other work) a Redis call can still time out; a push's kept answer is then not trusted
+    # for a second, and under this saturation a few of its callers are refused rather than served
+    # a possibly stale PUSHING (docs/answers.md, "When Redis is lost"): at most 1% of them.
+    assert codes[grpc.StatusCode.OK] >= 0.99 * CALLS // 2, codes
     assert after - before < REDIS_GROWTH_BOUND, f"Redis grew {(after - before) / MiB:.1f} MiB"
     assert grown < RSS_GROWTH_BOUND, f"RSS grew {grown / MiB:.0f} MiB"
 
