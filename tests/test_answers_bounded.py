@@ -271,6 +271,9 @@ async def test_answers_filling_a_shared_redis_refuse_nothing_else(
             TIW_REDIS_URL=redis_server.url,
             TIW_SHARED_ANSWERS_MAX_BYTES=str(E2E_BOUND),
             TIW_RATE_LIMIT="100000",
+            # What is measured is Redis refusing (OOM), not its speed: a CI machine busy beside other
+            # work must not turn the default 0.25 s time-out into failures this test would count.
+            TIW_REDIS_TIMEOUT="2",
         )
         push = emulator.add_push_task(sdk_app_id=SDK_APP_ID)
         refused: list[str] = []
@@ -321,8 +324,9 @@ async def test_answers_filling_a_shared_redis_refuse_nothing_else(
         )
         assert refused == []
         assert emulator.stats()["CreateSnapshotTask"].tasks_created == needed // KEYED_EVERY + 1
-        assert counter(text, "tiw_limiter_backend_errors_total") == 0
-        assert counter(text, "tiw_store_errors_total") == 0
+        # Refused is what a full Redis does (OOM); time-outs are the machine's, not the bound's.
+        assert counter(text, "tiw_limiter_backend_errors_total", kind="refused") == 0
+        assert counter(text, "tiw_store_errors_total", kind="refused") == 0
         assert evicted > 0
         assert total <= E2E_BOUND
 
