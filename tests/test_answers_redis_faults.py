@@ -85,6 +85,29 @@ async def pushing_everywhere(facades: list[Facade], request: pb.DescribeWhiteboa
         assert answer.status == "PUSHING"
 
 
+InFlight = asyncio.Future[pb.DescribeWhiteboardPushResponse]
+
+
+async def a_describe_in_flight(
+    start_facade: StartFacade, redis: RedisServer, *, delay: float
+) -> tuple[
+    list[Facade], str, pb.DescribeWhiteboardPushRequest, asyncio.Future[pb.DescribeWhiteboardPushResponse]
+]:
+    """Two replicas that both hold a push as PUSHING, and replica 1 asking TIW about it again (it
+    holds the key's lease; TIW answers ``delay`` seconds later)."""
+    facades = await replicas(start_facade, redis)
+    emulator = facades[0].emulator
+    task = emulator.add_push_task(sdk_app_id=SDK_APP_ID, prepare_seconds=0)
+    request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=task)
+    await pushing_everywhere(facades, request)
+    emulator.add_fault(Fault(FaultKind.LATENCY, action=DESCRIBE, count=1, delay=delay))
+    in_flight = asyncio.ensure_future(
+        facades[0].stub.DescribeWhiteboardPush(request, metadata=FRESH, timeout=delay + 4)
+    )
+    await asyncio.sleep(0.2)  # its lease is taken, its request on the way
+    return facades, task, request, in_flight
+
+
 async def stop(facade: Facade, task: str, within: float) -> float:
     """Stop ``task`` through ``facade``, retrying refusals (while Redis is away the limiter holds
     calls off for a moment); when the stop was acknowledged (time.monotonic())."""
@@ -108,15 +131,8 @@ async def test_a_stop_during_a_stall_is_seen_everywhere_once_redis_answers(
 ) -> None:
     """Replica 1 has a Describe in flight (it holds the key's lease) when Redis stalls for a second;
     the push is stopped through replica 2 during the stall, so its invalidation cannot reach Redis."""
-    facades = await replicas(start_facade, redis_server)
-    first, second = facades
-    emulator = first.emulator
-    task = emulator.add_push_task(sdk_app_id=SDK_APP_ID, prepare_seconds=0)
-    request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=task)
-    await pushing_everywhere(facades, request)
-    emulator.add_fault(Fault(FaultKind.LATENCY, action=DESCRIBE, count=1, delay=2.0))
-    in_flight = asyncio.ensure_future(first.stub.DescribeWhiteboardPush(request, metadata=FRESH, timeout=6))
-    await asyncio.sleep(0.2)  # its lease is taken, its request on the way
+    facades, task, request, in_flight = await a_describe_in_flight(start_facade, redis_server, delay=2.0)
+    second = facades[1]
     redis_server.pause()
     try:
         acknowledged = await stop(second, task, within=3.0)
@@ -145,15 +161,8 @@ async def test_a_stop_before_an_empty_restart_is_not_undone_by_a_request_in_flig
 ) -> None:
     """The stop's invalidation reached Redis, then Redis restarted empty; replica 1's request, begun
     before the stop, lands after the restart and must not bring PUSHING back."""
-    facades = await replicas(start_facade, redis_server)
-    first, second = facades
-    emulator = first.emulator
-    task = emulator.add_push_task(sdk_app_id=SDK_APP_ID, prepare_seconds=0)
-    request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=task)
-    await pushing_everywhere(facades, request)
-    emulator.add_fault(Fault(FaultKind.LATENCY, action=DESCRIBE, count=1, delay=1.2))
-    in_flight = asyncio.ensure_future(first.stub.DescribeWhiteboardPush(request, metadata=FRESH, timeout=5))
-    await asyncio.sleep(0.2)
+    facades, task, request, in_flight = await a_describe_in_flight(start_facade, redis_server, delay=1.2)
+    second = facades[1]
     acknowledged = await stop(second, task, within=3.0)
     redis_server.kill()
     await asyncio.sleep(0.3)

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 from conftest import Facade
-from test_rpcs import SDK_APP_ID
+from test_rpcs import SDK_APP_ID, create_request
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 
 from support import count_between, max_in_window
@@ -194,3 +194,108 @@ async def replica_caught_up(
     while not caught_up(written):
         assert time.monotonic() < deadline, "the replica did not catch up"
         await asyncio.sleep(0.01)
+
+
+# --- the scenario both failover tests run ----------------------------------------------------------
+
+LIMIT = 5
+BEFORE = 2.0  # seconds of load before the kill
+AFTER = 8.0  # and after it
+LONGEST_REFUSAL = 10.0
+
+
+def environment(**redis: str) -> dict[str, str]:
+    """The facades' settings: how they find Redis (``redis``), and the limit under test."""
+    return {
+        **redis,
+        "TIW_RATE_LIMIT": str(LIMIT),
+        "TIW_EXPECTED_REPLICAS": "3",
+        # Refused (with when to retry) rather than kept waiting: the overload is refused, not timed out.
+        "TIW_MAX_QUEUE_WAIT": "0.3",
+        # Each call is to cost one request: no refresh of an answer may add its own.
+        "TIW_REFRESH_INTEREST": "0.001",
+    }
+
+
+@dataclasses.dataclass
+class Failing:
+    """What differs between Sentinel and Cluster: the primary's writes reaching its replica, the
+    kill, and whether the replica became primary."""
+
+    name: str  # for the printed report
+    primary_offset: Callable[[], int]
+    caught_up: Callable[[int], bool]  # whether the replica has applied the primary's stream so far
+    kill: Callable[[], None]  # SIGKILL the primary
+    promoted: Callable[[], bool]  # polled from a thread every 50 ms after the kill
+
+
+async def _promotion(failing: Failing, within: float) -> float | None:
+    """When (``time.time()``) the replica was first seen promoted; None: not within ``within``."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if await asyncio.to_thread(failing.promoted):
+            return time.time()
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def invariants_hold_through(failing: Failing, facades: list[Facade]) -> None:
+    """Three facades under five times the limit while the primary is killed: (a) the limit at TIW,
+    (b) refusals for a bounded time only, (c) a keyed create not sent twice, (d) a stopped push
+    never PUSHING again."""
+    emulator = facades[0].emulator
+
+    # (c) A keyed create before the failover.
+    request = create_request()
+    first = await create(facades[0], request, "failover-order-1")
+    assert emulator.stats()[CREATE].tasks_created == 1
+    # (d) A push every facade has seen PUSHING (an answer each may keep, or share), then stopped.
+    push = emulator.add_push_task(prepare_seconds=0.0)
+    for facade in facades:
+        assert await describe_push(facade, push) == "PUSHING"
+    await stop_push(facades[1], push)
+    await replica_caught_up(failing.primary_offset, failing.caught_up)
+
+    load = Load(facades, LIMIT)
+    started = time.time()
+    running = asyncio.create_task(load.run(BEFORE + AFTER))
+    # (d) Asked all along, too: a kept PUSHING must not come back while the shared answers are away.
+    watch = PushWatch(facades, push)
+    watching = asyncio.create_task(watch.run(BEFORE + AFTER))
+    await asyncio.sleep(BEFORE)
+    killed = time.time()
+    failing.kill()
+    promotion = asyncio.create_task(_promotion(failing, within=AFTER))
+    await running
+    await watching
+    ended = time.time()
+    promoted_at = await promotion
+
+    # (a) The limit at TIW over the whole run; (b) the longest stretch without a served call.
+    arrivals = emulator.arrivals(DESCRIBE)
+    seen = AroundTheKill.measure(
+        load, arrivals, started=started, killed=killed, ended=ended, before=BEFORE, after=AFTER
+    )
+    promoted_after = f"{promoted_at - killed:.2f} s after the kill" if promoted_at else "not promoted"
+    print(
+        f"\n{failing.name} failover (promoted {promoted_after}): {seen.report(load)}; the stopped push "
+        f"described {len(watch.seen)} times ({len(watch.pushing())} PUSHING), refused {watch.refused}"
+    )
+    assert promoted_at is not None, f"{failing.name}: the replica was promoted"
+    assert max_in_window(arrivals) <= LIMIT, sorted(arrivals)
+    assert emulator.stats()[DESCRIBE].throttled == 0
+    assert not load.others, [(error.code(), error.details()) for error in load.others]
+    assert seen.longest_gap < LONGEST_REFUSAL, seen
+    assert count_between(load.served, ended - 2.0, ended) > 0, "served again after the failover"
+
+    # (c) The retry after the failover, on another facade: the first task, and no second create.
+    assert await create(facades[2], request, "failover-order-1") == first
+    assert emulator.stats()[CREATE].tasks_created == 1
+    # (d) Never PUSHING again, during the failover or after it; stopped on every facade, from a kept
+    # answer or fresh.
+    assert not watch.pushing(), watch.pushing()
+    assert not watch.others, [(error.code(), error.details()) for error in watch.others]
+    assert any(at > killed for at, _, _ in watch.seen), "the push was described after the kill"
+    for facade in facades:
+        for metadata in ((), FRESH):
+            assert await describe_push(facade, push, metadata) == "STOPPED", (facade.target, metadata)
