@@ -28,7 +28,7 @@ from tiw_facade import answers as answers_module
 from tiw_facade import errors, idempotency, translate, validate
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
 from tiw_facade.answers import Answers, Served
-from tiw_facade.calls import CURRENT_CALL, CallRecord, record_for
+from tiw_facade.calls import CallRecord, record_for
 from tiw_facade.failures import (
     FacadeError,
     InvalidRequest,
@@ -231,11 +231,14 @@ def _behavior(
     shared = answers is not None and answers.shares(action)
 
     async def send(
-        request: Message, deadline: float | None, context: grpc.aio.ServicerContext[Any, Any]
+        request: Message,
+        deadline: float | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+        record: CallRecord,
     ) -> Message | bytes:
         if shared:
             assert answers is not None
-            return await _shared_answer(answers, action, request, deadline, context)
+            return await _shared_answer(answers, action, request, deadline, context, record=record)
         params = translate.to_tiw(request)
         if action not in SEEN_THROUGH:
             if answers is None:
@@ -277,7 +280,7 @@ def _behavior(
         try:
             request = valid_request(request)
             deadline = upstream_deadline(context.time_remaining(), time.monotonic())
-            response = await send(request, deadline, context)
+            response = await send(request, deadline, context, record)
         except Exception as exc:  # every failure becomes a status; CancelledError is not an Exception
             if isinstance(exc, FacadeError):
                 record.tiw_code = exc.reason
@@ -299,14 +302,17 @@ async def _shared_answer(
     request: Message,
     deadline: float | None,
     context: grpc.aio.ServicerContext[Any, Any],
+    *,
+    record: CallRecord,
 ) -> bytes:
-    """A Describe call's answer from the shared answers, with its source and age in the metadata."""
+    """A Describe call's answer from the shared answers, with its source and age in the metadata;
+    TIW's RequestId of the answer in ``record``."""
     served = await answers.describe(action, request, max_age=max_age(context), deadline=deadline)
     await context.send_initial_metadata(source_metadata(served))
     entry = served.entry
     if entry.is_error:
         raise TiwError(entry.error_code, entry.error_message, entry.request_id)
-    CURRENT_CALL.get(CallRecord()).request_id = entry.request_id
+    record.request_id = entry.request_id
     return entry.payload
 
 

@@ -5,23 +5,31 @@ dashboards and alerts operators already have keep working, and like it no ``_cre
 Upstream and limiter metrics are ours (`tiw_` prefix). ``prime`` creates every series of the five
 actions at start-up, with every retry and rejection reason (of the open-ended upstream codes, OK),
 so dashboards and alerts have no gaps.
+
+The counters and histograms that every call updates (the gRPC server's, the answers' sources and
+ages, the upstream's and the limiter's per attempt) are ``LoopCounter`` and ``LoopHistogram``:
+exported exactly as prometheus_client's, updated without its lock and checks.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import platform
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from tiw_facade import failures, shared_redis
 
 if TYPE_CHECKING:  # the children's classes; prometheus_client types them as their parents'
     CounterChild = Counter
     GaugeChild = Gauge
-    HistogramChild = Histogram
 
 # go-grpc-prometheus spells codes as Go's codes.Code.String() does.
 GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
@@ -102,6 +110,129 @@ STORE_INVALID: tuple[tuple[str, str], ...] = (
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+class CounterValue:
+    """One series of a ``LoopCounter``: ``inc()`` as a prometheus_client child's."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramValue:
+    """One series of a ``LoopHistogram``: ``observe()`` as a prometheus_client child's."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0.0] * len(bounds)  # per bucket, not cumulative: one increment an observation
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        # The first bucket whose bound is >= amount, as prometheus_client's ``amount <= bound``.
+        self.counts[bisect.bisect_left(self._bounds, amount)] += 1.0
+
+
+class _LoopMetric(Collector):
+    """A labelled metric whose series are updated without a lock, registered as a collector.
+
+    prometheus_client's ``inc()`` and ``observe()`` take a lock and check their argument: 0.6 and
+    1.1 µs, and every RPC makes five (the interceptor's), an answer from the cache two more, an
+    attempt upstream six more. These take 0.07 and 0.15 µs. No lock is needed: every update is made
+    on the event loop's thread; the metrics page's thread only reads (a float, whole, under the
+    GIL) and copies what it iterates. ``labels()`` takes label values by name or by position, as
+    prometheus_client's.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], *, registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], object] = {}
+        registry.register(self)
+
+    def _key(self, values: tuple[object, ...], by_name: dict[str, object]) -> tuple[str, ...]:
+        if by_name and not values and set(by_name) == set(self._labelnames):
+            return tuple(str(by_name[name]) for name in self._labelnames)
+        if values and not by_name and len(values) == len(self._labelnames):
+            return tuple(str(value) for value in values)
+        raise ValueError(f"{self._name}: the label values of {self._labelnames}, by name or by position")
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+
+class LoopCounter(_LoopMetric):
+    """A labelled counter of ``CounterValue`` series, exported as prometheus_client's ``Counter``."""
+
+    _series: dict[tuple[str, ...], CounterValue]  # type: ignore[assignment]
+
+    def labels(self, *values: object, **by_name: object) -> CounterValue:
+        key = self._key(values, by_name)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = CounterValue()
+        return series
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for key, series in list(self._series.items()):  # a copy: the loop may add a series meanwhile
+            family.add_metric(key, series.value)
+        return [family]
+
+
+class LoopHistogram(_LoopMetric):
+    """A labelled histogram of ``HistogramValue`` series, exported as prometheus_client's ``Histogram``."""
+
+    _series: dict[tuple[str, ...], HistogramValue]  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        super().__init__(name, documentation, labelnames, registry=registry)
+        self._bounds = (*buckets, math.inf)
+        self._les = tuple(floatToGoString(bound) for bound in self._bounds)  # type: ignore[no-untyped-call]
+
+    def labels(self, *values: object, **by_name: object) -> HistogramValue:
+        key = self._key(values, by_name)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = HistogramValue(self._bounds)
+        return series
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for key, series in list(self._series.items()):
+            total, cumulative = 0.0, []
+            for le, count in zip(self._les, list(series.counts), strict=True):
+                total += count
+                cumulative.append((le, total))
+            family.add_metric(key, cumulative, series.sum)
+        return [family]
+
+
 class Metrics:
     """Every metric the facade exports, registered in ``self.registry``."""
 
@@ -114,31 +245,31 @@ class Metrics:
         self._answers: dict[str, AnswerSeries] = {}
 
         # --- gRPC server (go-grpc-prometheus) ---
-        self.grpc_started = Counter(
+        self.grpc_started = LoopCounter(
             "grpc_server_started_total",
             "Total number of RPCs started on the server.",
             GRPC_LABELS,
             registry=r,
         )
-        self.grpc_handled = Counter(
+        self.grpc_handled = LoopCounter(
             "grpc_server_handled_total",
             "Total number of RPCs completed on the server, regardless of success or failure.",
             (*GRPC_LABELS, "grpc_code"),
             registry=r,
         )
-        self.grpc_msg_received = Counter(
+        self.grpc_msg_received = LoopCounter(
             "grpc_server_msg_received_total",
             "Total number of RPC stream messages received on the server.",
             GRPC_LABELS,
             registry=r,
         )
-        self.grpc_msg_sent = Counter(
+        self.grpc_msg_sent = LoopCounter(
             "grpc_server_msg_sent_total",
             "Total number of gRPC stream messages sent by the server.",
             GRPC_LABELS,
             registry=r,
         )
-        self.grpc_handling_seconds = Histogram(
+        self.grpc_handling_seconds = LoopHistogram(
             "grpc_server_handling_seconds",
             "Histogram of response latency (seconds) of gRPC that had been application-level handled "
             "by the server.",
@@ -148,13 +279,13 @@ class Metrics:
         )
 
         # --- upstream (TIW) ---
-        self.upstream_requests = Counter(
+        self.upstream_requests = LoopCounter(
             "tiw_upstream_requests_total",
             "Requests sent to TIW, by action and outcome (the TIW error code, OK, or a transport failure).",
             ("action", "code"),
             registry=r,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LoopHistogram(
             "tiw_upstream_request_duration_seconds",
             "Duration of one request to TIW (one attempt), by action.",
             ("action",),
@@ -169,19 +300,19 @@ class Metrics:
         )
 
         # --- limiter ---
-        self.limiter_admitted = Counter(
+        self.limiter_admitted = LoopCounter(
             "tiw_limiter_admitted_total",
             "Upstream attempts admitted by the rate limiter.",
             ("action",),
             registry=r,
         )
-        self.limiter_rejected = Counter(
+        self.limiter_rejected = LoopCounter(
             "tiw_limiter_rejected_total",
             "Calls refused by the rate limiter, by reason (deadline, max_wait, queue_full).",
             ("action", "reason"),
             registry=r,
         )
-        self.limiter_wait_seconds = Histogram(
+        self.limiter_wait_seconds = LoopHistogram(
             "tiw_limiter_wait_seconds",
             "Time a call waited for its rate-limit slot.",
             ("action",),
@@ -208,21 +339,21 @@ class Metrics:
         )
         # By caller's share, with bounded cardinality: the callers named in TIW_CALLER_WEIGHTS,
         # `unidentified` (every unproven caller not named there), and proven others as `other`.
-        self.limiter_caller_admitted = Counter(
+        self.limiter_caller_admitted = LoopCounter(
             "tiw_limiter_caller_admitted_total",
             "Upstream attempts admitted by the rate limiter, by caller (named in TIW_CALLER_WEIGHTS, "
             "unidentified, or other).",
             ("action", "caller"),
             registry=r,
         )
-        self.limiter_caller_rejected = Counter(
+        self.limiter_caller_rejected = LoopCounter(
             "tiw_limiter_caller_rejected_total",
             "Calls refused by the rate limiter, by caller (named in TIW_CALLER_WEIGHTS, "
             "unidentified, or other) and reason.",
             ("action", "caller", "reason"),
             registry=r,
         )
-        self.limiter_caller_wait_seconds = Histogram(
+        self.limiter_caller_wait_seconds = LoopHistogram(
             "tiw_limiter_caller_wait_seconds",
             "Time a call waited for its rate-limit slot, by caller (named in TIW_CALLER_WEIGHTS, "
             "unidentified, or other).",
@@ -273,7 +404,7 @@ class Metrics:
         )
 
         # --- answers (answers/: coalescing, the cache, refreshes, watches) ---
-        self.answers = Counter(
+        self.answers = LoopCounter(
             "tiw_answers_total",
             "Answers to Describe calls and watches, by action and source (upstream, coalesced, cache).",
             ("action", "source"),
@@ -285,7 +416,7 @@ class Metrics:
             ("action",),
             registry=r,
         )
-        self.answer_age = Histogram(
+        self.answer_age = LoopHistogram(
             "tiw_answer_age_seconds",
             "How old TIW's answer was when given to a caller (0 when it came from TIW for this call).",
             ("action",),
@@ -430,17 +561,17 @@ class ActionSeries:
     def __init__(self, metrics: Metrics, action: str) -> None:
         self._metrics = metrics
         self.action = action
-        self.admitted: CounterChild = metrics.limiter_admitted.labels(action=action)
-        self.wait: HistogramChild = metrics.limiter_wait_seconds.labels(action=action)
+        self.admitted: CounterValue = metrics.limiter_admitted.labels(action=action)
+        self.wait: HistogramValue = metrics.limiter_wait_seconds.labels(action=action)
         self.depth: GaugeChild = metrics.limiter_queue_depth.labels(action=action)
         self.limit: GaugeChild = metrics.limiter_limit.labels(action=action)
         self.paused: CounterChild = metrics.limiter_paused.labels(action=action)
-        self.upstream_duration: HistogramChild = metrics.upstream_duration.labels(action=action)
-        self._rejected: dict[str, CounterChild] = {}
-        self._upstream: dict[str, CounterChild] = {}
+        self.upstream_duration: HistogramValue = metrics.upstream_duration.labels(action=action)
+        self._rejected: dict[str, CounterValue] = {}
+        self._upstream: dict[str, CounterValue] = {}
         self._retried: dict[str, CounterChild] = {}
 
-    def rejected(self, reason: str) -> CounterChild:
+    def rejected(self, reason: str) -> CounterValue:
         child = self._rejected.get(reason)
         if child is None:
             child = self._rejected[reason] = self._metrics.limiter_rejected.labels(
@@ -448,7 +579,7 @@ class ActionSeries:
             )
         return child
 
-    def upstream(self, code: str) -> CounterChild:
+    def upstream(self, code: str) -> CounterValue:
         """``tiw_upstream_requests_total`` of one outcome (TIW's code, OK, or a transport failure).
 
         TIW's codes are its own to add to, so they are label values as they come; but an upstream
@@ -480,11 +611,11 @@ class AnswerSeries:
     __slots__ = ("age", "by_source", "coalesced_waiters", "refreshed", "stale", "watches")
 
     def __init__(self, metrics: Metrics, action: str) -> None:
-        self.by_source: dict[str, CounterChild] = {
+        self.by_source: dict[str, CounterValue] = {
             source: metrics.answers.labels(action=action, source=source) for source in ANSWER_SOURCES
         }
         self.stale: CounterChild = metrics.answers_stale.labels(action=action)
-        self.age: HistogramChild = metrics.answer_age.labels(action=action)
+        self.age: HistogramValue = metrics.answer_age.labels(action=action)
         self.refreshed: dict[str, CounterChild] = {
             outcome: metrics.refreshes.labels(action=action, outcome=outcome) for outcome in REFRESH_OUTCOMES
         }
@@ -503,11 +634,11 @@ class MethodSeries:
 
     def __init__(self, metrics: Metrics, grpc_type: str, service: str, method: str) -> None:
         labels = {"grpc_type": grpc_type, "grpc_service": service, "grpc_method": method}
-        self.started: CounterChild = metrics.grpc_started.labels(**labels)
-        self.received: CounterChild = metrics.grpc_msg_received.labels(**labels)
-        self.sent: CounterChild = metrics.grpc_msg_sent.labels(**labels)
-        self.seconds: HistogramChild = metrics.grpc_handling_seconds.labels(**labels)
-        self.handled: dict[grpc.StatusCode, CounterChild] = {
+        self.started: CounterValue = metrics.grpc_started.labels(**labels)
+        self.received: CounterValue = metrics.grpc_msg_received.labels(**labels)
+        self.sent: CounterValue = metrics.grpc_msg_sent.labels(**labels)
+        self.seconds: HistogramValue = metrics.grpc_handling_seconds.labels(**labels)
+        self.handled: dict[grpc.StatusCode, CounterValue] = {
             code: metrics.grpc_handled.labels(**labels, grpc_code=name)
             for code, name in GO_CODE_NAMES.items()
         }
@@ -527,8 +658,8 @@ class CallerSeries:
     def __init__(self, metrics: Metrics, known: Iterable[str]) -> None:
         self._metrics = metrics
         self._known = frozenset(known) | {self.UNIDENTIFIED}
-        self._admitted: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
-        self._rejected: dict[tuple[str, str, str], CounterChild] = {}
+        self._admitted: dict[tuple[str, str], tuple[CounterValue, HistogramValue]] = {}
+        self._rejected: dict[tuple[str, str, str], CounterValue] = {}
 
     def _label(self, caller: str) -> str:
         return caller if caller in self._known else self.OTHER
