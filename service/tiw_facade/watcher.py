@@ -2,22 +2,22 @@
 
 A watch is a Describe asked once and answered until the task's final state: each ``WatchX`` holds
 the request of the Describe action ``DescribeX`` (found by that message type in TiwService) and
-streams that action's response messages, exactly as ``Answers.watch`` yields them. Everything that
-makes a watch cheap (one refresh schedule per task, across replicas, from spare quota) lives in
-``answers``; this module only speaks gRPC: validation, the per-process bounds (the replica's and
-each caller's), deadlines, and failures as the same rich statuses as the Describe RPCs
-(errors.status_for with the Describe action).
+streams that action's response messages, exactly as the ``Watch`` of ``Answers.watch`` gives them.
+Everything that makes a watch cheap (one refresh schedule per task, across replicas, from spare
+quota) lives in ``answers``; this module only speaks gRPC: validation, the per-process bounds (the
+replica's and each caller's), deadlines, and failures as the same rich statuses as the Describe
+RPCs (errors.status_for with the Describe action).
 
 Each open stream costs memory the replica must have (``budget.WATCH_COST``, most of it grpc's own
 state for the stream), so the handler holds as little as it can while a stream waits: no helper
-coroutine or context manager per stream, and the answers' bytes are sent as Answers keeps them
-(shared by every stream of the task), not parsed into a message of each stream's own.
+coroutine, generator, context manager or timer per stream (one timer serves every waiting stream's
+deadline), and the answers' bytes are sent as Answers keeps them (shared by every stream of the
+task), not parsed into a message of each stream's own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -34,7 +34,6 @@ from tiw_facade.calls import CURRENT_SHARE, record_for
 from tiw_facade.failures import (
     FacadeError,
     Outcome,
-    TiwError,
     TooManyWatches,
     UpstreamTimeout,
 )
@@ -129,23 +128,33 @@ def _behavior(action: str, answers: Answers, slots: _Slots, metrics: Metrics) ->
             slots.take(share)
             active.inc()
             try:
-                # aclosing: a stream cancelled while a message is on its way still ends the watch
-                # now (its interest in the task, its waits), not whenever the generator is collected.
-                async with contextlib.aclosing(answers.watch(action, inner, deadline=deadline)) as entries:
-                    while True:
-                        # The deadline bounds this wait only, never a ``yield``: a timeout that fired
-                        # while grpc sends a message would cancel grpc's send, not this wait. (Written
-                        # here, not in a helper coroutine, whose frame each waiting stream would hold.)
-                        async with asyncio.timeout_at(deadline):
-                            entry = await anext(entries, None)
-                        if entry is None:
-                            return
-                        if entry.is_error:  # Answers raises kept errors; never sent as a message
-                            raise TiwError(entry.error_code, entry.error_message, entry.request_id)
-                        record.request_id = entry.request_id
-                        yield entry.payload
-                        if entry.terminal:
-                            return
+                # The deadline bounds the waits only, never a ``yield``: a timeout that fired while
+                # grpc sends a message would cancel grpc's send, not a wait. The first wait, for a
+                # Describe's answer, here; the waits for changes through the topics' one timer, so
+                # that no waiting stream holds a timer of its own.
+                async with asyncio.timeout_at(deadline):
+                    watch = await answers.watch(action, inner, deadline=deadline)
+                del inner  # Answers is done with it: not held while the stream waits
+                try:
+                    # Written here, not in a helper coroutine or generator, whose frame each
+                    # waiting stream would hold.
+                    while not watch.over:
+                        entry = watch.next()
+                        if entry is not None:
+                            record.request_id = entry.request_id
+                            yield entry.payload
+                        elif not watch.over:  # nothing new: the task's next change, or the deadline
+                            wait = watch.wait(deadline)
+                            try:
+                                woken = await wait
+                            finally:
+                                watch.forget(wait)
+                            if not woken:
+                                raise TimeoutError("the deadline passed before the task changed")
+                finally:
+                    # Now, not whenever the generator is collected: a stream cancelled while a message
+                    # is on its way still ends its watch now (its interest in the task, its wait).
+                    watch.close()
             finally:
                 active.dec()
                 slots.give_back(share)

@@ -33,7 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
 from google.protobuf.message import Message
@@ -46,7 +46,7 @@ from tiw_facade.answers._flight import Flight, Late
 from tiw_facade.answers._local import LocalStore
 from tiw_facade.answers._refresh import Refresher
 from tiw_facade.answers._shared import RedisAnswerStore
-from tiw_facade.answers._topics import Topics
+from tiw_facade.answers._topics import Topics, Watch
 from tiw_facade.failures import FacadeError, Outcome, RateLimited, ShuttingDown, TiwError, UpstreamTimeout
 from tiw_facade.metrics import Metrics
 from tiw_facade.upstream import NoSpareQuota
@@ -228,41 +228,21 @@ class Answers:
             except StoreUnavailable as exc:
                 self._shared_failed(exc)
 
-    async def watch(
-        self, action: str, request: Message, *, deadline: float | None
-    ) -> AsyncGenerator[Entry, None]:
-        """The current answer at once, then each change, until a terminal answer (yielded, then the
-        iteration ends). Raises TiwError for an unknown task, ShuttingDown when the facade stops."""
+    async def watch(self, action: str, request: Message, *, deadline: float | None) -> Watch:
+        """A watch of the task ``request`` asks about (see Watch; close it however the stream ends):
+        its current answer, the first that ``Watch.next`` gives, then each change until a terminal
+        answer. Raises ShuttingDown when the facade stops, and what ``describe`` raises (``deadline``
+        is its, ``time.monotonic()``); ``Watch.next`` raises TiwError for an unknown task."""
         if self._draining:
             raise ShuttingDown()
         topic = self._topics.join(self.key(action, request))
         try:
             entry = (await self.describe(action, request, max_age=None, deadline=deadline)).entry
-            topic.publish(entry)
-            sent: bytes | None = None
-            while True:
-                if entry.is_error:
-                    raise TiwError(entry.error_code, entry.error_message, entry.request_id)
-                content = topic.content(action, entry)
-                if content != sent:
-                    sent = content
-                    yield entry
-                if entry.terminal:
-                    return
-                while not self._draining and (topic.latest is None or topic.latest is entry):
-                    # Inline, not a coroutine of the topic's: its frame would be held by every
-                    # waiting stream.
-                    waiter = topic.waiter()
-                    try:
-                        await waiter
-                    finally:
-                        topic.forget(waiter)
-                if self._draining:
-                    raise ShuttingDown()
-                assert topic.latest is not None
-                entry = topic.latest
-        finally:
+        except BaseException:
             self._topics.leave(topic)
+            raise
+        topic.publish(entry)
+        return Watch(self, topic, action, entry)
 
     # --- what the refresher uses ---
 
