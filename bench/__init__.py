@@ -3,7 +3,9 @@
 The questions, each answered with ratios against a baseline measured in the same run:
 
 - overhead: each RPC through the facade vs the same call made with Tencent's official Python SDK,
-  against the same TIW emulator, one call at a time and with 32 in flight;
+  against the same TIW emulator, one call at a time and with 32 in flight, every call a request to
+  TIW (each about a task of its own: never the facade's cache); and the latency the facade adds
+  (facade - SDK) vs one bare grpc.aio hop measured by the same client;
 - quota: under 5x overload, at most 20 arrivals per action in any 1-second window at a strict TIW
   emulator, zero throttles, and nearly all of the quota used (1 replica, and 3 sharing Redis);
 - fairness: a caller flooding one action with 10x the quota beside a light one (2 calls/s): the

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.client
 import json
 import math
 import os
@@ -42,20 +41,15 @@ from typing import Any, NamedTuple
 from tiw_facade.budget import WATCH_COST
 
 from bench import local
-from bench.calls import (
-    DESCRIBE_SNAPSHOT_TASK,
-    DESCRIBE_VIDEO_GENERATION_TASK,
-    DESCRIBE_WHITEBOARD_PUSH,
-    PARAMS,
-)
+from bench.calls import DESCRIBE_SNAPSHOT_TASK, PARAMS, PUSH, SNAPSHOT, VIDEO, Kind
 from bench.common import Budget, Goal, Section, fmt, fmt_ratio, grpc_call, rotated, table
 from bench.procs import (
     HOST,
     PYTHON,
     BenchError,
-    EmulatorAdmin,
     Proc,
     Processes,
+    TaskAdmin,
     Worker,
     facade_environment,
     free_port,
@@ -99,42 +93,6 @@ WATCHER = "tiw.facade.v1.TaskWatcher"
 
 
 @dataclasses.dataclass(frozen=True)
-class Kind:
-    """One Describe action as this bench drives it: its emulator task kind and states, in order."""
-
-    name: str  # the emulator's task kind
-    action: str
-    id_field: str
-    states: tuple[str, ...]
-    # The emulator's durations, one per state but the last (seconds in each state).
-    durations: tuple[str, ...]
-
-    def params(self, task_id: str) -> JSON:
-        return {"SdkAppId": PARAMS[self.action]["SdkAppId"], self.id_field: task_id}
-
-    def rank(self, state: str) -> int:
-        """How far along ``state`` is (-1: not one of ours)."""
-        return self.states.index(state) if state in self.states else -1
-
-
-SNAPSHOT = Kind("snapshot", DESCRIBE_SNAPSHOT_TASK, "TaskID", ("Running", "Finished"), ("RunSeconds",))
-PUSH = Kind(
-    "push",
-    DESCRIBE_WHITEBOARD_PUSH,
-    "TaskId",
-    ("PREPARED", "PUSHING", "STOPPED"),
-    ("PrepareSeconds", "PushSeconds"),
-)
-VIDEO = Kind(
-    "video",
-    DESCRIBE_VIDEO_GENERATION_TASK,
-    "TaskId",
-    ("QUEUED", "PROCESSING", "FINISHED"),
-    ("QueueSeconds", "ProcessSeconds"),
-)
-
-
-@dataclasses.dataclass(frozen=True)
 class Plan:
     name: str
     replicas: int  # more than one: they share one redis-server
@@ -154,21 +112,6 @@ class Task:
     kind: Kind
     task_id: str
     changes: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # from the emulator
-
-
-class TaskAdmin(EmulatorAdmin):
-    """The emulator's task endpoints: tasks with chosen times, and the record of their changes."""
-
-    def add_tasks(self, bodies: Sequence[JSON]) -> list[str]:
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=10)
-        try:
-            return [str(self._request("POST", "tasks", body, conn)["TaskId"]) for body in bodies]
-        finally:
-            conn.close()
-
-    def changes(self) -> dict[str, list[tuple[float, str]]]:
-        document = self._request("GET", "tasks")
-        return {t["TaskId"]: [(at, state) for at, state in t["Changes"]] for t in document["Tasks"]}
 
 
 def create_tasks(

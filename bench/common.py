@@ -77,7 +77,9 @@ class Section:
 
 # The request metadata of a call that must reach TIW: the answer cache (docs/answers.md) would
 # otherwise answer repeated Describe calls itself, and the sections that measure the way to TIW
-# (overhead, quota, fairness, local) would measure the cache.
+# (overhead, quota, fairness, local) would measure the cache. It does not stop the cache serving a
+# final answer (a task that is over): those sections also ask each call about a task of its own
+# (bench/mirror.py).
 FRESH = [["tiw-max-age-ms", "0"]]
 
 

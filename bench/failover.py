@@ -31,10 +31,19 @@ from typing import Any
 
 from redis import Redis
 
-from bench.answers import TaskAdmin
 from bench.calls import CREATE_SNAPSHOT_TASK, DESCRIBE_SNAPSHOT_TASK, PARAMS
 from bench.common import Budget, Goal, Section, grpc_call, table
-from bench.procs import HOST, BenchError, Proc, Processes, Worker, facade_environment, free_port, get_text
+from bench.procs import (
+    HOST,
+    BenchError,
+    Proc,
+    Processes,
+    TaskAdmin,
+    Worker,
+    facade_environment,
+    free_port,
+    get_text,
+)
 from bench.quota import sleep_until
 from bench.stats import parse_prometheus
 

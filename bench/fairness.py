@@ -1,6 +1,7 @@
 """Fairness: a caller that floods one action with 10x its quota does not starve a light one.
 
-One action (``DescribeWhiteboardPush`` on the seeded task), two callers that name themselves with
+One action (``DescribeWhiteboardPush``, each call about a push task of its own, so only TIW can
+answer it: ``bench/mirror.py``), two callers that name themselves with
 the ``tiw-caller`` metadata: ``flood`` offers 200 calls/s (10x the limit) and ``light`` 2 calls/s,
 both open loops (calls start on schedule whatever the answers do) with 3 s deadlines, spread over
 the replicas in turn, each caller on its own turn. The facades serve the waiting calls of one action
@@ -10,7 +11,8 @@ one replica (in-process limiter), and three replicas sharing one redis-server.
 
 The light caller's latencies are measured by the caller itself (call start to answer), over the
 whole run; the emulator's counters (arrivals per 1 s window, throttles, utilization in a window)
-are read as ``bench/quota.py`` reads them.
+are read as ``bench/quota.py`` reads them, and checked as it checks them: each call TIW answered one
+request to it, a refused one none.
 
 Run as ``python -m bench.fairness``, this module is the load generator: ``bench/worker.py``'s
 ``open`` sends no metadata and one rate for every call, and here each caller has its own name and
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -28,19 +31,20 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
+from bench import mirror
 from bench.calls import DESCRIBE_WHITEBOARD_PUSH, PARAMS
 from bench.common import Budget, Goal, Section, fmt, grpc_call, table
 from bench.procs import (
     HOST,
     PYTHON,
-    EmulatorAdmin,
     Proc,
     Processes,
+    TaskAdmin,
     Worker,
     facade_environment,
     free_port,
 )
-from bench.quota import SETUPS, Setup, Snapshot, drive
+from bench.quota import SETUPS, Setup, Snapshot, arrivals_goal, drive, lead
 from bench.stats import histogram_buckets, histogram_quantile, percentile
 
 JSON = dict[str, Any]
@@ -67,7 +71,14 @@ LIGHT = Caller("light", 2)
 CALLERS = (FLOOD, LIGHT)
 WEIGHTS = ",".join(f"{caller.name}=1" for caller in CALLERS)
 
-EMULATOR_HEADER = ("set-up", "max/1 s", "throttled", "utilization", "CPU in the window (cores)")
+EMULATOR_HEADER = (
+    "set-up",
+    "max/1 s",
+    "throttled",
+    "utilization",
+    "arrivals at TIW",
+    "CPU in the window (cores)",
+)
 CALLER_HEADER = (
     "set-up",
     "caller",
@@ -85,6 +96,7 @@ class Run:
 
     setup: Setup
     records: list[list[Any]]  # [caller index, start (monotonic), latency ms, outcome]
+    start: dict[str, dict[str, int]]  # the emulator's counters before the first call
     first: Snapshot  # the utilization window's start
     second: Snapshot  # its end
     final: Snapshot  # after every answer and every token back
@@ -108,8 +120,10 @@ def run(procs: Processes, budget: Budget) -> Section:
     seconds = budget.quota_warmup + budget.quota_seconds + TAIL
     body = f"""\
 The emulator at its strict default ({LIMIT} per action in any 1 s, counted on arrival); the facades
-at `TIW_RATE_LIMIT={LIMIT}`, `TIW_CALLER_WEIGHTS="{WEIGHTS}"`. One action, `{ACTION}` on the
-seeded task. Caller `{FLOOD.name}` offers {FLOOD.rate:g} calls/s ({FLOOD.rate / LIMIT:g}x the limit),
+at `TIW_RATE_LIMIT={LIMIT}`, `TIW_CALLER_WEIGHTS="{WEIGHTS}"`. One action, `{ACTION}`, each
+call about a push task of its own, over from the start (created beforehand through the emulator's
+control API, `POST /_emulator/tasks`), so neither the answer cache nor a shared request can answer
+it. Caller `{FLOOD.name}` offers {FLOOD.rate:g} calls/s ({FLOOD.rate / LIMIT:g}x the limit),
 caller `{LIGHT.name}` {LIGHT.rate:g} calls/s, each naming itself with `tiw-caller`, for {seconds:g} s:
 open loops from one load-generator process, each call with a {DEADLINE:g} s deadline, spread over the
 replicas in turn (each caller on its own turn).
@@ -124,6 +138,8 @@ replicas in turn (each caller on its own turn).
   run whatever its outcome. **limiter wait**: the same from the facades' `{CALLER_WAIT}`
   histogram (summed over replicas, interpolated inside its buckets, so coarse).
 - **admitted / refused (facades)**: the facades' `{ADMITTED}` and `{REJECTED}` (all reasons), whole run.
+- **arrivals at TIW**: the emulator's count of requests, whole run, checked against the callers'
+  outcomes: each call answered OK was one request to TIW, a refused one none, a late one one or none.
 
 {table(EMULATOR_HEADER, emulator_rows)}
 
@@ -134,7 +150,7 @@ replicas in turn (each caller on its own turn).
 
 def _measure(procs: Processes, budget: Budget, setup: Setup) -> Run:
     emulator, url = procs.emulator(rate_limit=LIMIT)
-    admin = EmulatorAdmin(url)
+    admin = TaskAdmin(url)
     roles: dict[str, list[Proc]] = defaultdict(list)  # for the CPU each role used
     roles["emulator"].append(emulator)
     extra = {"TIW_RATE_LIMIT": str(LIMIT), "TIW_CALLER_WEIGHTS": WEIGHTS}
@@ -156,12 +172,16 @@ def _measure(procs: Processes, budget: Budget, setup: Setup) -> Run:
     admin.reset()
 
     seconds = budget.quota_warmup + budget.quota_seconds + TAIL
-    begin = time.monotonic() + 0.5  # the worker connects to every replica first
+    calls = sum(int(seconds * caller.rate) for caller in CALLERS)
+    each = mirror.per_call(admin, ACTION, calls)
+    start = admin.stats()
+    begin = time.monotonic() + lead(calls)  # the worker prepares the requests, connects to every replica
     command = {
         "begin": begin,
         "seconds": seconds,
         "targets": targets,
         "call": grpc_call(ACTION, PARAMS[ACTION]),
+        "each": each,
         "callers": [dataclasses.asdict(caller) for caller in CALLERS],
         "timeout": DEADLINE,
     }
@@ -176,7 +196,7 @@ def _measure(procs: Processes, budget: Budget, setup: Setup) -> Run:
         metrics_urls=metrics_urls,
         roles=roles,
     )
-    return Run(setup, records, first, second, final)
+    return Run(setup, records, start, first, second, final)
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -192,11 +212,13 @@ def _emulator_row(measured: Run) -> tuple[list[str], list[Goal]]:
         f"{role} {(second.cpu[role] - first.cpu[role]) / measured.window:.2f}" for role in sorted(second.cpu)
     )
     name = measured.setup.name
+    arrived = mirror.arrived_between(measured.start, final.stats)
     row = [
         name,
         f"**{most}**",
         f"**{throttled}**",
         f"**{utilization:.1%}**",
+        str(arrived[ACTION]),
         f"{cores} (of {os.cpu_count()})",
     ]
     goals = [
@@ -210,6 +232,7 @@ def _emulator_row(measured: Run) -> tuple[list[str], list[Goal]]:
             utilization >= UTILIZATION_GOAL,
             f"{utilization:.2%}",  # two decimals: a figure just under the bar never reads as on it
         ),
+        arrivals_goal(f"Fairness ({name})", {ACTION: Counter(str(r[3]) for r in measured.records)}, arrived),
     ]
     return row, goals
 
@@ -281,7 +304,12 @@ async def offer(command: JSON) -> JSON:
 
     spec: JSON = command["call"]
     request_type, response_type = getattr(tiw_pb2, spec["request"]), getattr(tiw_pb2, spec["response"])
-    message = json_format.ParseDict(spec["params"], request_type())
+    # The requests the calls send, in the order they start (callers interleaved): one each, from
+    # ``each``, or the call's one request every time.
+    messages = [
+        json_format.ParseDict(params, request_type()) for params in command.get("each") or [spec["params"]]
+    ]
+    sent = itertools.count()
     timeout = float(command["timeout"])
     begin, seconds = float(command["begin"]), float(command["seconds"])
     channels = [grpc.aio.insecure_channel(target) for target in command["targets"]]
@@ -296,6 +324,7 @@ async def offer(command: JSON) -> JSON:
     records: list[list[Any]] = []
 
     async def one(stub: Any, index: int, metadata: tuple[tuple[str, str], ...]) -> None:
+        message = messages[next(sent) % len(messages)]
         started = time.monotonic()
         try:
             await stub(message, timeout=timeout, metadata=metadata)

@@ -377,13 +377,24 @@ class EmulatorAdmin:
     def reset(self) -> None:
         self._request("POST", "reset", {})
 
-    def add_push_tasks(self, count: int, sdk_app_id: int) -> list[str]:
-        """``count`` fresh whiteboard push tasks (for StopWhiteboardPush), over one keep-alive connection."""
+
+class TaskAdmin(EmulatorAdmin):
+    """The emulator's task endpoints: tasks with chosen times, and the record of their changes."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.created = 0  # tasks added through this client
+
+    def add_tasks(self, bodies: Sequence[Mapping[str, Any]]) -> list[str]:
+        """One task per body (``POST /_emulator/tasks``), over one keep-alive connection: their IDs."""
         conn = http.client.HTTPConnection(self._host, self._port, timeout=10)
         try:
-            return [
-                str(self._request("POST", "tasks", {"Kind": "push", "SdkAppId": sdk_app_id}, conn)["TaskId"])
-                for _ in range(count)
-            ]
+            ids = [str(self._request("POST", "tasks", body, conn)["TaskId"]) for body in bodies]
         finally:
             conn.close()
+        self.created += len(ids)
+        return ids
+
+    def changes(self) -> dict[str, list[tuple[float, str]]]:
+        document = self._request("GET", "tasks")
+        return {t["TaskId"]: [(at, state) for at, state in t["Changes"]] for t in document["Tasks"]}

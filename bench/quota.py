@@ -2,14 +2,17 @@
 
 The emulator runs at its strict default (20 requests per action in any 1 s, counted on arrival).
 Callers offer 100 calls/s on each of the five actions (an open loop: calls start on schedule
-whatever the answers do), each with a 3 s deadline, spread over the replicas in turn. Two set-ups:
+whatever the answers do), each with a 3 s deadline, spread over the replicas in turn; each Describe
+call asks about a task of its own (``bench/mirror.py``), so only TIW can answer it. Two set-ups:
 one replica (in-process limiter), and three replicas sharing one redis-server.
 
 Measured at the emulator (``/_emulator/stats``): the most accepted arrivals in any 1 s window and
 the throttles (``RequestLimitExceeded``), over the whole run from the first call to the last
 answer; accepted arrivals between two snapshots taken ``quota_warmup`` s after the load starts and
 ``quota_seconds`` later, for utilization. A throttled arrival is never accepted, so with zero
-throttles every arrival was accepted and the accepted maximum is the arrival maximum.
+throttles every arrival was accepted and the accepted maximum is the arrival maximum. The
+emulator's counts, whole run, are checked against the callers' outcomes: each call TIW answered one
+request to it (none from the cache, none shared), a refused one none (``mirror.answered_arrived``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from typing import Any
 
-from bench.calls import ACTIONS, PARAMS
+from bench import mirror
+from bench.calls import ACTIONS, KINDS, PARAMS
 from bench.common import Budget, Goal, Section, fmt, grpc_call, table
 from bench.procs import (
     HOST,
@@ -30,6 +35,7 @@ from bench.procs import (
     EmulatorAdmin,
     Proc,
     Processes,
+    TaskAdmin,
     Worker,
     facade_environment,
     free_port,
@@ -42,6 +48,7 @@ OFFERED = 100  # calls per second per action: 5x the limit
 DEADLINE = 3.0
 TAIL = 0.5  # load continues this long past the second snapshot, so the window ends saturated
 UTILIZATION_GOAL = 0.97
+REFUSED = frozenset({"RESOURCE_EXHAUSTED"})  # by the facade, at once: no request to TIW
 # Answers that come from TIW: the call was admitted. StopWhiteboardPush stops the same task every
 # time, so all but the first are TIW's UnsupportedOperation.TaskHasAlreadyStopped (FAILED_PRECONDITION).
 ANSWERED = frozenset({"OK", "FAILED_PRECONDITION"})
@@ -57,6 +64,7 @@ HEADER = (
     "admission p50 / p99",
     "limiter wait p50 / p99",
     "answered / refused / late",
+    "arrivals at TIW",
     "tokens spent on time-outs",
 )
 
@@ -95,7 +103,12 @@ from one load-generator process, each call with a {DEADLINE:g} s deadline, sprea
   stops the same push task each time, TIW's `TaskHasAlreadyStopped`: an arrival like any other).
   **limiter wait**: the same percentiles from the facades' `{WAIT_METRIC}` histogram (summed
   over replicas, interpolated inside its buckets, so coarse), over the same window.
-- Describe* ask for the seeded example tasks, so TIW answers them OK; `CreateSnapshotTask` creates tasks.
+- Each Describe call asks about a task of its own, over from the start (created beforehand through
+  the emulator's control API, `POST /_emulator/tasks`), so neither the facades' answer cache nor a
+  shared request can answer it: TIW answers it OK. `CreateSnapshotTask` creates tasks.
+- **TIW's arrivals**: the emulator's count of requests (accepted, throttled or rejected), whole run,
+  checked against the callers' outcomes: each call answered by TIW (OK, `TaskHasAlreadyStopped`) was
+  one request, a refused one none, a late one one or none.
 - **tokens spent on time-outs**: upstream attempts that ended in a time-out, in the window (the
   facades' `tiw_upstream_requests_total{{code="UPSTREAM_TIMEOUT"}}`): each took a token that came back only a
   window later, mostly without reaching TIW (a caller admitted with almost none of its deadline
@@ -114,7 +127,7 @@ def _run_setup(procs: Processes, budget: Budget, setup: Setup) -> tuple[str, lis
 
 def _measure(procs: Processes, budget: Budget, setup: Setup) -> tuple[str, list[Goal]]:
     emulator, url = procs.emulator(rate_limit=LIMIT)
-    admin = EmulatorAdmin(url)
+    admin = TaskAdmin(url)
     roles: dict[str, list[Proc]] = defaultdict(list)  # for the CPU each role used
     roles["emulator"].append(emulator)
     extra: dict[str, str] = {}
@@ -133,12 +146,15 @@ def _measure(procs: Processes, budget: Budget, setup: Setup) -> tuple[str, list[
     admin.reset()
 
     seconds = budget.quota_warmup + budget.quota_seconds + TAIL
-    begin = time.monotonic() + 0.3
+    calls = int(seconds * OFFERED)  # of each action
+    specs = open_calls({action: mirror.per_call(admin, action, calls) for action in KINDS})
+    start = admin.stats()
+    begin = time.monotonic() + lead(len(KINDS) * calls)
     command = {
         "op": "open",
         "begin": begin,
         "targets": targets,
-        "calls": [grpc_call(action, PARAMS[action]) for action in ACTIONS],
+        "calls": specs,
         "rate": OFFERED,
         "seconds": seconds,
         "timeout": DEADLINE,
@@ -154,7 +170,25 @@ def _measure(procs: Processes, budget: Budget, setup: Setup) -> tuple[str, list[
         metrics_urls=metrics_urls,
         roles=roles,
     )
-    return _report(setup, budget, records=records, first=first, second=second, final=final)
+    return _report(setup, budget, records=records, start=start, first=first, second=second, final=final)
+
+
+def open_calls(each: Mapping[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The worker's ``open`` calls, one per action: with ``each``, a TIW request per call (the
+    Describe actions: a task of their own each); else the action's one request, every call."""
+    calls = []
+    for action in ACTIONS:
+        call = grpc_call(action, PARAMS[action])
+        if action in each:
+            call["each"] = each[action]
+        calls.append(call)
+    return calls
+
+
+def lead(messages: int) -> float:
+    """How long before its first call to hand a load generator its command: it connects to every
+    replica and prepares ``messages`` requests (ParseDict, well under 0.1 ms each) first."""
+    return 0.5 + messages * 1e-4
 
 
 def drive(
@@ -237,6 +271,7 @@ def _report(
     budget: Budget,
     *,
     records: list[list[Any]],
+    start: dict[str, dict[str, int]],
     first: Snapshot,
     second: Snapshot,
     final: Snapshot,
@@ -248,13 +283,15 @@ def _report(
     rows = []
     goals: list[Goal] = []
     worst_max, total_throttled, worst_util = 0, 0, math.inf
+    arrived = mirror.arrived_between(start, final.stats)
+    codes: dict[str, Counter[str]] = {}
     for index, action in enumerate(ACTIONS):
         accepted = second.stats[action]["accepted"] - first.stats[action]["accepted"]
         utilization = accepted / (LIMIT * window)
         max_in_window = final.stats[action]["max_in_window"]
         throttled = final.stats[action]["throttled"]
         calls = by_action[index]
-        outcomes = Counter(code for _, _, _, code in calls)
+        outcomes = codes[action] = Counter(code for _, _, _, code in calls)
         in_window = [r for r in calls if first.at <= r[1] < second.at and r[3] in ANSWERED]
         latencies = [r[2] for r in in_window]
         waits = subtract(second.wait_buckets(action), first.wait_buckets(action))
@@ -276,6 +313,7 @@ def _report(
                 f"{fmt(histogram_quantile(waits, 0.5))} / {fmt(histogram_quantile(waits, 0.99))} s",
                 f"{sum(outcomes[c] for c in ANSWERED)} / {outcomes['RESOURCE_EXHAUSTED']} / "
                 f"{outcomes['DEADLINE_EXCEEDED']}" + (f" / other {dict(other)}" if other else ""),
+                str(arrived[action]),
                 f"{timeouts:.0f} ({timeouts / (LIMIT * window):.1%} of the quota)",
             ]
         )
@@ -299,6 +337,7 @@ def _report(
             worst_util >= UTILIZATION_GOAL,
             f"lowest {worst_util:.1%}",
         ),
+        arrivals_goal(f"Quota ({setup.name})", codes, arrived),
     ]
     cores = ", ".join(
         f"{role} {(second.cpu[role] - first.cpu[role]) / window:.2f}" for role in sorted(second.cpu)
@@ -316,3 +355,15 @@ Window {window:.2f} s; {len(records)} calls offered in all. CPU used in the wind
 {table(HEADER, rows)}
 """
     return part, goals
+
+
+def arrivals_goal(name: str, codes: Mapping[str, Mapping[str, int]], arrived: Mapping[str, int]) -> Goal:
+    """The claim of the quota section (and the fairness one): each call TIW answered was one request
+    to it, a call the facade refused none, whole run, every action."""
+    problems = mirror.answered_arrived(codes, arrived, answered=ANSWERED, refused=REFUSED)
+    answered = sum(n for outcomes in codes.values() for code, n in outcomes.items() if code in ANSWERED)
+    return mirror.goal(
+        f"{name}: each call TIW answered one request to it (no cache, no shared request)",
+        problems,
+        f"{answered} calls answered by TIW, {sum(arrived.values())} arrivals",
+    )

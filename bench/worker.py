@@ -9,7 +9,10 @@ Commands (``op``):
 - ``seq``: ``n`` calls one at a time after ``warmup`` more; answers every latency (ms) and the count
   of each outcome. ``params`` is cycled through, so a list of fresh tasks gives each call its own.
 - ``conc``: ``concurrency`` callers, each calling again as soon as its call ends, for
-  ``warmup_seconds`` and then ``seconds``; answers the calls completed in the measured part.
+  ``warmup_seconds`` and then ``seconds``, taking ``calls`` in turn; answers the calls completed in
+  the measured part, and the calls made of each (warm-up included). A call with ``each`` (a list of
+  TIW JSON requests) sends the i-th of them in its i-th use, e.g. a task of its own each; past the
+  end of the list it starts again, and ``reused`` counts those calls.
 - ``hold`` / ``release`` (gRPC only): start a call and leave it in flight / cancel those calls.
 - ``open`` (gRPC only): an open loop of ``rate`` calls per second for each of ``calls``, for
   ``seconds``, spread over ``targets`` in turn; answers one record per call. A call with ``each``
@@ -40,6 +43,41 @@ JSON = dict[str, Any]
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 4)
+
+
+class Supply:
+    """Which request each call of a ``conc`` sends: per kind of call, its ``each`` list in turn.
+
+    ``sizes[k]``: how many distinct requests kind ``k`` has (None: one request, sent every time).
+    Shared by every caller (the SDK's are threads, so under a lock).
+    """
+
+    def __init__(self, sizes: Sequence[int | None]) -> None:
+        self._sizes = list(sizes)
+        self.made = [0] * len(sizes)  # calls of each kind so far
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, specs: Sequence[JSON]) -> Supply:
+        return cls([len(spec["each"]) if spec.get("each") else None for spec in specs])
+
+    def take(self, kind: int) -> int:
+        """The index of the request the next call of ``kind`` sends."""
+        with self._lock:
+            made = self.made[kind]
+            self.made[kind] = made + 1
+        size = self._sizes[kind]
+        return made % size if size else 0
+
+    @property
+    def reused(self) -> int:
+        """Calls that sent a request of an ``each`` list a second time (the list was too short)."""
+        return sum(max(0, made - size) for made, size in zip(self.made, self._sizes, strict=True) if size)
+
+
+def variants(spec: JSON) -> list[JSON]:
+    """The TIW requests a kind of call sends in turn: its ``each`` list, or its one ``params``."""
+    return [{**spec, "params": params} for params in spec["each"]] if spec.get("each") else [spec]
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
@@ -114,7 +152,10 @@ class GrpcClient:
 
     async def conc(self, command: JSON) -> JSON:
         targets: list[str] = command["targets"]
-        calls = [call for target in targets for call in self._prepared(target, command["calls"])]
+        specs: list[JSON] = command["calls"]
+        stubs = [[self._callable(target, spec) for spec in specs] for target in targets]
+        messages = [[self._message(one) for one in variants(spec)] for spec in specs]
+        supply = Supply.of(specs)
         timeout = float(command["timeout"])
         begin = time.perf_counter() + float(command["warmup_seconds"])
         end = begin + float(command["seconds"])
@@ -125,7 +166,8 @@ class GrpcClient:
         async def caller() -> None:
             nonlocal total
             while True:
-                stub, message = calls[next(turn) % len(calls)]
+                place, kind = divmod(next(turn) % (len(targets) * len(specs)), len(specs))
+                stub, message = stubs[place][kind], messages[kind][supply.take(kind)]
                 code = await self._call(stub, message, timeout)
                 total += 1
                 now = time.perf_counter()
@@ -135,7 +177,7 @@ class GrpcClient:
                     codes[code] += 1
 
         await asyncio.gather(*(caller() for _ in range(command["concurrency"])))
-        return _rate(codes, total, end - begin)
+        return _rate(codes, total, end - begin, supply)
 
     async def open(self, command: JSON) -> JSON:
         """Open loop: call i of each kind starts at begin + i / rate, whatever the answers do."""
@@ -143,12 +185,7 @@ class GrpcClient:
         specs: list[JSON] = command["calls"]
         prepared = [self._prepared(target, specs) for target in targets]
         # Per kind, the messages its calls send in turn: its one request, or one per entry of ``each``.
-        variants = [
-            [self._message({**spec, "params": params}) for params in spec["each"]]
-            if spec.get("each")
-            else [prepared[0][kind][1]]
-            for kind, spec in enumerate(specs)
-        ]
+        messages = [[self._message(one) for one in variants(spec)] for spec in specs]
         for target in targets:  # connected before the first scheduled call
             await asyncio.wait_for(self._channels[target].channel_ready(), timeout=10)
         timeout = float(command["timeout"])
@@ -160,7 +197,7 @@ class GrpcClient:
 
         async def one(kind: int, tick: int) -> None:
             stub, _ = prepared[next(turn) % len(prepared)][kind]
-            message = variants[kind][tick % len(variants[kind])]
+            message = messages[kind][tick % len(messages[kind])]
             started = time.monotonic()
             code = await self._call(stub, message, timeout)
             records.append([kind, round(started, 6), _ms(time.monotonic() - started), code])
@@ -320,16 +357,21 @@ class SdkClient:
         codes: Counter[str] = Counter()
         turn = itertools.count()
         total = 0
+        specs: list[JSON] = command["calls"]
+        # The requests, shared by the threads (each sends them with its own client's methods).
+        requests = [[request for _, request in self._prepared(self._main or clients[0], variants(spec))]
+                    for spec in specs]  # fmt: skip
+        supply = Supply.of(specs)
 
         def caller(client: Any) -> None:
             nonlocal total
-            calls = self._prepared(client, command["calls"])
+            methods = [getattr(client, spec["action"]) for spec in specs]
             start.wait()
             mine: Counter[str] = Counter()
             done = 0
             while True:
-                method, request = calls[next(turn) % len(calls)]
-                code = self._call(method, request)
+                kind = next(turn) % len(specs)
+                code = self._call(methods[kind], requests[kind][supply.take(kind)])
                 done += 1
                 now = time.perf_counter()
                 if now >= end:
@@ -348,7 +390,7 @@ class SdkClient:
         start.wait()
         for thread in threads:
             thread.join()
-        return _rate(codes, total, end - begin)
+        return _rate(codes, total, end - begin, supply)
 
 
 def sdk_main(endpoint: str) -> int:
@@ -360,8 +402,9 @@ def sdk_main(endpoint: str) -> int:
     return 0
 
 
-def _rate(codes: Counter[str], total: int, seconds: float) -> JSON:
-    """The answer to ``conc``: calls completed in the measured part, and in all (warm-up included)."""
+def _rate(codes: Counter[str], total: int, seconds: float, supply: Supply) -> JSON:
+    """The answer to ``conc``: calls completed in the measured part, and in all (warm-up included);
+    the calls made of each kind (warm-up included: every one completed), and those ``reused``."""
     calls = sum(codes.values())
     return {
         "calls": calls,
@@ -369,6 +412,8 @@ def _rate(codes: Counter[str], total: int, seconds: float) -> JSON:
         "seconds": seconds,
         "per_second": calls / seconds,
         "codes": codes,
+        "per_call": supply.made,
+        "reused": supply.reused,
     }
 
 

@@ -1,0 +1,305 @@
+"""The benchmark's own logic: what its mirror-path sections send, and the checks of what they claim.
+
+The sections that measure the way to TIW (overhead, throughput, quota, fairness) must send calls
+only TIW can answer (a task of its own per Describe call), and each checks the emulator's count of
+arrivals against its claim. These tests give those checks synthetic figures, both ones that keep
+the claim and ones that break it (the cache answering, requests shared, extra requests), and the
+last runs the overhead section's measuring function for real, tiny, against a real emulator and
+facade: it fails if any call was answered without a request to TIW.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from bench import fairness, local, mirror, overhead, quota
+from bench.calls import (
+    ACTIONS,
+    CREATE_SNAPSHOT_TASK,
+    DESCRIBE_SNAPSHOT_TASK,
+    DESCRIBE_VIDEO_GENERATION_TASK,
+    DESCRIBE_WHITEBOARD_PUSH,
+    KINDS,
+    PARAMS,
+    PUSH_SDK_APP_ID,
+    REPEATABLE,
+    STOP_WHITEBOARD_PUSH,
+)
+from bench.common import Budget
+from bench.procs import Processes, TaskAdmin
+from bench.worker import Supply, variants
+
+DESCRIBES = (DESCRIBE_SNAPSHOT_TASK, DESCRIBE_WHITEBOARD_PUSH, DESCRIBE_VIDEO_GENERATION_TASK)
+
+
+class FakeAdmin(TaskAdmin):
+    """The emulator's control API without an emulator: every task asked for gets a new ID."""
+
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:1")
+        self.bodies: list[Mapping[str, Any]] = []
+        self._ids = itertools.count()
+
+    def add_tasks(self, bodies: Sequence[Mapping[str, Any]]) -> list[str]:
+        self.bodies += bodies
+        return [f"task-{next(self._ids)}" for _ in bodies]
+
+
+def stats(**arrived: int) -> dict[str, dict[str, int]]:
+    """The emulator's /_emulator/stats ``actions``, with ``arrived`` requests accepted per action."""
+    zero = dict.fromkeys(
+        ("accepted", "throttled", "rejected", "faulted", "tasks_created", "max_in_window"), 0
+    )
+    return {action: {**zero, "accepted": arrived.get(action, 0)} for action in ACTIONS}
+
+
+# --- a task per call ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", DESCRIBES)
+def test_each_describe_call_asks_about_a_task_of_its_own_over_from_the_start(action: str) -> None:
+    admin = FakeAdmin()
+    requests = mirror.per_call(admin, action, 50)
+    kind = KINDS[action]
+    assert len(requests) == 50
+    assert len({request[kind.id_field] for request in requests}) == 50  # no two calls share a task
+    assert all(request["SdkAppId"] == PARAMS[action]["SdkAppId"] for request in requests)
+    assert set(requests[0]) == set(PARAMS[action])  # the same fields as the documented request
+    for body in admin.bodies:  # every state's time zero: the answer is the final one at once
+        assert body == {
+            "Kind": kind.name,
+            "SdkAppId": PARAMS[action]["SdkAppId"],
+            **dict.fromkeys(kind.durations, 0),
+        }
+
+
+def test_each_stop_stops_a_push_task_of_its_own_and_a_create_needs_no_task() -> None:
+    admin = FakeAdmin()
+    stops = mirror.per_call(admin, STOP_WHITEBOARD_PUSH, 5)
+    assert len({stop["TaskId"] for stop in stops}) == 5
+    assert admin.bodies == [{"Kind": "push", "SdkAppId": PUSH_SDK_APP_ID}] * 5
+    creates = mirror.per_call(admin, CREATE_SNAPSHOT_TASK, 4)
+    assert creates == [PARAMS[CREATE_SNAPSHOT_TASK]] * 4
+    assert len(admin.bodies) == 5  # none more
+    with pytest.raises(ValueError):
+        mirror.requests_for(DESCRIBE_SNAPSHOT_TASK, ["a", "b"], 3)
+
+
+def test_the_load_generators_send_each_request_once_and_count_the_ones_sent_again() -> None:
+    supply = Supply([3, None])
+    assert [supply.take(0) for _ in range(5)] == [0, 1, 2, 0, 1]
+    assert [supply.take(1) for _ in range(4)] == [0, 0, 0, 0]  # one request for every call: not reused
+    assert supply.made == [5, 4]
+    assert supply.reused == 2
+    specs: list[dict[str, Any]] = [{"params": {"a": 1}, "each": [{"a": 1}, {"a": 2}]}, {"params": {"b": 1}}]
+    assert Supply.of(specs)._sizes == [2, None]
+    assert [v["params"] for v in variants(specs[0])] == [{"a": 1}, {"a": 2}]
+    assert variants(specs[1]) == [specs[1]]
+
+
+def test_overhead_in_flight_sends_a_task_per_describe_call_on_both_clients() -> None:
+    admin = FakeAdmin()
+    budget = Budget.quick()
+    requests = {action: mirror.per_call(admin, action, 7 if action in KINDS else 1) for action in REPEATABLE}
+    for client in (overhead.SDK, overhead.FACADE):
+        command = overhead._conc_command(client, budget, {overhead.FACADE: "127.0.0.1:1"}, requests)
+        calls = dict(zip(REPEATABLE, command["calls"], strict=True))
+        for action in DESCRIBES:
+            assert calls[action]["each"] == requests[action]
+        assert "each" not in calls[CREATE_SNAPSHOT_TASK]
+        if client == overhead.FACADE:  # and never the cache's (non-final answers at least)
+            assert calls[DESCRIBE_SNAPSHOT_TASK]["metadata"] == [["tiw-max-age-ms", "0"]]
+    # The first client's first round has tasks for more calls than one on 2 cores makes; later rounds
+    # for more than the most it made.
+    assert overhead._conc_calls(budget, None) >= 1000 * (budget.conc_seconds + budget.conc_warmup)
+    assert overhead._conc_calls(budget, 800) > 800
+
+
+def test_overhead_sequential_echo_is_the_bare_hop_with_the_facades_client() -> None:
+    budget = Budget.quick()
+    targets = {overhead.ECHO: "127.0.0.1:2", overhead.FACADE: "127.0.0.1:1"}
+    echo = overhead._seq_command(overhead.ECHO, DESCRIBE_SNAPSHOT_TASK, [{}], budget, targets)
+    assert echo["call"] is local.ECHO_CALL
+    assert echo["target"] == "127.0.0.1:2"
+    facade = overhead._seq_command(overhead.FACADE, DESCRIBE_SNAPSHOT_TASK, [{"x": 1}], budget, targets)
+    assert facade["target"] == "127.0.0.1:1"
+    assert facade["params"] == [{"x": 1}]
+
+
+def test_quota_sends_a_task_per_describe_call() -> None:
+    admin = FakeAdmin()
+    calls = quota.open_calls({action: mirror.per_call(admin, action, 9) for action in KINDS})
+    by_action = {call["method"].rsplit("/", 1)[1]: call for call in calls}
+    assert list(by_action) == list(ACTIONS)
+    for action in DESCRIBES:
+        each = by_action[action]["each"]
+        assert len({request[KINDS[action].id_field] for request in each}) == 9
+    assert "each" not in by_action[CREATE_SNAPSHOT_TASK]
+    assert "each" not in by_action[STOP_WHITEBOARD_PUSH]  # the seeded task: TaskHasAlreadyStopped
+
+
+# --- the checks of what each section claims -----------------------------------------------------
+
+
+def test_arrivals_are_every_request_the_emulator_counted() -> None:
+    before = stats(DescribeSnapshotTask=3)
+    after = stats(DescribeSnapshotTask=10)
+    after[DESCRIBE_SNAPSHOT_TASK]["throttled"] = 2
+    after[DESCRIBE_WHITEBOARD_PUSH]["rejected"] = 1
+    arrived = mirror.arrived_between(before, after)
+    assert arrived[DESCRIBE_SNAPSHOT_TASK] == 9
+    assert arrived[DESCRIBE_WHITEBOARD_PUSH] == 1
+    assert arrived[CREATE_SNAPSHOT_TASK] == 0
+
+
+def test_one_arrival_each_holds_only_when_every_call_was_one_request() -> None:
+    calls = {DESCRIBE_SNAPSHOT_TASK: 330}
+    assert mirror.one_arrival_each(calls, {DESCRIBE_SNAPSHOT_TASK: 330, CREATE_SNAPSHOT_TASK: 0}) == []
+    # The cache answered all but the first (the bug this check is for), or calls shared requests.
+    assert mirror.one_arrival_each(calls, {DESCRIBE_SNAPSHOT_TASK: 1})
+    assert mirror.one_arrival_each(calls, {DESCRIBE_SNAPSHOT_TASK: 200})
+    # More requests than calls (refreshes, retries), or requests of another action.
+    assert mirror.one_arrival_each(calls, {DESCRIBE_SNAPSHOT_TASK: 331})
+    assert mirror.one_arrival_each(calls, {DESCRIBE_SNAPSHOT_TASK: 330, DESCRIBE_WHITEBOARD_PUSH: 2})
+    # The echo: no call of TIW at all, so no arrival.
+    assert mirror.one_arrival_each({}, {}) == []
+    assert mirror.one_arrival_each({}, {DESCRIBE_SNAPSHOT_TASK: 1})
+
+
+def test_overhead_tally_goal_misses_when_a_batch_breaks_the_claim() -> None:
+    tally = overhead.Tally()
+    tally.add("SDK, DescribeSnapshotTask", {DESCRIBE_SNAPSHOT_TASK: 330}, {DESCRIBE_SNAPSHOT_TASK: 330})
+    tally.add("bare grpc.aio echo, DescribeSnapshotTask", {}, {})
+    assert tally.goal("g").met
+    assert tally.goal("g").detail == "330 calls, 330 arrivals, in 2 batches"
+    tally.add("facade, DescribeSnapshotTask", {DESCRIBE_SNAPSHOT_TASK: 330}, {DESCRIBE_SNAPSHOT_TASK: 1})
+    missed = tally.goal("g")
+    assert not missed.met
+    assert "facade, DescribeSnapshotTask" in missed.detail and "1 arrivals" in missed.detail
+
+
+def test_answered_arrived_bounds_arrivals_by_the_outcomes() -> None:
+    codes = {DESCRIBE_SNAPSHOT_TASK: Counter({"OK": 700, "RESOURCE_EXHAUSTED": 2500, "DEADLINE_EXCEEDED": 5})}
+
+    def check(arrived: int) -> list[str]:
+        return mirror.answered_arrived(
+            codes, {DESCRIBE_SNAPSHOT_TASK: arrived}, answered={"OK"}, refused={"RESOURCE_EXHAUSTED"}
+        )
+
+    assert check(700) == []
+    assert check(705) == []  # the late calls may have arrived
+    assert check(1)  # answered from the cache: the old quota figure "max 1, utilization 0.0%"
+    assert check(699)
+    assert check(706)  # more requests than calls not refused
+
+
+def test_quota_and_fairness_goals_miss_when_the_cache_answers() -> None:
+    answered = {action: Counter({"OK": 709, "RESOURCE_EXHAUSTED": 2541}) for action in ACTIONS}
+    honest = {action: 709 for action in ACTIONS}
+    assert quota.arrivals_goal("Quota (1 replica)", answered, honest).met
+    cached = {**honest, DESCRIBE_WHITEBOARD_PUSH: 1}
+    goal = quota.arrivals_goal("Quota (1 replica)", answered, cached)
+    assert not goal.met
+    assert DESCRIBE_WHITEBOARD_PUSH in goal.detail
+    # Fairness: one action, both callers' outcomes together.
+    codes = {fairness.ACTION: Counter({"OK": 640, "RESOURCE_EXHAUSTED": 5900})}
+    assert quota.arrivals_goal("Fairness", codes, {fairness.ACTION: 640}).met
+    assert not quota.arrivals_goal("Fairness", codes, {fairness.ACTION: 1}).met
+    # StopWhiteboardPush on the seeded task: TIW answers TaskHasAlreadyStopped, an arrival all the same.
+    stops = {STOP_WHITEBOARD_PUSH: Counter({"OK": 1, "FAILED_PRECONDITION": 708})}
+    assert quota.arrivals_goal("Quota", stops, {STOP_WHITEBOARD_PUSH: 709}).met
+
+
+# --- the overhead goals against the bare hop ---------------------------------------------------
+
+
+def test_added_latency_is_facade_minus_sdk_against_the_same_rounds_hop() -> None:
+    added, ratio = overhead.added_latency([5.0, 5.2, 5.1], [4.0, 4.1, 4.2], [1.0, 1.0, 0.5])
+    assert added == pytest.approx(1.0)  # rounds: 1.0, 1.1, 0.9
+    assert ratio == pytest.approx(1.1)  # rounds: 1.0, 1.1, 1.8
+    faster, negative = overhead.added_latency([3.0], [4.0], [0.5])
+    assert faster == -1.0 and negative == -2.0
+
+
+def test_hop_goal_needs_every_rpc_within() -> None:
+    within = {action: 1.1 for action in ACTIONS}
+    assert overhead.hop_goal("p50", within).met
+    assert not overhead.hop_goal("p50", {**within, STOP_WHITEBOARD_PUSH: 1.25}).met
+    assert not overhead.hop_goal("p99", {**within, STOP_WHITEBOARD_PUSH: math.nan}).met  # missing: a miss
+    assert "`StopWhiteboardPush`" in overhead.hop_goal("p99", {**within, STOP_WHITEBOARD_PUSH: 2.0}).detail
+
+
+def synthetic(facade_ms: float, sdk_ms: float, hop_ms: float, rounds: int = 3) -> overhead.Measured:
+    m = overhead.Measured(overhead.CLIENTS)
+    for action in ACTIONS:
+        for path, ms in ((overhead.SDK, sdk_ms), (overhead.FACADE, facade_ms),
+                         (overhead.FACADE_ASYNCIO, facade_ms), (overhead.ECHO, hop_ms)):  # fmt: skip
+            m.latency[path, action] = [(ms, 2 * ms)] * rounds
+        m.sequential.add(f"{action}", {action: 330}, {action: 330})
+    for client, rate in ((overhead.SDK, 300.0), (overhead.FACADE, 700.0), (overhead.FACADE_ASYNCIO, 600.0)):
+        m.throughput[client] = [rate] * rounds
+        m.outcomes[client] = Counter({"OK": 100})
+        m.in_flight.add(client, {DESCRIBE_SNAPSHOT_TASK: 500}, {DESCRIBE_SNAPSHOT_TASK: 500})
+    return m
+
+
+def test_overhead_section_goals() -> None:
+    budget = Budget.quick()
+    goals = {goal.name: goal for goal in overhead._section(budget, synthetic(4.25, 3.75, 0.5)).goals}
+    hop50 = next(g for name, g in goals.items() if "added latency" in name and "p50" in name)
+    hop99 = next(g for name, g in goals.items() if "added latency" in name and "p99" in name)
+    old = next(g for name, g in goals.items() if name.startswith("Overhead bar: facade p50"))
+    assert hop50.met and hop99.met  # 0.5 ms added, 0.5 ms hop: 1.0x; p99 1.0 ms vs 1.0 ms
+    assert old.met  # 1.13x the SDK
+    assert all(goal.met for name, goal in goals.items() if "one request to TIW" in name)
+
+    section = overhead._section(budget, synthetic(4.5, 3.75, 0.5))  # 1.5x the hop, 1.2x the SDK
+    goals = {goal.name: goal for goal in section.goals}
+    assert not next(g for name, g in goals.items() if "added latency" in name and "p50" in name).met
+    assert "added (facade - SDK)" in section.body and "bare grpc.aio echo" in section.body
+
+    broken = synthetic(4.25, 3.75, 0.5)
+    broken.in_flight.add("facade, round 1", {DESCRIBE_VIDEO_GENERATION_TASK: 400}, {})  # the cache answered
+    goals = {goal.name: goal for goal in overhead._section(budget, broken).goals}
+    assert not next(g for name, g in goals.items() if name.startswith("Throughput: each call")).met
+    assert next(g for name, g in goals.items() if name.startswith("Overhead: each sequential")).met
+
+
+# --- one tiny real run ---------------------------------------------------------------------------
+
+
+TINY = Budget(
+    rounds=1,
+    seq_calls=3,
+    seq_warmup=1,
+    conc_seconds=0.2,
+    conc_warmup=0.1,
+    quota_seconds=0.0,
+    quota_warmup=0.0,
+    local_seconds=0.0,
+    answers_seconds=0.0,
+    failover_before=0.0,
+    failover_after=0.0,
+    concurrency=4,
+)
+
+
+@pytest.mark.slow
+def test_overhead_measures_requests_to_tiw_for_real() -> None:
+    """The overhead section's own measuring, tiny, on real processes (emulator, facade, echo, both
+    load generators): every call of every client was one request to TIW, the echo none."""
+    with Processes() as procs:
+        measured = overhead.measure(procs, TINY, clients=(overhead.SDK, overhead.FACADE))
+    assert measured.sequential.problems == []
+    assert measured.in_flight.problems == []
+    per_batch = TINY.seq_calls + TINY.seq_warmup
+    assert measured.sequential.calls == measured.sequential.arrivals == 2 * len(ACTIONS) * per_batch
+    assert measured.in_flight.calls == measured.in_flight.arrivals > 0
+    assert set(measured.outcomes[overhead.SDK]) == set(measured.outcomes[overhead.FACADE]) == {"OK"}
+    assert all(len(measured.latency[overhead.ECHO, action]) == 1 for action in ACTIONS)
