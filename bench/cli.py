@@ -43,7 +43,9 @@ def _suites(raw: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "--quick", action="store_true", help="a short smoke run (under a minute): fewer, shorter rounds"
+        "--quick",
+        action="store_true",
+        help="a smoke run: fewer, shorter rounds (each suite still starts its processes)",
     )
     parser.add_argument(
         "--only", type=_suites, metavar="SUITES", help=f"run only these, comma-separated: {', '.join(SUITES)}"

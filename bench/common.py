@@ -11,7 +11,7 @@ FACADE_SERVICE = "tiw.v20190919.TiwService"
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """How long each part runs. ``full`` stays under ~6 minutes, ``quick`` under ~60 s, on 2 cores."""
+    """How long each part runs: ``full`` for the run of record, ``quick`` for a smoke run."""
 
     rounds: int
     seq_calls: int  # per RPC, per target, per round (after warm-up)

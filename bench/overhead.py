@@ -110,7 +110,7 @@ def measure(procs: Processes, budget: Budget, clients: Sequence[str] = CLIENTS) 
         env = facade_environment(url, grpc_port, free_port(), TIW_RATE_LIMIT=str(UNLIMITED))
         setup.servers[client] = procs.facade(env, loop=loop)
         setup.targets[client] = f"{HOST}:{grpc_port}"
-    _, setup.targets[ECHO] = procs.echo()
+    setup.echo, setup.targets[ECHO] = procs.echo()
     setup.workers[FACADE] = procs.worker("load-grpc", "grpc")
     setup.workers[SDK] = procs.worker("load-sdk", "sdk", url.removeprefix("http://"))
 
@@ -121,6 +121,7 @@ def measure(procs: Processes, budget: Budget, clients: Sequence[str] = CLIENTS) 
                 _sequential(setup, budget, m, path, action, label=f"{path}, round {turn + 1}")
         for client in rotated(clients, turn):
             _in_flight(setup, budget, m, client, f"{client}, round {turn + 1}")
+        _echo_in_flight(setup, budget, m)
     m.tasks = setup.admin.created
     return m
 
@@ -129,6 +130,7 @@ def measure(procs: Processes, budget: Budget, clients: Sequence[str] = CLIENTS) 
 class _Setup:
     emulator: Proc
     admin: TaskAdmin
+    echo: Proc | None = None
     servers: dict[str, Proc] = dataclasses.field(default_factory=dict)  # the facades, by client
     targets: dict[str, str] = dataclasses.field(default_factory=dict)  # gRPC targets (and the echo's)
     workers: dict[str, Worker] = dataclasses.field(default_factory=dict)  # SDK, and FACADE: every gRPC
@@ -184,6 +186,19 @@ def _in_flight(setup: _Setup, budget: Budget, m: Measured, client: str, label: s
     setup.most[client] = max(setup.most.get(client, 0), result["calls_total"])
     m.throughput[client].append(result["per_second"])
     m.outcomes[client].update(result["codes"])
+
+
+def _echo_in_flight(setup: _Setup, budget: Budget, m: Measured) -> None:
+    """The bare echo server with as many in flight from the facade's client process: the CPU a
+    gRPC hop itself costs each side, beside the facade's."""
+    assert setup.echo is not None
+    roles: dict[str, Proc] = {"client": setup.workers[FACADE], "facade": setup.echo}
+    cpu = {role: proc.cpu_seconds() for role, proc in roles.items()}
+    command = local.conc_command(setup.targets[ECHO], local.ECHO_CALL, budget, budget.conc_seconds)
+    result = setup.workers[FACADE].request(command, timeout=60 + budget.conc_seconds * 2)
+    for role, proc in roles.items():
+        m.cpu[ECHO, role].append((proc.cpu_seconds() - cpu[role]) / result["calls_total"] * 1e6)
+    m.outcomes[ECHO].update(result["codes"])
 
 
 def _conc_calls(budget: Budget, most: int | None) -> int:
@@ -309,11 +324,11 @@ def _section(budget: Budget, m: Measured) -> Section:
 
     per_call = {key: median(values) for key, values in m.cpu.items()}
     cpu_table = table(
-        ["client", "client process µs/call", "facade process µs/call", "emulator µs/call"],
+        ["client", "client process µs/call", "facade (echo) process µs/call", "emulator µs/call"],
         [
             [client, *(fmt(per_call[client, role], 0) if (client, role) in per_call else "—"
                        for role in ("client", "facade", "emulator"))]
-            for client in clients
+            for client in (*clients, ECHO)
         ],
     )  # fmt: skip
 
@@ -387,7 +402,11 @@ own `requests` connection pool (one shared session would open new connections pa
 CPU time per call while {budget.concurrency} are in flight (user + system, all threads, from `/proc`,
 warm-up included; medians of the rounds). The SDK's process does everything the facade does (sign,
 send, parse) plus the caller's own work; on the facade path that work is split between the
-caller's gRPC client and the facade.
+caller's gRPC client and the facade. The last row: the bare echo server with as many in flight
+from the facade's client process ({budget.conc_seconds:g} s each round), its server in the facade's
+column: the facade's mirror path costs {
+        fmt_ratio(ratio(per_call.get((FACADE, "facade"), math.nan), per_call.get((ECHO, "facade"), math.nan)))
+    } the bare server's CPU per call.
 
 {cpu_table}
 

@@ -176,26 +176,39 @@ class Processes:
         wait_http(proc, f"{url}/_emulator/stats")
         return proc, url
 
-    def facade(self, env: Mapping[str, str], *, loop: str = "uvloop", profile: Path | None = None) -> Proc:
-        """``tiw-facade serve`` itself, or (another loop, a profile) the same assembly in ``bench.roles``."""
-        if loop == "uvloop" and profile is None:
+    def facade(
+        self,
+        env: Mapping[str, str],
+        *,
+        loop: str = "uvloop",
+        profile: Path | None = None,
+        heap: Path | None = None,
+    ) -> Proc:
+        """``tiw-facade serve`` itself, or (another loop, a profile, heap snapshots: see bench.roles)
+        the same assembly in ``bench.roles``."""
+        if loop == "uvloop" and profile is None and heap is None:
             argv = [PYTHON, "-m", "tiw_facade.cli", "serve"]
         else:
             argv = [PYTHON, "-m", "bench.roles", "facade", "--loop", loop]
             if profile is not None:
                 argv += ["--profile", str(profile)]
+            if heap is not None:
+                argv += ["--heap", str(heap)]
         proc = self.spawn(Proc, f"facade-{env['TIW_GRPC_PORT']}", argv, env)
         wait_http(proc, f"http://{HOST}:{env['TIW_HTTP_PORT']}/healthz")
         return proc
 
-    def echo(self, loop: str = "uvloop") -> tuple[Proc, str]:
+    def echo(
+        self, loop: str = "uvloop", *, as_facade: Mapping[str, str] | None = None, heap: Path | None = None
+    ) -> tuple[Proc, str]:
+        """The bare echo server; ``as_facade``: a facade's environment, whose grpc options it takes."""
         port = free_port()
-        proc = self.spawn(
-            Proc,
-            f"echo-{port}",
-            [PYTHON, "-m", "bench.roles", "echo", "--port", str(port), "--loop", loop],
-            None,
-        )
+        argv = [PYTHON, "-m", "bench.roles", "echo", "--port", str(port), "--loop", loop]
+        if as_facade is not None:
+            argv.append("--as-facade")
+        if heap is not None:
+            argv += ["--heap", str(heap)]
+        proc = self.spawn(Proc, f"echo-{port}", argv, as_facade)
         wait_tcp(proc, port)
         return proc, f"{HOST}:{port}"
 

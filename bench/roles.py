@@ -1,8 +1,13 @@
 """The server-side roles the benchmarks start, each in its own OS process.
 
     python -m bench.roles emulator --port N [--rate-limit 20]
-    python -m bench.roles facade [--loop uvloop|asyncio] [--profile FILE]   (settings from the environment)
-    python -m bench.roles echo --port N [--loop uvloop|asyncio]
+    python -m bench.roles facade [--loop uvloop|asyncio] [--profile FILE] [--heap FILE]
+                                 (settings from the environment)
+    python -m bench.roles echo --port N [--loop uvloop|asyncio] [--as-facade] [--heap FILE]
+
+``--heap FILE`` traces the process's Python allocations (tracemalloc) and writes a snapshot to
+FILE.0, FILE.1, ... at each SIGUSR1. ``--as-facade`` gives the echo server the facade's own grpc
+server options and concurrency cap, read from the facade's settings in the environment.
 
 The facade's default (uvloop) figures come from the product's own command, ``tiw-facade serve``;
 this ``facade`` role exists for the variants it cannot express: the stock asyncio loop, and a run
@@ -15,9 +20,12 @@ import argparse
 import asyncio
 import cProfile
 import logging
+import os
 import signal
 import sys
+import threading
 import time
+import tracemalloc
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -60,6 +68,23 @@ async def _until_terminated() -> None:
     await stop.wait()
 
 
+def trace_heap(path: str) -> None:
+    """Trace Python allocations; at each SIGUSR1, a snapshot in ``path``.N (N from 0, written whole:
+    renamed into place). Called before any other thread starts, so every thread blocks SIGUSR1
+    and only the dumping thread takes it, whatever the event loop does with signals."""
+    tracemalloc.start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+    def dump() -> None:
+        for index in range(1_000_000):
+            signal.sigwait({signal.SIGUSR1})
+            partial = f"{path}.{index}.partial"
+            tracemalloc.take_snapshot().dump(partial)
+            os.replace(partial, f"{path}.{index}")
+
+    threading.Thread(target=dump, name="heap-snapshots", daemon=True).start()
+
+
 def facade(loop: str, profile: str | None) -> int:
     from tiw_facade import logs, settings
     from tiw_facade.server import serve
@@ -79,8 +104,9 @@ def facade(loop: str, profile: str | None) -> int:
         profiler.dump_stats(profile)
 
 
-async def echo(port: int) -> int:
-    """A bare grpc.aio unary server: the same message type in and out, no interceptors, no health."""
+async def echo(port: int, as_facade: bool) -> int:
+    """A bare grpc.aio unary server: the same message type in and out, no interceptors, no health;
+    ``as_facade``: with the facade's grpc options and cap on calls (its settings from the environment)."""
     from tiw_facade._proto.tiw.v20190919 import tiw_pb2
 
     message = tiw_pb2.DescribeWhiteboardPushRequest
@@ -92,7 +118,7 @@ async def echo(port: int) -> int:
         handle, request_deserializer=message.FromString, response_serializer=message.SerializeToString
     )
     service, method = ECHO_METHOD.strip("/").split("/")
-    server = grpc.aio.server()
+    server = grpc.aio.server(**(_facade_server_arguments() if as_facade else {}))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
     server.add_generic_rpc_handlers((_bare_watcher(),))
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
@@ -101,6 +127,16 @@ async def echo(port: int) -> int:
     await _until_terminated()
     await server.stop(0)
     return 0
+
+
+def _facade_server_arguments() -> dict[str, Any]:
+    """What the facade gives ``grpc.aio.server`` besides its interceptors: without the facade's cap on
+    pending calls, grpc's own (1,000, then random drops up to 3,000) cancels most of 10,000 streams."""
+    from tiw_facade import settings
+    from tiw_facade.server import grpc_options, max_calls_in_flight
+
+    config = settings.load()
+    return {"options": grpc_options(config), "maximum_concurrent_rpcs": max_calls_in_flight(config)}
 
 
 # How long a bare watch stream stays open between its two messages: longer than the answers bench
@@ -142,13 +178,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ech = roles.add_parser("echo")
     ech.add_argument("--port", type=int, required=True)
     ech.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ech.add_argument("--as-facade", action="store_true", help="the facade's grpc options and call cap")
+    for role in (fac, ech):
+        role.add_argument("--heap", help="tracemalloc snapshots to FILE.N at each SIGUSR1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.role != "emulator" and args.heap:
+        trace_heap(args.heap)
     if args.role == "emulator":
         return run(emulator(args.port, args.rate_limit), "uvloop")
     if args.role == "facade":
         return facade(args.loop, args.profile)
-    return run(echo(args.port), args.loop)
+    return run(echo(args.port, args.as_facade), args.loop)
 
 
 if __name__ == "__main__":

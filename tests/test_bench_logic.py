@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import tracemalloc
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
 
-from bench import fairness, local, mirror, overhead, quota
+from bench import answers, fairness, heap, local, mirror, overhead, quota
 from bench.calls import (
     ACTIONS,
     CREATE_SNAPSHOT_TASK,
@@ -303,3 +304,49 @@ def test_overhead_measures_requests_to_tiw_for_real() -> None:
     assert measured.in_flight.calls == measured.in_flight.arrivals > 0
     assert set(measured.outcomes[overhead.SDK]) == set(measured.outcomes[overhead.FACADE]) == {"OK"}
     assert all(len(measured.latency[overhead.ECHO, action]) == 1 for action in ACTIONS)
+    # The echo in flight, its server's CPU in the facade's column: the floor beside the facade's.
+    assert len(measured.cpu[overhead.ECHO, "facade"]) == len(measured.cpu[overhead.FACADE, "facade"]) == 1
+    assert set(measured.outcomes[overhead.ECHO]) == {"OK"}
+
+
+# --- the watch baseline and the heap pass --------------------------------------------------------
+
+
+def watch_answer(*streams: tuple[str, int]) -> dict[str, Any]:
+    """One load generator's answer: a record per stream, (how it ended, messages it got)."""
+    return {"records": [[0, 1.0, 2.0, code, messages, []] for code, messages in streams]}
+
+
+def test_a_watch_baseline_counts_only_when_every_stream_ended_ok_with_every_message() -> None:
+    whole = [watch_answer(("OK", 2), ("OK", 2)), watch_answer(("OK", 2))]
+    assert answers.all_ended_ok(whole, 3, 2) is None
+    # grpc's default cap cancels streams: what made the old baseline too small.
+    cancelled = [watch_answer(("OK", 2), ("RESOURCE_EXHAUSTED", 0)), watch_answer(("OK", 2))]
+    assert "RESOURCE_EXHAUSTED" in str(answers.all_ended_ok(cancelled, 3, 2))
+    short = [watch_answer(("OK", 1), ("OK", 2)), watch_answer(("OK", 2))]
+    assert answers.all_ended_ok(short, 3, 2) is not None
+    missing = [watch_answer(("OK", 2)), watch_answer(("OK", 2))]
+    assert "2 of 3" in str(answers.all_ended_ok(missing, 3, 2))
+
+
+def test_the_heap_pass_puts_what_a_file_holds_on_that_file_per_stream() -> None:
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        held = [bytearray(1000) for _ in range(100)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = heap.grown_by_file(before, after, per=100)
+    assert len(held) == 100
+    [mine] = [size for name, size in grown.items() if name.endswith("test_bench_logic.py")]
+    assert 1000 <= mine <= 1200, grown  # a bytearray(1000) and its object header, each
+
+
+def test_the_heap_table_ranks_files_by_how_much_their_shares_differ() -> None:
+    ours = {"tiw_facade/watcher.py": 500.0, "grpc/aio/_server.py": 100.0, "asyncio/events.py": 90.0}
+    theirs = {"grpc/aio/_server.py": 120.0, "asyncio/events.py": 90.0, "bench/roles.py": 300.0}
+    assert heap.largest_differences(ours, theirs, 2) == [
+        ("tiw_facade/watcher.py", 500.0, 0.0),
+        ("bench/roles.py", 0.0, 300.0),
+    ]
