@@ -33,7 +33,9 @@ ANSWER_COST = 4096
 # the handler's generators, its wait on the topic. Measured at about the default cap (2,340 streams,
 # 8 connections): 26.7 KiB each while they wait, 28.6 at the peak when their one task changes and
 # every stream sends at once (over 40 tasks, 24; at 10,000 streams, 27 at the peak: grpc's part
-# varies). tests/test_watch_limits.py checks that a flood to the cap stays within the share.
+# varies). tests/test_watch_limits.py checks that a flood to the cap stays within the share. Since
+# streams wait on one timer (answers._topics.Deadlines), the watch bench's 10,000 streams take 25.6
+# KiB each at the peak, a bare grpc.aio server with the facade's options 25.0 (bench/RESULTS.md).
 WATCH_COST = 30 * 1024
 # An idempotency record kept in process (no Redis): the key, the fingerprint, the serialized answer,
 # and the asyncio.Event its retries wait on. tracemalloc over 20,000 MemoryStore records with
