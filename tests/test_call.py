@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +24,9 @@ from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 from tiw_facade.call import ACTIONS, METHODS
 from tiw_facade.emulator import Emulator, EmulatorConfig, Fault, FaultKind
 
+# Each test runs a command-line program as a process of its own: left to `make test`.
+pytestmark = pytest.mark.slow
+
 SEED = json.loads((Path(__file__).parent / "data" / "seed_examples.json").read_text())
 
 
@@ -36,9 +41,9 @@ class Ran(NamedTuple):
         return answer
 
 
-async def tiw_call(*args: str, stdin: str = "") -> Ran:
-    """The command as a user runs it. Asynchronous: the facade under test shares this event loop."""
-    process = await asyncio.create_subprocess_exec(
+async def start_call(*args: str) -> asyncio.subprocess.Process:
+    """The command started as a user runs it. Asynchronous: the facade under test shares this event loop."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tiw_facade.cli",
@@ -48,6 +53,11 @@ async def tiw_call(*args: str, stdin: str = "") -> Ran:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def tiw_call(*args: str, stdin: str = "") -> Ran:
+    """The command run to its end."""
+    process = await start_call(*args)
     out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
     assert process.returncode is not None
     ran = Ran(process.returncode, out.decode(), err.decode())
@@ -255,3 +265,137 @@ async def test_every_detail_is_decoded_unknown_ones_by_type_url() -> None:
         '  Help: links { description: "docs" url: "https://x" }',
         "  detail of unknown type type.googleapis.com/example.Mystery (2 bytes)",
     ]
+
+
+# --- metadata, -v and --watch ---
+
+LONG = 3600.0  # seconds: a task that finishes only when the test says so
+SNAPSHOT_APP = 1400123480
+
+
+def running_snapshot(facade: Facade) -> str:
+    """A snapshot task Running until ``finish_snapshot``, and the DescribeSnapshotTask JSON asking it."""
+    task = facade.emulator.add_snapshot_task(sdk_app_id=SNAPSHOT_APP, run_seconds=LONG)
+    return json.dumps({"SdkAppId": SNAPSHOT_APP, "TaskID": task})
+
+
+def finish_snapshot(facade: Facade, query: str) -> None:
+    facade.emulator.tasks.snapshots[SNAPSHOT_APP, json.loads(query)["TaskID"]].finishes = time.time()
+
+
+async def test_max_age_reaches_the_facade_and_verbose_prints_the_source(facade: Facade) -> None:
+    query = running_snapshot(facade)
+    fresh = await tiw_call("DescribeSnapshotTask", query, "--target", facade.target, "--max-age", "0", "-v")
+    assert fresh.code == 0
+    assert re.fullmatch(r"tiw-source: upstream\ntiw-age-ms: \d+\n", fresh.err), fresh.err
+    assert fresh.json()["Status"] == "Running"  # stdout is the answer alone, as without -v
+    # A bound of a minute: the answer just kept, however slow this machine (the default is 2 s).
+    kept = await tiw_call(
+        "DescribeSnapshotTask", query, "--target", facade.target, "--metadata", "tiw-max-age-ms=60000", "-v"
+    )
+    assert kept.code == 0 and kept.json()["TaskID"] == fresh.json()["TaskID"]
+    assert re.fullmatch(r"tiw-source: cache\ntiw-age-ms: \d+\n", kept.err), kept.err
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        (["--caller", "not a name!"], "tiw-caller"),
+        (["--metadata", "tiw-caller=not a name!"], "tiw-caller"),
+        (["--max-age", "soon"], "tiw-max-age-ms"),
+        (["--metadata", "tiw-max-age-ms=0", "--metadata", "tiw-max-age-ms=1"], "tiw-max-age-ms"),
+    ],
+)
+async def test_metadata_the_facade_refuses_is_invalid_argument_naming_it(
+    facade: Facade, flags: list[str], key: str
+) -> None:
+    query = running_snapshot(facade)
+    ran = await tiw_call("DescribeSnapshotTask", query, "--target", facade.target, "-v", *flags)
+    assert ran.code == 1 and ran.out == ""  # -v: a refusal has no tiw-source to print
+    assert ran.err.startswith("error: INVALID_ARGUMENT: ")
+    assert re.search(rf"^  BadRequest: field {key}: ", ran.err, re.MULTILINE), ran.err
+
+
+async def test_a_named_caller_is_answered(facade: Facade) -> None:
+    ran = await tiw_call(
+        "DescribeSnapshotTask", running_snapshot(facade), "--target", facade.target, "--caller", "billing"
+    )
+    assert ran.code == 0 and ran.json()["Status"] == "Running"
+
+
+async def test_idempotency_key_twice_replays_the_same_task(facade: Facade) -> None:
+    create = json.dumps(SEED["requests"]["CreateSnapshotTask"])
+    flags = ("--target", facade.target, "--idempotency-key", "lesson-42-snapshot", "-v")
+    first = await tiw_call("CreateSnapshotTask", create, *flags)
+    again = await tiw_call("CreateSnapshotTask", create, *flags)
+    assert (first.code, first.err) == (0, "")  # sent: no tiw-source
+    assert (again.code, again.err) == (0, "tiw-source: replay\n")
+    assert again.json()["TaskID"] == first.json()["TaskID"]
+    assert again.json()["RequestId"] == first.json()["RequestId"]
+    assert facade.emulator.stats()["CreateSnapshotTask"].accepted == 1
+
+
+async def read_line(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    """The next line of a --watch: one compact JSON object."""
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    assert line.endswith("\n") and ": " not in line and ", " not in line, line  # compact, one line
+    answer = json.loads(line)
+    assert isinstance(answer, dict)
+    return answer
+
+
+async def test_watch_prints_each_state_until_the_task_ends(start_facade: StartFacade) -> None:
+    facade = await start_facade(TIW_MAX_STALENESS="0.2")  # a watched task refreshed at 0.18 s, not 1.8
+    query = running_snapshot(facade)
+    process = await start_call("DescribeSnapshotTask", query, "--watch", "--target", facade.target)
+    running = await read_line(process)
+    assert (running["TaskID"], running["Status"]) == (json.loads(query)["TaskID"], "Running")
+    assert "FinishTime" not in running and running["RequestId"]  # the unary answer's JSON
+    finish_snapshot(facade, query)
+    finished = await read_line(process)
+    assert finished["Status"] == "Finished" and finished["FinishTime"] > 0
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, out, err) == (0, b"", b"")  # the stream ended after the final state
+
+
+async def test_watch_of_an_unknown_task_fails_as_the_describe_does(facade: Facade) -> None:
+    query = json.dumps({"SdkAppId": SNAPSHOT_APP, "TaskID": "no-such-task"})
+    ran = await tiw_call("DescribeSnapshotTask", query, "--watch", "--target", facade.target)
+    assert ran.code == 1 and ran.out == ""
+    assert ran.err.startswith("error: NOT_FOUND: ")
+    assert "  ErrorInfo: reason InvalidParameter.TaskNotFound, domain tiw.tencentcloudapi.com" in ran.err
+
+
+async def test_ctrl_c_ends_a_watch_quietly(facade: Facade) -> None:
+    process = await start_call(
+        "DescribeSnapshotTask", running_snapshot(facade), "--watch", "--target", facade.target
+    )
+    assert (await read_line(process))["Status"] == "Running"
+    process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, out, err) == (130, b"", b"")
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--metadata", "tiw-caller"], "not KEY=VALUE: 'tiw-caller'"),
+        (["--metadata", "=billing"], "invalid metadata key ''"),
+        (["--metadata", "Tiw-Caller=billing"], "invalid metadata key 'Tiw-Caller'"),
+        (["--metadata", "tiw caller=billing"], "invalid metadata key 'tiw caller'"),
+        (["--metadata", "grpc-timeout=1S"], "the grpc- prefix is gRPC's own"),
+        (["--caller", "bïlling"], "not printable ASCII"),
+        (["--watch"], "--watch takes a Describe action"),
+        (["--timeout", "0"], "must be more than 0 seconds"),
+    ],
+)
+async def test_bad_flags_are_usage_errors_and_send_nothing(
+    facade: Facade, flags: list[str], says: str
+) -> None:
+    create = json.dumps(SEED["requests"]["CreateSnapshotTask"])
+    ran = await tiw_call("CreateSnapshotTask", create, "--target", facade.target, *flags)
+    assert ran.code == 2 and ran.out == ""
+    assert ran.err.startswith("tiw-facade call: ") and says in ran.err, ran.err
+    assert len(ran.err.splitlines()) == 1
+    assert facade.emulator.stats()["CreateSnapshotTask"].accepted == 0

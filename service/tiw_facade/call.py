@@ -6,18 +6,26 @@ numbers or strings, as ``buf curl`` takes them). The answer is printed as TIW wr
 included. A field the contract marks ``optional`` (or a message) is left out when absent: TIW sends
 those as null or not at all, and the facade cannot tell the two apart either.
 
+The facade's request metadata goes with ``--metadata KEY=VALUE`` and its shorthands (``--max-age``,
+``--caller``, ``--idempotency-key``); ``-v`` prints where the answer came from (its initial metadata
+``tiw-source`` and ``tiw-age-ms``) on stderr, so stdout stays the answer alone. ``--watch`` asks a
+Describe action's TaskWatcher stream instead and prints each state as one JSON line until the task
+ends.
+
 A failed call prints its gRPC code, message and every detail of its google.rpc.Status in words to
 stderr. Exit status: 0 answered, 1 the call failed (any gRPC status), 2 the command line or the JSON
-is wrong. Only the package's runtime dependencies are used: it works right after ``make serve``.
+is wrong, 130 interrupted (Ctrl-C). Only the package's runtime dependencies are used: it works right
+after ``make serve``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 import grpc
@@ -28,6 +36,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tiw_facade._proto.tiw.facade.v1 import watcher_pb2, watcher_pb2_grpc
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2, tiw_pb2_grpc
 
 DEFAULT_TARGET = "localhost:50051"
@@ -35,13 +44,42 @@ DEFAULT_TIMEOUT = 10.0
 
 EXIT_FAILED = 1  # the facade (or the channel) answered a gRPC error
 EXIT_USAGE = 2  # what the user typed is wrong; nothing was sent
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 _SERVICE = tiw_pb2.DESCRIPTOR.services_by_name["TiwService"]
 METHODS: dict[str, MethodDescriptor] = {method.name: method for method in _SERVICE.methods}
 ACTIONS: tuple[str, ...] = tuple(METHODS)
 
+# The watch method of each Describe action: the TaskWatcher method whose request holds that action's
+# request in its `request` field (watcher.proto's convention), found rather than listed.
+_WATCHER = watcher_pb2.DESCRIPTOR.services_by_name["TaskWatcher"]
+WATCHES: dict[str, MethodDescriptor] = {
+    describe.name: watch
+    for watch in _WATCHER.methods
+    for describe in _SERVICE.methods
+    if watch.input_type.fields_by_name["request"].message_type is describe.input_type
+}
+
+# The flags that name one metadata key of the facade's (README, "Calling it"): dest -> key.
+SHORTHANDS: dict[str, str] = {
+    "max_age": "tiw-max-age-ms",
+    "caller": "tiw-caller",
+    "idempotency_key": "idempotency-key",
+}
+# The initial metadata `-v` prints: where a Describe answer came from and how old it is.
+ANSWER_METADATA = ("tiw-source", "tiw-age-ms")
+
+# What gRPC itself accepts (the facade checks its own keys' values): a key of lowercase letters,
+# digits, `-`, `_` and `.`; a value of printable ASCII. A `-bin` key's value is bytes: sent as UTF-8.
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+_METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
+
 
 # `tiw-facade call --help`.
+_WATCH_HELP = (
+    f"--watch, with {', '.join(WATCHES)}, streams the task's states instead (tiw.facade.v1.TaskWatcher): "
+    "one JSON line per state until its final one."
+)
 DESCRIPTION = f"""\
 Call one action of a running tiw-facade and print the answer as TIW's JSON.
 
@@ -51,8 +89,15 @@ JSON is the request with TIW's parameter names, e.g.
 (64-bit integers as numbers or strings). The answer has TIW's names, integers as integers and every
 field, zero values included; a field TIW may leave null is left out when absent.
 
+Request metadata: --metadata KEY=VALUE (repeatable), or --max-age MS (tiw-max-age-ms), --caller NAME
+(tiw-caller), --idempotency-key KEY (idempotency-key). -v prints the answer's tiw-source and
+tiw-age-ms on stderr, e.g.
+  tiw-facade call -v --max-age 0 DescribeSnapshotTask '{{"SdkAppId": 1400123480, "TaskID": "…"}}'
+{textwrap.fill(_WATCH_HELP, 100)}
+
 A failed call prints its gRPC code, message and every detail (ErrorInfo, BadRequest, RetryInfo,
-QuotaFailure, ...) to stderr. Exit status: 0 answered, 1 the call failed, 2 wrong command line or JSON.
+QuotaFailure, ...) to stderr. Exit status: 0 answered (a watch: the task ended), 1 the call failed,
+2 wrong command line or JSON, 130 interrupted by Ctrl-C.
 """
 
 
@@ -74,14 +119,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=_seconds,
-        default=DEFAULT_TIMEOUT,
-        help=f"deadline of the call in seconds ({DEFAULT_TIMEOUT:g})",
+        help=f"deadline of the call in seconds ({DEFAULT_TIMEOUT:g}; a --watch has none unless given)",
+    )
+    metadata = parser.add_argument_group("request metadata (sent with the call)")
+    metadata.add_argument(
+        "--metadata",
+        metavar="KEY=VALUE",
+        type=_metadata_pair,
+        action="append",
+        default=[],
+        help="one metadata entry, e.g. tiw-max-age-ms=0; repeatable",
+    )
+    metadata.add_argument(
+        "--max-age", metavar="MS", type=_metadata_value, help="tiw-max-age-ms: oldest answer accepted"
+    )
+    metadata.add_argument("--caller", metavar="NAME", type=_metadata_value, help="tiw-caller: who calls")
+    metadata.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        type=_metadata_value,
+        help="idempotency-key: a CreateSnapshotTask retried with it is not done twice",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"print the answer's {' and '.join(ANSWER_METADATA)} (initial metadata) on stderr",
+    )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help=f"with {', '.join(WATCHES)}: stream the task's states, one JSON line each, until it ends",
     )
 
 
 def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     try:
         method = _method(args.action)
+        watch = _watch_method(method) if args.watch else None
         if not args.target:
             raise UsageError("--target is empty; give host:port, e.g. localhost:50051")
         text = stdin.read() if args.request == "-" else args.request
@@ -89,16 +164,83 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     except UsageError as exc:
         print(f"tiw-facade call: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    metadata = request_metadata(args)
     try:
-        answer = call(args.target, method, request, args.timeout)
+        with grpc.insecure_channel(args.target) as channel:
+            if watch is None:
+                timeout = args.timeout or DEFAULT_TIMEOUT
+                unary(channel, method, request, timeout=timeout, metadata=metadata, verbose=args.verbose)
+            else:
+                stream(channel, watch, request, timeout=args.timeout, metadata=metadata, verbose=args.verbose)
     except grpc.RpcError as error:
+        if args.verbose and watch is None:  # a failure has metadata too (a stream's is printed already)
+            _print_answer_metadata(error)
         for line in describe_error(error):
             print(line, file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:  # Ctrl-C while waiting: the call is cancelled, no traceback
-        return 130
-    print(json.dumps(to_json(answer), indent=2, ensure_ascii=False))
+    except KeyboardInterrupt:  # Ctrl-C while waiting: leaving the channel cancels the call; no traceback
+        return EXIT_INTERRUPTED
     return 0
+
+
+def unary(
+    channel: grpc.Channel,
+    method: MethodDescriptor,
+    request: Message,
+    *,
+    timeout: float,
+    metadata: list[tuple[str, str | bytes]],
+    verbose: bool,
+) -> None:
+    """Call ``method`` once and print its answer as indented JSON (with_call: the answer's metadata)."""
+    stub = tiw_pb2_grpc.TiwServiceStub(channel)
+    answer, call = getattr(stub, method.name).with_call(request, timeout=timeout, metadata=metadata)
+    if verbose:
+        _print_answer_metadata(call)
+    print(json.dumps(to_json(answer), indent=2, ensure_ascii=False))
+
+
+def stream(
+    channel: grpc.Channel,
+    watch: MethodDescriptor,
+    request: Message,
+    *,
+    timeout: float | None,
+    metadata: list[tuple[str, str | bytes]],
+    verbose: bool,
+) -> None:
+    """Watch the task ``request`` describes: one compact JSON line per state, until the stream ends.
+
+    No deadline unless given: a task may run for hours, and the stream ends by itself when it is done.
+    """
+    watch_request = message_factory.GetMessageClass(watch.input_type)(request=request)
+    stub = watcher_pb2_grpc.TaskWatcherStub(channel)
+    answers = getattr(stub, watch.name)(watch_request, timeout=timeout, metadata=metadata)
+    if verbose:
+        _print_answer_metadata(answers)
+    for answer in answers:
+        # Flushed: whoever reads the pipe (jq, a script) sees each state when it happens.
+        print(json.dumps(to_json(answer), ensure_ascii=False, separators=(",", ":")), flush=True)
+
+
+def request_metadata(args: argparse.Namespace) -> list[tuple[str, str | bytes]]:
+    """--metadata entries in their order, then the shorthands given."""
+    entries: list[tuple[str, str | bytes]] = list(args.metadata)
+    entries += [
+        (key, getattr(args, dest)) for dest, key in SHORTHANDS.items() if getattr(args, dest) is not None
+    ]
+    return entries
+
+
+def _print_answer_metadata(call: grpc.Call) -> None:
+    for key, value in answer_metadata(call.initial_metadata() or ()):
+        print(f"{key}: {value}", file=sys.stderr)
+
+
+def answer_metadata(metadata: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The entries of ``metadata`` -v shows, in ANSWER_METADATA's order (text: no key ends in -bin)."""
+    given = dict(metadata)
+    return [(key, given[key]) for key in ANSWER_METADATA if key in given]
 
 
 def _seconds(text: str) -> float:
@@ -111,11 +253,40 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _metadata_pair(text: str) -> tuple[str, str | bytes]:
+    """KEY=VALUE as gRPC sends it; argparse turns the error into a usage error (exit 2, nothing sent)."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"not KEY=VALUE: {text!r}")
+    if not _METADATA_KEY.fullmatch(key):
+        raise argparse.ArgumentTypeError(
+            f"invalid metadata key {key!r}: gRPC takes lowercase letters, digits, '-', '_' and '.'"
+        )
+    if key.startswith("grpc-"):
+        raise argparse.ArgumentTypeError(f"metadata key {key!r}: the grpc- prefix is gRPC's own")
+    if key.endswith("-bin"):
+        return key, value.encode()
+    return key, _metadata_value(value)
+
+
+def _metadata_value(text: str) -> str:
+    if not _METADATA_VALUE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not printable ASCII, as gRPC metadata must be: {text!r}")
+    return text
+
+
 def _method(action: str) -> MethodDescriptor:
     method = METHODS.get(action)
     if method is None:
         raise UsageError(f"unknown action {action!r}; the actions are: {', '.join(ACTIONS)}")
     return method
+
+
+def _watch_method(method: MethodDescriptor) -> MethodDescriptor:
+    watch = WATCHES.get(method.name)
+    if watch is None:
+        raise UsageError(f"--watch takes a Describe action ({', '.join(WATCHES)}), not {method.name}")
+    return watch
 
 
 def parse_request(method: MethodDescriptor, text: str) -> Message:
@@ -133,13 +304,6 @@ def parse_request(method: MethodDescriptor, text: str) -> Message:
         problem = " ".join(str(exc).split())  # protobuf's message spans lines
         raise UsageError(f"the request does not fit {method.input_type.name}: {problem}") from None
     return request
-
-
-def call(target: str, method: MethodDescriptor, request: Message, timeout: float) -> Message:
-    with grpc.insecure_channel(target) as channel:
-        stub = tiw_pb2_grpc.TiwServiceStub(channel)
-        answer: Message = getattr(stub, method.name)(request, timeout=timeout)
-        return answer
 
 
 def to_json(message: Message) -> dict[str, Any]:
