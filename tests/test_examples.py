@@ -1,0 +1,67 @@
+"""examples/python/: each example run as a user runs it (a subprocess, from the repository root),
+twice in a row, against a real facade on the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Facade, StartFacade
+
+# Each test runs a command-line program as a process of its own: left to `make test`.
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parent.parent
+EXAMPLES = ROOT / "examples" / "python"
+
+
+async def run_example(name: str, facade: Facade) -> str:
+    """The example's stdout; it must succeed with nothing on stderr. Asynchronous: the facade under
+    test shares this event loop."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / name),
+        "--target",
+        facade.target,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert (process.returncode, err.decode()) == (0, ""), out.decode()
+    return out.decode()
+
+
+def test_every_example_is_tested() -> None:
+    tested = {"create_and_describe.py", "answer_metadata.py", "watch.py"}
+    assert {path.name for path in EXAMPLES.glob("*.py")} == tested
+
+
+async def test_create_and_describe(facade: Facade) -> None:
+    for _ in range(2):  # twice in a row: a second run must not trip over the first one's task
+        out = await run_example("create_and_describe.py", facade)
+        first = out.splitlines()[0]
+        assert re.fullmatch(r"created \S+: (Running|Finished)", first), out
+        assert 'status: "' in out and "task_id: " in out  # the answer printed whole
+
+
+async def test_answer_metadata(facade: Facade) -> None:
+    for _ in range(2):
+        out = await run_example("answer_metadata.py", facade)
+        fresh, kept = out.splitlines()
+        assert re.fullmatch(r"tiw-max-age-ms 0: \w+, tiw-source: upstream, tiw-age-ms: \d+", fresh), out
+        assert re.fullmatch(r"tiw-max-age-ms 60000: \w+, tiw-source: cache, tiw-age-ms: \d+", kept), out
+
+
+async def test_watch(start_facade: StartFacade) -> None:
+    facade = await start_facade(TIW_MAX_STALENESS="0.2")  # a watched task refreshed at 0.18 s, not 1.8
+    # The fixture's emulator finishes a snapshot task in 0.3 s: the watch may start on either state.
+    for _ in range(2):
+        lines = (await run_example("watch.py", facade)).splitlines()
+        states = [line.split(": ")[1] for line in lines[:-1]]
+        assert states in (["Running", "Finished"], ["Finished"]), lines
+        assert len({line.split(": ")[0] for line in lines[:-1]}) == 1  # one task
+        assert lines[-1] == "the task has ended"
