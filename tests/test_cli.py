@@ -3,8 +3,14 @@ root (only the CLI knows both the emulator and the facade)."""
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from tiw_facade import cli, settings
@@ -29,6 +35,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow  # a process per case
 @pytest.mark.parametrize(
     ("args", "named"),
     [
@@ -91,6 +98,7 @@ def test_the_emulator_mode_brings_its_own_credentials(monkeypatch: pytest.Monkey
     assert parsed("--emulator").region == "ap-singapore"
 
 
+@pytest.mark.slow  # a process of its own
 def test_only_the_cli_knows_both_the_emulator_and_the_facade() -> None:
     probe = (
         "import sys\n"
@@ -104,3 +112,79 @@ def test_only_the_cli_knows_both_the_emulator_and_the_facade() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow  # a process of its own
+def test_the_emulator_port_needs_the_emulator() -> None:
+    result = run_cli("serve", "--emulator-port", "8090")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "tiw-facade: error: --emulator-port needs --emulator (see --help)"
+
+
+def _announced(args: list[str], emulator_port: int) -> tuple[dict[str, Any], str]:
+    """Run `tiw-facade ARGS` until its emulator answers on `emulator_port`, stop it with Ctrl-C, and
+    return the log line that says where the emulator listens, and the whole of stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tiw_facade.cli", *args],
+        env={"PATH": "/usr/bin:/bin"},  # no credentials: the emulator brings its own
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stats = f"http://127.0.0.1:{emulator_port}/_emulator/stats"
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                with urllib.request.urlopen(stats, timeout=1) as page:
+                    assert page.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the emulator did not answer on the chosen port"
+                time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    lines = [json.loads(line) for line in stderr.splitlines()]  # the log stays one JSON object a line
+    announced = [line for line in lines if "emulator listening on" in line["msg"]]
+    assert len(announced) == 1, stderr
+    return announced[0], stderr
+
+
+def _says_where_and_which_key(line: dict[str, Any], stderr: str, port: int) -> None:
+    url = f"http://127.0.0.1:{port}"
+    assert line["endpoint"] == url
+    assert line["secret_id"] == DEMO_SECRET_ID
+    assert line["reset"] == f"{url}/_emulator/reset"
+    assert f"listening on {url};" in line["msg"]
+    assert f"SecretId {DEMO_SECRET_ID} with the demo SecretKey (docs/emulator.md)" in line["msg"]
+    assert DEMO_SECRET_KEY not in stderr  # named in the docs, never printed
+
+
+@pytest.mark.slow
+def test_serve_with_the_emulator_says_where_it_listens_and_which_key(
+    unused_tcp_port_factory: Callable[[], int],
+) -> None:
+    emulator_port, grpc_port, http_port = (unused_tcp_port_factory() for _ in range(3))
+    args = ["serve", "--emulator", "--emulator-port", str(emulator_port)]
+    line, stderr = _announced(
+        [*args, "--grpc-port", str(grpc_port), "--http-port", str(http_port)], emulator_port
+    )
+    _says_where_and_which_key(line, stderr, emulator_port)
+    assert line["msg"].startswith("embedded TIW emulator")
+    serving = [json.loads(row) for row in stderr.splitlines() if '"msg": "serving"' in row]
+    assert serving[0]["endpoint"] == f"http://127.0.0.1:{emulator_port}"  # the facade uses that one
+
+
+@pytest.mark.slow
+def test_the_standalone_emulator_says_where_it_listens_and_which_key(
+    unused_tcp_port_factory: Callable[[], int],
+) -> None:
+    port = unused_tcp_port_factory()
+    line, stderr = _announced(["emulator", "--port", str(port)], port)
+    _says_where_and_which_key(line, stderr, port)

@@ -752,6 +752,30 @@ async def test_admin_endpoints(emulator: Emulator, sdk: TiwClient, http: aiohttp
     ).code == "InvalidParameter.TaskNotFound"
 
 
+async def test_reset_makes_a_second_run_of_a_client_pass(
+    emulator: Emulator, sdk: TiwClient, http: aiohttp.ClientSession
+) -> None:
+    """What the example clients' recipe relies on: their run stops a seeded push and creates a task;
+    after `POST /_emulator/reset` the push can be stopped again and the created task is gone."""
+    created = await call(sdk, "CreateSnapshotTask", CREATE_SNAPSHOT)
+    await call(sdk, "StopWhiteboardPush", STOP_PUSH)
+    again = await sdk_error(sdk, "StopWhiteboardPush", STOP_PUSH)
+    assert (again.code, again.message) == (
+        "UnsupportedOperation.TaskHasAlreadyStopped",
+        "The task `07b4c70bpafm1b4majmb` has already stopped.",
+    )
+    async with http.post(f"{emulator.url}/_emulator/reset") as response:
+        assert (response.status, await response.json()) == (200, {"reset": True})
+
+    await call(sdk, "StopWhiteboardPush", STOP_PUSH)  # seeded afresh: it stops once more
+    gone = {"SdkAppId": CREATE_SNAPSHOT["SdkAppId"], "TaskID": created["TaskID"]}
+    assert (await sdk_error(sdk, "DescribeSnapshotTask", gone)).code == "InvalidParameter.TaskNotFound"
+    async with http.get(f"{emulator.url}/_emulator/tasks?kind=snapshot") as response:
+        snapshots = [task["TaskId"] for task in (await response.json())["Tasks"]]
+    assert snapshots == [DESCRIBE_SNAPSHOT["TaskID"]]  # the documented example alone
+    assert emulator.stats()["CreateSnapshotTask"].tasks_created == 0
+
+
 async def test_start_twice_is_refused_and_stop_is_idempotent(emulator: Emulator) -> None:
     with pytest.raises(RuntimeError):
         await emulator.start()

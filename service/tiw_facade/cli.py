@@ -43,7 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         "--emulator",
         action="store_true",
         help="start an embedded TIW emulator and serve against it with demo credentials "
-        "(no Tencent account needed)",
+        "(no Tencent account needed); its address and credentials are logged at start-up",
+    )
+    serve.add_argument(
+        "--emulator-port",
+        type=int,
+        metavar="PORT",
+        help="with --emulator: the embedded emulator's port on 127.0.0.1 (default: any free port)",
     )
     for item in settings.settings():
         if not item.spec.flag:
@@ -54,9 +60,15 @@ def _parser() -> argparse.ArgumentParser:
         else:
             serve.add_argument(item.flag, dest=item.name, metavar=item.name.upper(), help=help)
 
-    emulator = commands.add_parser("emulator", help="run only the TIW emulator (HTTP)")
+    emulator = commands.add_parser(
+        "emulator",
+        help="run only the TIW emulator (HTTP)",
+        description="Run only the TIW emulator, for a facade started with TIW_ENDPOINT set to its URL "
+        "and its demo credentials (docs/emulator.md). POST /_emulator/reset forgets every task and "
+        "seeds the documented ones again.",
+    )
     emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=8090)
+    emulator.add_argument("--port", type=int, default=8090, help="0: any free port (default: 8090)")
     emulator.add_argument("--rate-limit", type=int, default=20, help="requests per second per action")
     emulator.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR")
@@ -96,7 +108,10 @@ def load_settings(args: argparse.Namespace) -> settings.Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.emulator_port is not None and not args.emulator:
+        parser.error("--emulator-port needs --emulator")
     if args.command == "call":  # a client: no settings, no logging set-up
         from tiw_facade import call
 
@@ -105,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "emulator":
         logs.configure(args.log_level)
-        return _run(_emulator(args.host, args.port, args.rate_limit))
+        try:
+            return _run(_emulator(args.host, args.port, args.rate_limit))
+        except OSError as exc:  # a busy port
+            log.error("cannot start", extra={"error": f"--port {args.port}: {exc.strerror or exc}"})
+            return 1
 
     try:
         config = load_settings(args)
@@ -119,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets = (config.secret_key, config.session_token, *urls, *passwords)
     logs.configure(config.log_level, secrets=secrets)
     try:
-        return _run(_serve(config, with_emulator=args.emulator))
+        return _run(_serve(config, with_emulator=args.emulator, emulator_port=args.emulator_port or 0))
     except OSError as exc:  # a busy port: the message names the setting
         log.error("cannot start", extra={"error": str(exc)})
         return 1
@@ -128,7 +147,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-async def _serve(config: settings.Settings, *, with_emulator: bool) -> int:
+def _announce(url: str, what: str) -> None:
+    """Where the emulator listens and the one key it accepts, in words a newcomer can act on (the
+    SecretKey is the public demo one, named in docs/emulator.md; the log would redact it anyway)."""
+    from tiw_facade.emulator import ADMIN_PREFIX, DEMO_REGION, DEMO_SECRET_ID
+
+    reset = f"{url}{ADMIN_PREFIX}/reset"
+    log.info(
+        "%s listening on %s; it accepts only its demo key: SecretId %s with the demo SecretKey "
+        "(docs/emulator.md), any region (%s by default); `curl -X POST %s` resets its tasks",
+        what,
+        url,
+        DEMO_SECRET_ID,
+        DEMO_REGION,
+        reset,
+        extra={"endpoint": url, "secret_id": DEMO_SECRET_ID, "reset": reset},
+    )
+
+
+async def _serve(config: settings.Settings, *, with_emulator: bool, emulator_port: int = 0) -> int:
     from tiw_facade.server import serve
 
     if not with_emulator:
@@ -136,8 +173,11 @@ async def _serve(config: settings.Settings, *, with_emulator: bool) -> int:
     from tiw_facade.emulator import Emulator, EmulatorConfig
 
     emulator = Emulator(EmulatorConfig())
-    url = await emulator.start("127.0.0.1", 0)
-    log.info("embedded TIW emulator started", extra={"endpoint": url})
+    try:
+        url = await emulator.start("127.0.0.1", emulator_port)
+    except OSError as exc:  # main() logs it; the message names the flag
+        raise OSError(f"--emulator-port {emulator_port}: {exc.strerror or exc}") from exc
+    _announce(url, "embedded TIW emulator")
     try:
         return await serve(dataclasses.replace(config, endpoint=url))
     finally:
@@ -147,7 +187,12 @@ async def _serve(config: settings.Settings, *, with_emulator: bool) -> int:
 async def _emulator(host: str, port: int, rate_limit: int) -> int:
     from tiw_facade.emulator import Emulator, EmulatorConfig
 
-    await Emulator(EmulatorConfig(rate_limit=rate_limit)).serve_forever(host, port)
+    emulator = Emulator(EmulatorConfig(rate_limit=rate_limit))
+    _announce(await emulator.start(host, port), "TIW emulator")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await emulator.stop()
     return 0
 
 

@@ -104,7 +104,7 @@ class Emulator:
         self._runner = runner
         bound_port = runner.addresses[0][1]
         self.url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
-        logger.info("TIW emulator listening on %s", self.url)
+        logger.debug("TIW emulator listening on %s", self.url)  # the CLI says where, and with which key
         return self.url
 
     async def stop(self) -> None:
