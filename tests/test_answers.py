@@ -14,6 +14,8 @@ from test_server import samples, scrape
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 
+pytestmark = pytest.mark.slow  # real refresh schedules and 1 s windows: most cases wait a second or more
+
 DESCRIBE = "DescribeSnapshotTask"
 
 

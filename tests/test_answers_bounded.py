@@ -28,6 +28,8 @@ from tiw_facade.answers._shared import RedisAnswerStore
 from tiw_facade.emulator import DEMO_SECRET_ID, Emulator, EmulatorConfig
 from tiw_facade.metrics import SHARED_EVICTION_REASON, Metrics
 
+pytestmark = pytest.mark.slow  # fills a real redis-server to its bound, through real facades
+
 A = "DescribeSnapshotTask"
 LONG = Lifetimes(terminal=3000.0, not_found=2000.0, changing=1000.0)
 BOUND = 1 << 20  # the store's bound in the store tests: ten times it does not fit in 4 MB

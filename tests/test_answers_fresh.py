@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import time
 
+import pytest
 from conftest import Facade, StartFacade, wait_until
 from support.redis_server import RedisServer
 from test_answers import describe, upstream
@@ -19,6 +20,8 @@ from test_rpcs import SDK_APP_ID
 from test_server import samples, scrape
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
+
+pytestmark = pytest.mark.slow  # real seconds of answer age, and the latency faults that hold answers back
 
 PUSH = "DescribeWhiteboardPush"
 DELAY = 3.0  # how long TIW holds back its answer to the first request, after reading the state

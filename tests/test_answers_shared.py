@@ -100,6 +100,7 @@ async def test_each_kind_is_kept_for_its_lifetime(replica: Replica, redis_client
     assert 0 < await redis_client.pttl(store.entry_key(key("aged"))) <= 100_000
 
 
+@pytest.mark.slow
 async def test_an_entry_expires_its_lifetime_after_tiw_answered(replica: Replica) -> None:
     store = replica(lifetimes=Lifetimes(terminal=60.0, not_found=60.0, changing=0.5))
     now = time.time()
@@ -334,6 +335,7 @@ async def test_a_dead_redis_is_unavailable_and_a_restarted_one_serves_again(repl
         assert await store.put(key("task"), answer(time.time()), asked_at=time.time())
 
 
+@pytest.mark.slow
 async def test_a_redis_slower_than_the_timeout_is_unavailable(
     replica: Replica, redis_server: RedisServer
 ) -> None:

@@ -260,6 +260,7 @@ async def call_continuously(
     return done, failures
 
 
+@pytest.mark.slow
 async def test_a_rotated_secret_file_is_used_without_a_restart_or_a_failed_call(
     tmp_path: Path, keys: dict[str, str]
 ) -> None:
@@ -291,6 +292,7 @@ async def test_a_rotated_secret_file_is_used_without_a_restart_or_a_failed_call(
             assert running.metric("tiw_credentials_refresh_failures_total") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "broken",
     [
@@ -397,6 +399,7 @@ async def test_pod_identity_alone_gets_credentials_from_sts_and_calls_succeed(
         assert abs(running.metric("tiw_credentials_expiry_timestamp_seconds") - (time.time() + 7200)) < 5
 
 
+@pytest.mark.slow
 async def test_temporary_credentials_are_refreshed_before_they_expire_while_calls_run(
     token_file: Path,
 ) -> None:
@@ -420,6 +423,7 @@ async def test_temporary_credentials_are_refreshed_before_they_expire_while_call
             assert running.metric("tiw_credentials_refresh_failures_total") == 0
 
 
+@pytest.mark.slow
 async def test_a_failing_sts_leaves_valid_credentials_in_use_loudly(
     token_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -448,6 +452,7 @@ async def test_a_failing_sts_leaves_valid_credentials_in_use_loudly(
             assert len(temporary_signers(emulator)) == 2
 
 
+@pytest.mark.slow
 async def test_expired_credentials_and_a_failing_sts_fail_calls_as_unavailable(token_file: Path) -> None:
     async with (
         emulating(web_identity_tokens=frozenset({WEB_IDENTITY_TOKEN}), sts_max_seconds=2) as emulator,

@@ -149,6 +149,7 @@ async def facade_on(volume: SecretVolume) -> AsyncIterator[tuple[Emulator, Runni
             yield emulator, running
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [fifo, huge, cut_short], ids=["fifo", "300MB", "cut-short"])
 async def test_a_hostile_file_swapped_in_is_ignored_without_a_stall_or_a_failed_call(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, make: Callable[[Path], None]

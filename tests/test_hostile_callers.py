@@ -65,6 +65,7 @@ def _varint(value: int) -> bytes:
 # --- 4: request size and memory --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_request_over_the_limit_is_refused_by_grpc(facade: Facade) -> None:
     call = raw_method(facade.channel)
     assert await call(padded_push_request(MAX_REQUEST_BYTES), timeout=10)  # at the limit: served
@@ -77,6 +78,7 @@ async def test_a_request_over_the_limit_is_refused_by_grpc(facade: Facade) -> No
     assert upstream_requests(facade.emulator) == before
 
 
+@pytest.mark.slow
 async def test_the_request_limit_is_a_setting(start_facade: StartFacade) -> None:
     facade = await start_facade(TIW_MAX_REQUEST_BYTES=str(1024))
     call = raw_method(facade.channel)
@@ -113,6 +115,7 @@ async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen[byte
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 async def test_a_burst_of_large_requests_leaves_memory_bounded(
     facade_process: tuple[subprocess.Popen[bytes], str],
 ) -> None:
@@ -165,6 +168,7 @@ def burst_request(action: str, emulator: Emulator, index: int) -> Message:
     return unknown[action](sdk_app_id=SDK_APP_ID, task_id=f"unknown-task-{index}")
 
 
+@pytest.mark.slow
 async def test_a_burst_of_4000_calls_gets_only_documented_answers(
     facade_process: tuple[subprocess.Popen[bytes], str], emulator: Emulator
 ) -> None:

@@ -95,6 +95,7 @@ async def test_an_over_long_idempotency_key_is_invalid_argument_naming_it_and_co
     assert_quiet(caplog)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "request_message", "key"),
     [

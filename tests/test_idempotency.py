@@ -80,6 +80,7 @@ async def test_replay_has_the_same_task_and_request_id_and_says_so(facade: Facad
     assert other.task_id != first.task_id and creates(facade.emulator) == 2
 
 
+@pytest.mark.slow
 async def test_a_create_slower_than_the_deadline_is_seen_through_and_replayed(facade: Facade) -> None:
     facade.emulator.add_fault(Fault(FaultKind.LATENCY, action=CREATE, count=1, delay=1.5))
     error = await refused(facade, "slow", timeout=0.5)
@@ -98,6 +99,7 @@ async def test_a_create_slower_than_the_deadline_is_seen_through_and_replayed(fa
     assert creates(facade.emulator) == 1
 
 
+@pytest.mark.slow
 async def test_a_waiting_retry_whose_deadline_passes_is_told_the_first_is_in_flight(facade: Facade) -> None:
     facade.emulator.add_fault(Fault(FaultKind.LATENCY, action=CREATE, count=1, delay=2.0))
     first = asyncio.ensure_future(create(facade, "busy", timeout=5))
@@ -110,6 +112,7 @@ async def test_a_waiting_retry_whose_deadline_passes_is_told_the_first_is_in_fli
     assert creates(facade.emulator) == 1
 
 
+@pytest.mark.slow
 async def test_a_create_without_a_key_is_seen_through_and_its_task_logged(
     facade: Facade, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -140,6 +143,7 @@ async def test_a_reused_key_with_another_request_is_refused(facade: Facade) -> N
     assert creates(facade.emulator) == 1
 
 
+@pytest.mark.slow
 async def test_a_refusal_by_tiw_releases_the_key(start_facade: StartFacade) -> None:
     facade = await start_facade(TIW_MAX_ATTEMPTS="1")  # the client would retry RequestLimitExceeded
     facade.emulator.add_fault(
@@ -213,6 +217,7 @@ async def test_other_methods_ignore_a_key(facade: Facade) -> None:
     assert facade.emulator.stats()["DescribeWhiteboardPush"].accepted == 2
 
 
+@pytest.mark.slow
 async def test_two_replicas_given_one_key_at_once_send_one_create(
     start_facade: StartFacade, redis_server: RedisServer, emulator: Emulator
 ) -> None:
@@ -252,6 +257,7 @@ async def test_an_in_flight_claim_whose_replica_died_is_an_unknown_outcome(
     assert creates(facade.emulator) == 0
 
 
+@pytest.mark.slow
 async def test_a_stop_waits_for_a_create_seen_through(start_facade: StartFacade, emulator: Emulator) -> None:
     facade = await start_facade()
     emulator.add_fault(Fault(FaultKind.LATENCY, action=CREATE, count=1, delay=1.0))

@@ -23,6 +23,8 @@ from tiw_facade import idempotency, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import DEMO_SECRET_ID
 
+pytestmark = pytest.mark.slow  # a primary and a replica redis-server, killed and restarted
+
 
 @pytest.fixture
 def primary() -> Iterator[RedisServer]:

@@ -14,6 +14,8 @@ from test_idempotency import create, creates, details, reason, refused
 from tiw_facade import idempotency
 from tiw_facade.emulator import Emulator
 
+pytestmark = pytest.mark.slow  # a redis-server killed and started again without its data
+
 WINDOW = 2.0  # TIW_IDEMPOTENCY_LOSS_WINDOW: short, so a test can see it pass
 
 

@@ -125,6 +125,7 @@ async def container(image: str, emulator: Emulator, free_ports: tuple[int, int])
         await started.podman("rm", "--force", "--time", "0", started.name)
 
 
+@pytest.mark.slow
 async def test_the_image_serves_signed_calls_metrics_and_stops_cleanly_on_sigterm(
     container: Container,
 ) -> None:

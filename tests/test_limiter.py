@@ -122,6 +122,7 @@ async def test_slot_beyond_longest_wait_is_refused_at_once() -> None:
     assert 0.9 < refused.value.retry_after <= 1.0  # the released token's exact return
 
 
+@pytest.mark.slow
 async def test_the_kth_waiter_is_estimated_at_the_kth_return() -> None:
     rate = limiter(2, 0.4, max_queue_wait=0.5)
     a = await rate.acquire(A, deadline=None, hold=5)
@@ -259,6 +260,7 @@ async def test_release_is_idempotent() -> None:
     again.release()
 
 
+@pytest.mark.slow
 async def test_a_lease_never_released_frees_after_hold_plus_window() -> None:
     rate = limiter(1, 0.2)
     await rate.acquire(A, deadline=None, hold=0.3)
@@ -268,6 +270,7 @@ async def test_a_lease_never_released_frees_after_hold_plus_window() -> None:
     lease.release()
 
 
+@pytest.mark.slow
 async def test_a_late_release_does_not_extend_the_hold() -> None:
     rate = limiter(1, 0.5)
     taken = time.monotonic()

@@ -96,6 +96,7 @@ async def test_a_replica_cut_off_from_redis_keeps_the_fleet_within_the_limit() -
     assert count_between(arrivals, until - 1.0, until) >= 12  # flowing again
 
 
+@pytest.mark.slow
 async def test_a_redis_restart_nobody_noticed_gives_no_token_out_twice(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

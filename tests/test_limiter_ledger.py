@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import max_in_window
@@ -20,6 +21,7 @@ call = st.tuples(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(limit=st.integers(1, 6), calls=st.lists(call, min_size=1, max_size=60))
 def test_no_window_sees_more_than_limit_and_no_token_idles(

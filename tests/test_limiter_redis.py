@@ -28,6 +28,8 @@ from tiw_facade.limiter.shared import SILENT_AFTER, RedisLimiter, SharedLease, r
 from tiw_facade.metrics import Metrics
 from tiw_facade.settings import Settings
 
+pytestmark = pytest.mark.slow  # real redis-server processes, killed and restarted, and real 1 s windows
+
 A = "CreateSnapshotTask"
 ACCOUNT = "AKIDexampleaccount"
 

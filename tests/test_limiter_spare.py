@@ -223,6 +223,7 @@ async def members(redis_server: RedisServer, rate: RedisLimiter) -> int:
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_spare_on_one_replica_leaves_the_reserve_to_another_replicas_callers(
     redis_server: RedisServer,
 ) -> None:
@@ -272,6 +273,7 @@ async def test_two_replicas_spare_grants_together_never_exceed_limit_less_reserv
     assert min(admitted) > 0 and sum(admitted) == len(upstream.admissions), admitted
 
 
+@pytest.mark.slow
 async def test_a_caller_queued_during_the_spare_round_trip_gets_the_token(
     redis_server: RedisServer,
 ) -> None:
@@ -303,6 +305,7 @@ async def test_a_caller_queued_during_the_spare_round_trip_gets_the_token(
     await rate.aclose()
 
 
+@pytest.mark.slow
 async def test_degraded_spare_keeps_the_reserve_of_the_local_share(redis_server: RedisServer) -> None:
     rate = replica(redis_server.url, limit=20, degraded_limit=4, window=0.3, silent_after=0.1)
     await warm(rate)

@@ -229,6 +229,7 @@ async def test_the_facade_exposes_retry_series_from_start_up(facade: Facade) -> 
             assert retries[(("action", action), ("reason", reason))] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fault",
     [

@@ -22,6 +22,8 @@ from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 from tiw_facade.emulator import DEMO_SECRET_KEY, Emulator, Fault, FaultKind
 
+pytestmark = pytest.mark.slow  # the facade as a process of its own: started, signalled, drained
+
 
 class FacadeProcess:
     def __init__(self, args: list[str], env: dict[str, str], grpc_port: int) -> None:

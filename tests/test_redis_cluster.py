@@ -24,6 +24,8 @@ from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.answers._entries import Entry, Key, Lifetimes
 from tiw_facade.answers._shared import RedisAnswerStore
 
+pytestmark = pytest.mark.slow  # a three-node Redis Cluster of real processes
+
 CREATE = "CreateSnapshotTask"
 DESCRIBE = "DescribeSnapshotTask"
 

@@ -30,6 +30,7 @@ async def retries(facade: Facade, action: str) -> dict[str, float]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [
@@ -56,6 +57,7 @@ async def test_retries_stop_at_the_attempt_cap(start_facade: StartFacade) -> Non
     assert facade.emulator.stats()["DescribeVideoGenerationTask"].faulted == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "code"),
     [
@@ -93,6 +95,7 @@ async def test_create_is_not_resent_after_an_ambiguous_failure(facade: Facade, f
     assert facade.emulator.stats()["CreateSnapshotTask"].faulted == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", ["RequestLimitExceeded", "AuthFailure.SignatureExpire"])
 async def test_create_is_resent_when_tiw_provably_did_not_execute_it(facade: Facade, code: str) -> None:
     facade.emulator.add_fault(Fault(FaultKind.ERROR_CODE, action="CreateSnapshotTask", code=code, count=1))
@@ -157,6 +160,7 @@ async def test_stop_whose_answer_was_lost_succeeds(facade: Facade, emulator: Emu
     assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
 
 
+@pytest.mark.slow
 async def test_tencent_throttling_pauses_the_action_and_retries(facade: Facade) -> None:
     facade.emulator.add_fault(
         Fault(FaultKind.ERROR_CODE, action="DescribeWhiteboardPush", code="RequestLimitExceeded", count=1)

@@ -61,6 +61,7 @@ def rich(error: grpc.aio.AioRpcError) -> dict[str, object]:
     return dict(unpack_details(status))
 
 
+@pytest.mark.slow
 async def test_snapshot_task_lifecycle(facade: Facade) -> None:
     created = await facade.stub.CreateSnapshotTask(create_request(), timeout=5)
     assert created.HasField("task_id") and created.task_id
@@ -85,6 +86,7 @@ async def test_snapshot_task_lifecycle(facade: Facade) -> None:
     assert facade.emulator.stats()["CreateSnapshotTask"].tasks_created == 1
 
 
+@pytest.mark.slow
 async def test_whiteboard_push_lifecycle(facade: Facade) -> None:
     request = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
     prepared = await facade.stub.DescribeWhiteboardPush(request, timeout=5)
@@ -111,6 +113,7 @@ async def test_whiteboard_push_lifecycle(facade: Facade) -> None:
     assert info.reason == "UnsupportedOperation.TaskHasAlreadyStopped"
 
 
+@pytest.mark.slow
 async def test_video_generation_lifecycle(facade: Facade) -> None:
     task = facade.emulator.add_video_task(sdk_app_id=SDK_APP_ID)
     request = pb.DescribeVideoGenerationTaskRequest(sdk_app_id=SDK_APP_ID, task_id=task)
@@ -259,6 +262,7 @@ async def test_a_lost_create_is_unavailable_with_outcome_unknown(facade: Facade)
     assert facade.emulator.stats()["CreateSnapshotTask"].tasks_created == 1
 
 
+@pytest.mark.slow
 async def test_caller_deadline_bounds_a_slow_upstream(facade: Facade) -> None:
     # The upstream would answer in 5 s; the default upstream time-out is 10 s. A 200 ms deadline
     # must end the call in about 200 ms.
@@ -273,6 +277,7 @@ async def test_caller_deadline_bounds_a_slow_upstream(facade: Facade) -> None:
     assert elapsed < 1.5, f"took {elapsed:.2f}s: the upstream time-out did not follow the deadline"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action", ["DescribeSnapshotTask", "CreateSnapshotTask"])
 async def test_the_caller_gets_the_rich_status_before_its_own_deadline(facade: Facade, action: str) -> None:
     # Without a margin, the caller's timer and the upstream budget end together and the caller
@@ -291,6 +296,7 @@ async def test_the_caller_gets_the_rich_status_before_its_own_deadline(facade: F
     assert dict(info.metadata) == {"action": action, "outcome": "unknown"}
 
 
+@pytest.mark.slow
 async def test_default_upstream_timeout_without_deadline(
     start_facade: StartFacade, emulator: Emulator
 ) -> None:

@@ -82,6 +82,7 @@ async def test_reflection_lists_the_service(facade: Facade, version: str) -> Non
     )
 
 
+@pytest.mark.slow
 async def test_buf_curl_reads_the_schema_over_reflection_v1(facade: Facade) -> None:
     buf = ROOT / "node_modules" / ".bin" / "buf"
     assert buf.exists(), "buf is installed by `make test` (scripts/install-tools)"
@@ -171,6 +172,7 @@ async def test_metrics_follow_go_grpc_prometheus(facade: Facade) -> None:
     assert samples(text, "tiw_facade_build_info")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool is installed by `make test` (scripts/install-tools)"
 )
@@ -216,6 +218,7 @@ async def test_one_log_line_per_rpc(facade: Facade, caplog: pytest.LogCaptureFix
     assert record.duration_ms > 0  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_a_bad_setting_stops_the_process_before_it_listens() -> None:
     env = {
         "PATH": "/usr/bin:/bin",
@@ -238,6 +241,7 @@ def test_a_bad_setting_stops_the_process_before_it_listens() -> None:
     assert "TIW_GRPC_PORT" in lines[0] and "not-a-port" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "said"),
     [

@@ -200,6 +200,7 @@ def roles(keys: list[str], tag: str) -> set[str]:
 _EMPTY_TAG = "{" + hashlib.sha256(b"").hexdigest()[:16] + "}"
 
 
+@pytest.mark.slow
 async def test_a_facade_finds_its_redis_through_sentinel(start_facade: StartFacade) -> None:
     with RedisServer() as master, RedisSentinel(master) as sentinel:
         tag = await describe_and_create(
@@ -211,6 +212,7 @@ async def test_a_facade_finds_its_redis_through_sentinel(start_facade: StartFaca
         assert roles(await keys_of(master.url), tag) == {"limiter", "answers", "idempotency"}
 
 
+@pytest.mark.slow
 async def test_each_role_uses_its_own_redis(start_facade: StartFacade, redis_server: RedisServer) -> None:
     with RedisServer() as answers:
         tag = await describe_and_create(

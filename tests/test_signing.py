@@ -121,6 +121,7 @@ def sdk_request(
     return request
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(
     secret_id=secret_ids,
@@ -164,6 +165,7 @@ def test_signer_matches_the_official_sdk_header_for_header(
     assert Verifier({secret_id: secret_key}.get).verify(ours, sent, timestamp) is None
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(secret_key=secret_keys, host=hosts, text=st.text(), timestamp=timestamps)
 def test_sign_matches_the_sdk_signature_of_raw_utf8_bodies(
@@ -188,6 +190,7 @@ def test_sign_matches_the_sdk_signature_of_raw_utf8_bodies(
     assert signing.sign(secret_key, host=host, body=body.encode("utf-8"), timestamp=timestamp) == theirs
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.lists(midnight_timestamps, min_size=2, max_size=8), secret_keys, st.binary(max_size=64))
 def test_cached_day_key_never_outlives_its_day(ordered: list[int], secret_key: str, body: bytes) -> None:

@@ -19,6 +19,9 @@ from tiw_facade import shared_redis
 from tiw_facade.answers._entries import Key
 from tiw_facade.emulator import DEMO_SECRET_ID
 
+# A real redis-server, and every case waits out real 1 s windows (4 s for the limiter's keys).
+pytestmark = pytest.mark.slow
+
 A = "DescribeSnapshotTask"
 
 

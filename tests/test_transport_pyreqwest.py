@@ -252,6 +252,7 @@ async def test_no_accept_encoding_is_sent_and_a_gzip_bomb_comes_back_compressed(
 # --- the size cap --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_100_mb_chunked_answer_is_cut_off_while_reading() -> None:
     sent = 0
 
@@ -276,6 +277,7 @@ async def test_a_100_mb_chunked_answer_is_cut_off_while_reading() -> None:
     assert sent < 30 * MiB
 
 
+@pytest.mark.slow
 async def test_a_declared_oversize_answer_is_refused_and_the_cap_is_inclusive() -> None:
     sent = 0
 
@@ -406,6 +408,7 @@ def _texts(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow
 async def test_failures_never_carry_request_header_values() -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         body = await server.read_request(reader)
@@ -450,6 +453,7 @@ async def _cancel_in_flight(request_timeout: float) -> tuple[RawServer, float]:
     return server, cancelled_at
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     reason="pyreqwest 0.15.1 drops the Tokio task's JoinHandle on cancellation without aborting it: "
@@ -460,6 +464,7 @@ async def test_cancelling_the_caller_aborts_the_request() -> None:
     assert server.closed_at and server.closed_at[0] - cancelled_at < 2.0
 
 
+@pytest.mark.slow
 async def test_a_cancelled_request_still_ends_at_its_own_timeout() -> None:
     server, cancelled_at = await _cancel_in_flight(request_timeout=1.0)
     assert server.closed_at, "the cancelled request's connection was never closed"
@@ -486,6 +491,7 @@ async def _close_in_flight(request_timeout: float) -> tuple[RawServer, float, li
     return server, closed_at, [*kinds, after_close]
 
 
+@pytest.mark.slow
 async def test_close_fails_requests_in_flight_at_once_and_their_connections_end_by_their_timeout() -> None:
     server, closed_at, kinds = await _close_in_flight(request_timeout=1.0)
     assert kinds == ["broken", "broken", "broken", "not_sent"]
@@ -493,6 +499,7 @@ async def test_close_fails_requests_in_flight_at_once_and_their_connections_end_
     assert max(server.closed_at) - closed_at < 4.0
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     reason="pyreqwest 0.15.1: Client.close() releases the callers but leaves their requests running "

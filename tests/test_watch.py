@@ -83,6 +83,7 @@ async def ended(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError:
     return raised.value
 
 
+@pytest.mark.slow
 async def test_snapshot_watch_sees_running_then_finished_and_ends_ok(facade: Facade) -> None:
     task_id = snapshot_task(facade)
     call = watcher(facade).WatchSnapshotTask(snapshot_watch(task_id), timeout=TIMEOUT)
@@ -123,6 +124,7 @@ async def test_push_watch_sees_stopped_after_stop(facade: Facade) -> None:
     assert await call.code() == grpc.StatusCode.OK
 
 
+@pytest.mark.slow
 async def test_video_watch_ends_after_finished(facade: Facade) -> None:
     task_id = facade.emulator.add_video_task(sdk_app_id=SDK_APP_ID)
     describe = pb.DescribeVideoGenerationTaskRequest(sdk_app_id=SDK_APP_ID, task_id=task_id)
@@ -177,6 +179,7 @@ async def test_undecodable_request_is_invalid_argument(facade: Facade) -> None:
     assert upstream_requests(facade.emulator) == 0
 
 
+@pytest.mark.slow
 async def test_deadline_ends_the_stream_deadline_exceeded(facade: Facade) -> None:
     task_id = snapshot_task(facade)
     call = watcher(facade).WatchSnapshotTask(snapshot_watch(task_id), timeout=1.5)
@@ -199,6 +202,7 @@ async def test_cancelled_watch_leaves_nothing_behind(start_facade: StartFacade) 
     again.cancel()
 
 
+@pytest.mark.slow
 async def test_beyond_max_watches_is_resource_exhausted(start_facade: StartFacade) -> None:
     facade = await start_facade(TIW_MAX_WATCHES="1")
     task_id = snapshot_task(facade)

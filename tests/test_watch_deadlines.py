@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import grpc
+import pytest
 from conftest import Facade, wait_until
 from test_rpcs import SDK_APP_ID
 from test_watch import active_watches, ended, watcher
@@ -67,6 +68,7 @@ async def _awaited(wait: Wait) -> bool:
     return await wait
 
 
+@pytest.mark.slow
 async def test_each_wait_ends_at_its_own_deadline_in_order_whatever_order_they_came_in() -> None:
     topics = Topics()
     topic = topic_of(topics)
@@ -139,6 +141,7 @@ async def test_a_cancelled_watcher_leaves_nothing_behind() -> None:
 # --- end to end ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_stream_sent_a_change_still_ends_at_its_deadline(facade: Facade) -> None:
     """The deadline bounds every wait of the stream, not only the first: the task changes (a second
     message), then never again, and the stream ends DEADLINE_EXCEEDED at its deadline."""
