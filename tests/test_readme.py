@@ -84,14 +84,6 @@ async def test_the_shell_client_example_works(facade: Facade) -> None:
     assert json.loads(output)["TaskId"] == "ghucnligqtgtvk2624mb"
 
 
-async def test_the_python_client_example_works(facade: Facade) -> None:
-    source = code_block("From Python, with the stubs this package ships:", "python")
-    assert len(source.strip().splitlines()) <= 12
-    code, output = await run(sys.executable, "-c", source.replace("localhost:50051", facade.target))
-    assert code == 0, output
-    assert "request_id" in output
-
-
 async def test_the_buf_curl_example_works(facade: Facade) -> None:
     buf = ROOT / "node_modules" / ".bin" / "buf"
     assert buf.exists(), "buf is installed by `make test` (scripts/install-tools)"
