@@ -23,9 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
 from typing import Any, TextIO
 
 import grpc
@@ -216,11 +219,28 @@ def stream(
     watch_request = message_factory.GetMessageClass(watch.input_type)(request=request)
     stub = watcher_pb2_grpc.TaskWatcherStub(channel)
     answers = getattr(stub, watch.name)(watch_request, timeout=timeout, metadata=metadata)
-    if verbose:
-        _print_answer_metadata(answers)
-    for answer in answers:
-        # Flushed: whoever reads the pipe (jq, a script) sees each state when it happens.
-        print(json.dumps(to_json(answer), ensure_ascii=False, separators=(",", ":")), flush=True)
+    # Ctrl-C cancels the stream (grpc's own cancellation example does the same) instead of raising
+    # KeyboardInterrupt wherever the main thread happens to be, inside grpc's iterator or a print:
+    # the iterator then ends with CANCELLED, which is the user's doing, not an error to print.
+    interrupted = threading.Event()
+
+    def cancel(signum: int, frame: FrameType | None) -> None:
+        interrupted.set()
+        answers.cancel()
+
+    previous = signal.signal(signal.SIGINT, cancel)
+    try:
+        if verbose:
+            _print_answer_metadata(answers)
+        for answer in answers:
+            # Flushed: whoever reads the pipe (jq, a script) sees each state when it happens.
+            print(json.dumps(to_json(answer), ensure_ascii=False, separators=(",", ":")), flush=True)
+    except grpc.RpcError:
+        if interrupted.is_set():
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def request_metadata(args: argparse.Namespace) -> list[tuple[str, str | bytes]]:
