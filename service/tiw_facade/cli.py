@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import signal
 import sys
 import urllib.parse
 from collections.abc import Coroutine, Sequence
@@ -188,9 +189,15 @@ async def _emulator(host: str, port: int, rate_limit: int) -> int:
     from tiw_facade.emulator import Emulator, EmulatorConfig
 
     emulator = Emulator(EmulatorConfig(rate_limit=rate_limit))
+    # Handlers of its own, as `serve` has: SIGTERM stops it as Ctrl-C does, and Ctrl-C works even
+    # when SIGINT came in ignored (a background job of a script), where Python installs no handler.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     _announce(await emulator.start(host, port), "TIW emulator")
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await emulator.stop()
     return 0
@@ -205,7 +212,7 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
         runner = uvloop.run
     try:
         return runner(main)
-    except KeyboardInterrupt:  # `emulator` has no signal handler of its own: Ctrl-C ends it
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handlers are in place
         return 0
 
 
