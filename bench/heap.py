@@ -45,18 +45,24 @@ class Heap:
 def grown_by_file(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, per: int) -> dict[str, float]:
     """Bytes held at ``after`` and not at ``before``, per ``per`` (streams, calls), by the file that
     allocated them, shortened to the package path (``tiw_facade/watcher.py``, ``asyncio/events.py``)."""
+    roots = import_roots()  # once, not once per file of the comparison
     grown: dict[str, float] = {}
     for stat in after.compare_to(before, "filename"):
         frame = stat.traceback[0]
-        name = short_name(frame.filename)
+        name = short_name(frame.filename, roots)
         grown[name] = grown.get(name, 0.0) + stat.size_diff / per
     return grown
 
 
-def short_name(filename: str) -> str:
+def import_roots() -> list[Path]:
+    """sys.path's entries, the deepest first: a file is named from the innermost one holding it."""
+    return sorted((Path(entry) for entry in sys.path if entry), key=lambda p: -len(p.parts))
+
+
+def short_name(filename: str, roots: list[Path]) -> str:
     """A source file's path from its top-level package on, as an import would name it."""
     path = Path(filename)
-    for root in sorted((Path(entry) for entry in sys.path if entry), key=lambda p: -len(p.parts)):
+    for root in roots:
         if path.is_relative_to(root):
             return path.relative_to(root).as_posix()
     return path.name
