@@ -15,7 +15,6 @@ The questions, each answered with ratios against a baseline measured in the same
   most 20 arrivals per action in any 1 second and zero throttles throughout, the longest stretch
   without a served call, utilization before, during and after, and a keyed create retried after
   the failover answered with the first task, created once;
-- http-clients: the HTTP clients the upstream call could use, CPU and wall time per call;
 - local: answers that need no upstream call (validation failures, immediate RESOURCE_EXHAUSTED)
   vs a bare grpc.aio echo server.
 

@@ -1,7 +1,6 @@
 """``python -m bench [--quick] [--only SUITES] [--profile] [--output FILE]``.
 
-SUITES: comma-separated, of overhead, quota, fairness, failover, local, http-clients, answers (all by
-default).
+SUITES: comma-separated, of overhead, quota, fairness, failover, local, answers (all by default).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import answers, failover, fairness, http_clients, local, overhead, profiling, quota, report
+from bench import answers, failover, fairness, local, overhead, profiling, quota, report
 from bench.common import Budget, Section
 from bench.procs import ROOT, BenchError, Processes
 
@@ -24,7 +23,6 @@ SUITES: dict[str, Callable[[Processes, Budget], Section]] = {
     "fairness": fairness.run,
     "failover": failover.run,
     "local": local.run,
-    "http-clients": http_clients.run,
     "answers": answers.run,
 }
 BENCH_DIR = Path(__file__).resolve().parent

@@ -339,7 +339,7 @@ def test_the_heap_pass_puts_what_a_file_holds_on_that_file_per_stream() -> None:
         tracemalloc.stop()
     grown = heap.grown_by_file(before, after, per=100)
     assert len(held) == 100
-    [mine] = [size for name, size in grown.items() if name.endswith("test_bench_logic.py")]
+    [mine] = [size for name, size in grown.items() if name.endswith("bench/tests/test_logic.py")]
     assert 1000 <= mine <= 1200, grown  # a bytearray(1000) and its object header, each
 
 
