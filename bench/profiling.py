@@ -84,8 +84,8 @@ STAGES: tuple[tuple[str, Functions, Functions], ...] = (
     ("&nbsp;&nbsp;&nbsp;&nbsp;signing `signing.Signer.headers`", _f("tiw_facade/signing.py:headers"), ()),
     ("&nbsp;&nbsp;&nbsp;&nbsp;limiter `acquire` + `Lease.release`",
      _f("tiw_facade/limiter/_queue.py:acquire", "tiw_facade/limiter/_ledger.py:release"), ()),
-    ("&nbsp;&nbsp;&nbsp;&nbsp;JSON in and out `upstream.encode` + `upstream._parse`",
-     _f("tiw_facade/upstream.py:encode", "tiw_facade/upstream.py:_parse"), ()),
+    ("&nbsp;&nbsp;&nbsp;&nbsp;JSON in and out `tencent_api.encode` + `TencentApi._response`",
+     _f("tiw_facade/tencent_api.py:encode", "tiw_facade/tencent_api.py:_response"), ()),
 )  # fmt: skip
 OUTSIDE = (
     "outside the interceptor: gRPC core and grpc.aio, uvloop, aiohttp's protocol callbacks (response parsing)"

@@ -1,82 +1,27 @@
-"""Fixtures for end-to-end tests: a real emulator over HTTP, a real facade over a real gRPC channel."""
+"""Fixtures for end-to-end tests: a real emulator over HTTP, a real facade over a real gRPC channel.
+
+Only fixtures and hooks live here; the helpers tests import are in tests/support/.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
 from redis.asyncio import Redis
 from support import inner_loop
+from support.facade import Facade, StartFacade, facade_environment
 from support.redis_server import RedisServer
 from tiw_facade import settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
-from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY, Emulator, EmulatorConfig
+from tiw_facade.emulator import Emulator, EmulatorConfig
 from tiw_facade.server import FacadeServer
 
 # The inner loop's guard (tests/support/inner_loop.py): with --max-unmarked-seconds, which only
 # `make check` passes, the run fails when a test not marked slow takes longer.
 pytest_addoption = inner_loop.pytest_addoption
 pytest_configure = inner_loop.pytest_configure
-
-
-async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
-    """Poll ``condition`` (state of another component, e.g. the emulator's counters) until true."""
-    end = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
-DETAIL_TYPES = (
-    error_details_pb2.ErrorInfo,
-    error_details_pb2.BadRequest,
-    error_details_pb2.RetryInfo,
-    error_details_pb2.QuotaFailure,
-)
-
-
-def unpack_details(status: status_pb2.Status) -> dict[str, Message]:
-    """The standard error details a google.rpc.Status carries, by type name."""
-    found: dict[str, Message] = {}
-    for item in status.details:
-        for kind in DETAIL_TYPES:
-            if item.Is(kind.DESCRIPTOR):
-                message = kind()
-                item.Unpack(message)
-                found[kind.DESCRIPTOR.name] = message
-    return found
-
-
-@dataclasses.dataclass
-class Facade:
-    server: FacadeServer
-    emulator: Emulator
-    channel: grpc.aio.Channel
-    stub: tiw_pb2_grpc.TiwServiceStub
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.grpc_port}"
-
-
-def facade_environment(endpoint: str, **extra: str) -> dict[str, str]:
-    return {
-        "TENCENTCLOUD_SECRET_ID": DEMO_SECRET_ID,
-        "TENCENTCLOUD_SECRET_KEY": DEMO_SECRET_KEY,
-        "TENCENTCLOUD_REGION": DEMO_REGION,
-        "TIW_ENDPOINT": endpoint,
-        "TIW_GRPC_PORT": "0",
-        "TIW_HTTP_PORT": "0",
-        "TIW_BIND_HOST": "127.0.0.1",
-        **extra,
-    }
 
 
 @pytest.fixture
@@ -90,9 +35,6 @@ async def emulator() -> AsyncIterator[Emulator]:
     await instance.start("127.0.0.1", 0)
     yield instance
     await instance.stop()
-
-
-StartFacade = Callable[..., Awaitable[Facade]]
 
 
 @pytest.fixture

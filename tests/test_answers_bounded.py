@@ -14,13 +14,13 @@ from typing import cast
 
 import grpc
 import pytest
-from conftest import StartFacade
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from support.facade import StartFacade
+from support.idempotency import keyed
+from support.pages import samples, scrape
 from support.redis_server import RedisServer
-from test_idempotency import keyed
-from test_rpcs import SDK_APP_ID, create_request
-from test_server import samples, scrape
+from support.tiw import SDK_APP_ID, create_request
 from tiw_facade import settings, shared_redis
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.answers._entries import Entry, Key, Lifetimes

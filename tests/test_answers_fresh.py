@@ -13,11 +13,12 @@ import dataclasses
 import time
 
 import pytest
-from conftest import Facade, StartFacade, wait_until
+from support.answers import describe, upstream
+from support.facade import Facade, StartFacade
+from support.pages import samples, scrape
 from support.redis_server import RedisServer
-from test_answers import describe, upstream
-from test_rpcs import SDK_APP_ID
-from test_server import samples, scrape
+from support.tiw import SDK_APP_ID
+from support.waiting import wait_until
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 

@@ -11,9 +11,9 @@ import time
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade
+from support.facade import Facade, StartFacade
 from support.redis_server import RedisServer
-from test_rpcs import SDK_APP_ID
+from support.tiw import SDK_APP_ID
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Fault, FaultKind
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import Facade, StartFacade
+from support.answers import describe, upstream
+from support.facade import Facade, StartFacade
 from support.redis_server import RedisServer
-from test_answers import describe, upstream
-from test_rpcs import SDK_APP_ID
+from support.tiw import SDK_APP_ID
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 
 pytestmark = pytest.mark.slow  # replicas on a real redis-server, and real refresh schedules and windows

@@ -14,11 +14,12 @@ from typing import Any, NamedTuple
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade, wait_until
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from support.facade import Facade, StartFacade
 from support.redis_server import free_port
+from support.waiting import wait_until
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 from tiw_facade.call import ACTIONS, METHODS

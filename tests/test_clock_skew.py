@@ -14,17 +14,14 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
-from conftest import Facade, StartFacade
-from test_retries import retries
-from test_rpcs import PUSH_TASK, SDK_APP_ID
+from support.facade import Facade, StartFacade
+from support.pages import retries
+from support.tiw import FRESH, PUSH_TASK, SDK_APP_ID
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, EmulatorConfig
 
 REQUEST = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
 ACTION = "DescribeWhiteboardPush"
-
-
-FRESH = (("tiw-max-age-ms", "0"),)
 
 
 def skewed(seconds: float) -> Callable[[], float]:

@@ -9,120 +9,41 @@ a test sees which key the facade used; it refuses temporary credentials once the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
-from conftest import facade_environment, wait_until
-from test_rpcs import PUSH_TASK, SDK_APP_ID
-from tiw_facade import credentials, settings
+from support.clock import VirtualClock
+from support.credentials import (
+    FRESH,
+    NEW,
+    NEWER,
+    OLD,
+    REQUEST,
+    TKE,
+    WEB_IDENTITY_TOKEN,
+    Running,
+    SecretVolume,
+    emulating,
+    keyless_environment,
+    profile,
+    running_facade,
+)
+from support.facade import facade_environment
+from support.tiw import SDK_APP_ID
+from support.waiting import wait_until
+from tiw_facade import credentials, pod_identity, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
-from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
-from tiw_facade.emulator import DEMO_SECRET_ID, DEMO_SECRET_KEY, Emulator, EmulatorConfig, Fault, FaultKind
+from tiw_facade.emulator import DEMO_SECRET_ID, DEMO_SECRET_KEY, Emulator, Fault, FaultKind
 from tiw_facade.metrics import Metrics
 from tiw_facade.server import FacadeServer
 from tiw_facade.signing import Credentials, Signer
-
-# Secret keys of a SecretKey's 32 characters at least (credentials.MIN_SECRET_KEY_LENGTH).
-OLD = ("AKIDoldKEYrotatedAWAY", "old-secret-key-of-32-characters!")
-NEW = ("AKIDnewKEYafterTHEswap", "new-secret-key-of-32-characters!")
-NEWER = ("AKIDnewerKEYthirdONE", "newer-secret-key-of-33-characters")
-WEB_IDENTITY_TOKEN = "eyJhbGciOiJSUzI1NiJ9.projected-service-account-token.signature"
-TKE = {
-    "TKE_REGION": "ap-guangzhou",
-    "TKE_PROVIDER_ID": "tke-cluster-oidc",
-    "TKE_ROLE_ARN": "qcs::cam::uin/100000000001:roleName/tiw-facade",
-}
-REQUEST = pb.DescribeWhiteboardPushRequest(sdk_app_id=SDK_APP_ID, task_id=PUSH_TASK)
-# These tests count the requests each key signed: every Describe must reach TIW, not the answer cache
-# (docs/answers.md), and no refresh may add requests of its own. TIW_REFRESH_INTEREST ends a key's
-# refreshes as soon as its call does (CALLS_ONLY, in each facade's environment).
-FRESH = (("tiw-max-age-ms", "0"),)
-CALLS_ONLY = {"TIW_REFRESH_INTEREST": "0.001"}
-
-
-def profile(key: tuple[str, str], token: str = "") -> str:
-    text = f"[default]\nsecret_id = {key[0]}\nsecret_key = {key[1]}\n"
-    return text + (f"token = {token}\n" if token else "")
-
-
-def keyless_environment(endpoint: str, **extra: str) -> dict[str, str]:
-    """The facade's environment without TENCENTCLOUD_SECRET_ID/KEY: another source must serve."""
-    environ = facade_environment(endpoint, **CALLS_ONLY)
-    del environ["TENCENTCLOUD_SECRET_ID"], environ["TENCENTCLOUD_SECRET_KEY"]
-    return {**environ, **extra}
-
-
-@dataclasses.dataclass
-class Running:
-    server: FacadeServer
-    stub: tiw_pb2_grpc.TiwServiceStub
-
-    def metric(self, name: str) -> float:
-        value = self.server.metrics.registry.get_sample_value(name)
-        assert value is not None, name
-        return value
-
-
-@contextlib.asynccontextmanager
-async def running_facade(environ: dict[str, str]) -> AsyncIterator[Running]:
-    server = FacadeServer(settings.load(environ))
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            yield Running(server, tiw_pb2_grpc.TiwServiceStub(channel))
-    finally:
-        await server.stop(0)
-
-
-@contextlib.asynccontextmanager
-async def emulating(**options: object) -> AsyncIterator[Emulator]:
-    emulator = Emulator(EmulatorConfig(**options))  # type: ignore[arg-type]
-    await emulator.start("127.0.0.1", 0)
-    try:
-        yield emulator
-    finally:
-        await emulator.stop()
-
-
-class SecretVolume:
-    """A directory laid out as the kubelet lays out a Secret volume: ``credentials`` is a symlink to
-    ``..data/credentials``, and ``..data`` a symlink to a timestamped directory. An update writes a
-    new directory, then renames a new ``..data`` link over the old one: one atomic step."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.generation = 0
-        self.path = root / "credentials"
-        root.mkdir(exist_ok=True)
-
-    def publish(self, text: str) -> None:
-        self.publish_with(lambda path: path.write_text(text))
-
-    def publish_with(self, make: Callable[[Path], object]) -> None:
-        """A new version whose ``credentials`` is what ``make`` puts at the path it is given."""
-        self.generation += 1
-        version = self.root / f"..2026_01_01_00_00_0{self.generation}.{os.getpid()}"
-        version.mkdir()
-        make(version / "credentials")
-        link = self.root / "..data_tmp"
-        link.symlink_to(version.name)
-        previous = (self.root / "..data").resolve() if (self.root / "..data").exists() else None
-        os.replace(link, self.root / "..data")
-        if not self.path.is_symlink():
-            self.path.symlink_to("..data/credentials")
-        if previous is not None:
-            for item in previous.iterdir():
-                item.unlink()
-            previous.rmdir()
-
 
 # --- the profile file format ----------------------------------------------------------------------
 
@@ -173,7 +94,9 @@ def test_an_invalid_profile_says_why_without_its_secret(text: str, complaint: st
 
 
 def chain(environ: dict[str, str]) -> credentials.Source:
-    return credentials.from_settings(settings.load(environ), Metrics.unobserved(), clock=time.time)
+    """The source the facade would take in ``environ``."""
+    config = credentials.CredentialsConfig.from_settings(settings.load(environ))
+    return credentials.chain(config, Metrics.unobserved(), clock=time.time)
 
 
 def test_the_environment_comes_first(tmp_path: Path) -> None:
@@ -480,17 +403,9 @@ async def test_a_refused_web_identity_token_fails_the_start(tmp_path: Path) -> N
 # --- the emulator's STS and its temporary credentials --------------------------------------------
 
 
-@dataclasses.dataclass
-class FakeClock:
-    now: float = 1_760_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> VirtualClock:
+    return VirtualClock(1_760_000_000.0)
 
 
 @pytest.fixture
@@ -528,7 +443,7 @@ async def signed_call(http: aiohttp.ClientSession, emulator: Emulator, key: Cred
 
 
 async def test_the_emulators_temporary_credentials_work_until_they_expire(
-    http: aiohttp.ClientSession, clock: FakeClock
+    http: aiohttp.ClientSession, clock: VirtualClock
 ) -> None:
     async with emulating(
         web_identity_tokens=frozenset({"good"}), sts_max_seconds=60, clock=clock
@@ -550,7 +465,7 @@ async def test_the_emulators_temporary_credentials_work_until_they_expire(
 
 
 def test_refresh_lead_is_the_margin_or_a_third_never_more_than_half() -> None:
-    assert credentials.refresh_lead(7200, 300) == 2400
-    assert credentials.refresh_lead(3600 * 12, 300) == 14400
-    assert credentials.refresh_lead(600, 300) == 300
-    assert credentials.refresh_lead(3, 300) == 1.5
+    assert pod_identity.refresh_lead(7200, 300) == 2400
+    assert pod_identity.refresh_lead(3600 * 12, 300) == 14400
+    assert pod_identity.refresh_lead(600, 300) == 300
+    assert pod_identity.refresh_lead(3, 300) == 1.5

@@ -15,15 +15,14 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import wait_until
-from test_credentials import FRESH, REQUEST, Running, SecretVolume, emulating, keyless_environment, profile
-from test_credentials import running_facade as running_facade_of
+from support.credentials import FRESH, REQUEST, Running, SecretVolume, emulating, keyless_environment, profile
+from support.credentials import running_facade as running_facade_of
+from support.waiting import wait_until
 from tiw_facade import credentials, settings
 from tiw_facade.emulator import Emulator
 from tiw_facade.server import FacadeServer
@@ -57,11 +56,13 @@ def cut_short(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def released_fifos(root: Path, after: float = 3.0) -> Iterator[None]:
+def released_fifos(root: Path, after: float = 3.0) -> Iterator[list[Path]]:
     """Should a reader block in open() on a FIFO under ``root`` (the event loop, reading the way it
-    once did), let it go after ``after`` seconds by opening the other end: the test then fails on the
-    stall it measured instead of hanging. A reader that never opens a FIFO never meets this."""
+    once did), let it go after ``after`` seconds by opening the other end, and list the FIFO among
+    those released: the test then fails on the stall instead of hanging. A reader that never opens
+    a FIFO never meets this, and the list stays empty."""
     done = threading.Event()
+    released: list[Path] = []
 
     def release() -> None:
         if done.wait(after):
@@ -71,11 +72,12 @@ def released_fifos(root: Path, after: float = 3.0) -> Iterator[None]:
                 with contextlib.suppress(OSError):  # ENXIO: nobody is reading it; not a FIFO
                     if path.is_fifo():
                         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                        released.append(path)  # the open succeeded: someone was blocked reading it
 
     thread = threading.Thread(target=release, name="fifo-release", daemon=True)
     thread.start()
     try:
-        yield
+        yield released
     finally:
         done.set()
         thread.join()
@@ -192,13 +194,12 @@ async def test_a_hostile_file_at_start_fails_the_start_at_once_saying_why(
     volume.publish_with(make)
     environ = keyless_environment("http://127.0.0.1:1", TENCENTCLOUD_CREDENTIALS_FILE=str(volume.path))
     server = FacadeServer(settings.load(environ))
-    started = time.monotonic()
-    with released_fifos(volume.root), pytest.raises(credentials.CredentialsError) as caught:
+    with released_fifos(volume.root) as released, pytest.raises(credentials.CredentialsError) as caught:
         await server.start()
     await server.stop(0)
     assert f"{volume.path}: " in str(caught.value) and complaint in str(caught.value)
     assert "next" not in str(caught.value)
-    assert time.monotonic() - started < 1.0
+    assert not released, "the start blocked opening a FIFO"
 
 
 def test_a_fifo_put_in_place_between_the_stat_and_the_open_is_refused_at_once(
@@ -213,7 +214,9 @@ def test_a_fifo_put_in_place_between_the_stat_and_the_open_is_refused_at_once(
     monkeypatch.setattr(
         os, "stat", lambda p, *a, **k: real_stat(regular if str(p) == str(path) else p, *a, **k)
     )
-    started = time.monotonic()
-    with released_fifos(tmp_path), pytest.raises(credentials.CredentialsError, match="not a regular file"):
+    with (
+        released_fifos(tmp_path) as released,
+        pytest.raises(credentials.CredentialsError, match="not a regular file"),
+    ):
         credentials._load(str(path))
-    assert time.monotonic() - started < 1.0
+    assert not released, "the read blocked opening a FIFO"

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.clock import VirtualClock
 from tencentcloud.common.credential import Credential
 from tencentcloud.common.exception.tencent_cloud_sdk_exception import TencentCloudSDKException
 from tencentcloud.common.profile.client_profile import ClientProfile
@@ -63,17 +64,6 @@ STOP_PUSH = {"SdkAppId": 1400000001, "TaskId": "07b4c70bpafm1b4majmb"}
 DESCRIBE_VIDEO = {"SdkAppId": 1400000001, "TaskId": "ghucnligqtgtvk2624mb"}
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture(autouse=True)
 def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     # The SDK and requests would send 127.0.0.1 through a proxy from the environment.
@@ -82,12 +72,12 @@ def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> VirtualClock:
+    return VirtualClock.at_wall_time()
 
 
 @pytest.fixture
-async def emulator(clock: FakeClock) -> AsyncIterator[Emulator]:
+async def emulator(clock: VirtualClock) -> AsyncIterator[Emulator]:
     config = EmulatorConfig(
         clock=clock,
         snapshot_seconds=SNAPSHOT_SECONDS,
@@ -212,7 +202,7 @@ async def test_documented_stopped_push_is_answered_as_documented(sdk: TiwClient)
     assert {key: push[key] for key in expected} == expected
 
 
-async def test_snapshot_task_runs_then_finishes(sdk: TiwClient, clock: FakeClock) -> None:
+async def test_snapshot_task_runs_then_finishes(sdk: TiwClient, clock: VirtualClock) -> None:
     created_at = int(clock())
     task_id = (await call(sdk, "CreateSnapshotTask", CREATE_SNAPSHOT))["TaskID"]
     query = {"SdkAppId": CREATE_SNAPSHOT["SdkAppId"], "TaskID": task_id}
@@ -244,7 +234,7 @@ async def test_snapshot_task_of_another_app_is_not_found(sdk: TiwClient) -> None
     assert error.code == "InvalidParameter.TaskNotFound"
 
 
-async def test_push_prepared_then_pushing_then_stopped_once(sdk: TiwClient, clock: FakeClock) -> None:
+async def test_push_prepared_then_pushing_then_stopped_once(sdk: TiwClient, clock: VirtualClock) -> None:
     assert (await call(sdk, "DescribeWhiteboardPush", DESCRIBE_PUSH))["Status"] == "PREPARED"
     clock.advance(PREPARE_SECONDS)
     pushing = await call(sdk, "DescribeWhiteboardPush", DESCRIBE_PUSH)
@@ -265,7 +255,7 @@ async def test_push_prepared_then_pushing_then_stopped_once(sdk: TiwClient, cloc
     assert error.requestId
 
 
-async def test_video_queued_then_processing_then_finished(sdk: TiwClient, clock: FakeClock) -> None:
+async def test_video_queued_then_processing_then_finished(sdk: TiwClient, clock: VirtualClock) -> None:
     query = {"SdkAppId": 1400000001, "TaskId": "00e1jv8ve0jcqk7da9lb"}
     queued = await call(sdk, "DescribeVideoGenerationTask", query)
     assert (queued["Status"], queued["VideoInfoList"], queued["TotalTime"]) == ("QUEUED", [], 0)
@@ -287,7 +277,7 @@ async def test_video_queued_then_processing_then_finished(sdk: TiwClient, clock:
 
 
 async def test_added_tasks_follow_the_same_lifecycle(
-    emulator: Emulator, sdk: TiwClient, clock: FakeClock
+    emulator: Emulator, sdk: TiwClient, clock: VirtualClock
 ) -> None:
     push_id = emulator.add_push_task(sdk_app_id=1400000002, room_id=42)
     video_id = emulator.add_video_task("my-video-task", sdk_app_id=1400000002)
@@ -320,7 +310,7 @@ def changes_of(document: dict[str, Any], task_id: str) -> list[list[Any]]:
 
 
 async def test_tasks_with_chosen_times_change_state_when_their_record_says(
-    emulator: Emulator, sdk: TiwClient, clock: FakeClock, http: aiohttp.ClientSession
+    emulator: Emulator, sdk: TiwClient, clock: VirtualClock, http: aiohttp.ClientSession
 ) -> None:
     """What a caller sees at each moment is the state the record says the task entered last."""
     t0 = clock()
@@ -350,13 +340,13 @@ async def test_tasks_with_chosen_times_change_state_when_their_record_says(
     # Just before and at every recorded change, the answer is the state before and the state after.
     for kind, changes in expected.items():
         for (at, state), (_, previous) in zip(changes[1:], changes, strict=False):
-            clock.now = at - 0.01
+            clock.set(at - 0.01)
             assert await status_of(sdk, kind, ids[kind]) == previous, (kind, at)
-            clock.now = at
+            clock.set(at)
             assert await status_of(sdk, kind, ids[kind]) == state, (kind, at)
     # A push that stopped by itself is TIW's idle-room stop, and cannot be stopped again.
     query = {"SdkAppId": 1400000001, "TaskId": ids["push"]}
-    clock.now = t0 + 10
+    clock.set(t0 + 10)
     stopped = await call(sdk, "DescribeWhiteboardPush", query)
     assert (stopped["FinishReason"], stopped["PushStopTime"]) == ("AUTO", int(t0 + 4.5))
     error = await sdk_error(sdk, "StopWhiteboardPush", query)
@@ -364,7 +354,7 @@ async def test_tasks_with_chosen_times_change_state_when_their_record_says(
 
 
 async def test_a_stop_call_is_recorded_and_a_stop_before_pushing_skips_pushing(
-    emulator: Emulator, sdk: TiwClient, clock: FakeClock
+    emulator: Emulator, sdk: TiwClient, clock: VirtualClock
 ) -> None:
     t0 = clock()
     early = emulator.add_push_task(prepare_seconds=5, push_seconds=10)
@@ -445,9 +435,9 @@ async def test_bad_secret_key_and_unknown_secret_id(emulator: Emulator) -> None:
 
 @pytest.mark.parametrize("skew", [-301, 301])
 async def test_clock_skew_beyond_five_minutes_expires_the_signature(
-    sdk: TiwClient, clock: FakeClock, skew: int
+    sdk: TiwClient, clock: VirtualClock, skew: int
 ) -> None:
-    clock.advance(skew)  # the SDK signs with the real time; the emulator's clock is now 5 min off
+    clock.set(clock() + skew)  # the SDK signs with the real time; the emulator's clock is now 5 min off
     assert (
         await sdk_error(sdk, "DescribeWhiteboardPush", DESCRIBE_PUSH)
     ).code == "AuthFailure.SignatureExpire"
@@ -592,7 +582,7 @@ async def test_rate_limit_in_real_time(http: aiohttp.ClientSession) -> None:
         assert served["throttled"] == stats.throttled and served["max_in_window"] <= 20
 
 
-async def test_window_slides(emulator: Emulator, sdk: TiwClient, clock: FakeClock) -> None:
+async def test_window_slides(emulator: Emulator, sdk: TiwClient, clock: VirtualClock) -> None:
     for _ in range(20):
         await call(sdk, "DescribeWhiteboardPush", DESCRIBE_PUSH)
     clock.advance(0.75)  # binary fractions: the sums below are exact
@@ -645,7 +635,7 @@ async def test_latency_past_the_client_timeout_is_a_read_timeout_after_execution
         await asyncio.wait_for(pending, 0.1)
 
 
-async def test_stop_cuts_injected_latency_short(clock: FakeClock, http: aiohttp.ClientSession) -> None:
+async def test_stop_cuts_injected_latency_short(clock: VirtualClock, http: aiohttp.ClientSession) -> None:
     emulator = Emulator(EmulatorConfig(clock=clock))
     await emulator.start()
     emulator.add_fault(Fault(FaultKind.LATENCY, delay=60))

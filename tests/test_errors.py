@@ -8,8 +8,8 @@ import re
 
 import grpc
 import pytest
-from conftest import unpack_details
 from google.rpc import error_details_pb2, status_pb2
+from support.rich_status import unpack_details
 from tiw_facade.errors import (
     ERROR_TABLE,
     FACADE_DOMAIN,

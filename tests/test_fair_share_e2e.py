@@ -7,9 +7,9 @@ import time
 
 import grpc
 import pytest
-from conftest import StartFacade
 from prometheus_client import generate_latest
-from test_rpcs import PUSH_TASK, SDK_APP_ID
+from support.facade import StartFacade
+from support.tiw import PUSH_TASK, SDK_APP_ID
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 
 pytestmark = pytest.mark.slow

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade
 from cryptography import x509
 from prometheus_client import generate_latest
-from test_rpcs import SDK_APP_ID
-from test_tls import Files, Issued, authority
+from support.certificates import Files, Issued, authority
+from support.facade import Facade, StartFacade
+from support.tiw import SDK_APP_ID
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 

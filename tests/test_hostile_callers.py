@@ -9,36 +9,24 @@ import itertools
 import logging
 import random
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade, facade_environment, unpack_details
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from support.facade_process import rss_bytes, start_facade_process
-from test_rpcs import PUSH_TASK, SDK_APP_ID
+from support.facade import Facade, StartFacade, facade_environment
+from support.facade_process import rss_bytes, start_facade_process, wait_serving
+from support.rich_status import unpack_details
+from support.tiw import PUSH_TASK, SDK_APP_ID, raw_method, upstream_requests
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator
 from tiw_facade.handler import SERVICE
 
-METHOD = f"/{SERVICE.full_name}/DescribeWhiteboardPush"
 MAX_REQUEST_BYTES = 16 << 10  # the default TIW_MAX_REQUEST_BYTES
 MiB = 1 << 20
-
-
-def upstream_requests(emulator: Emulator) -> int:
-    """Every request the emulator received, whatever it answered."""
-    return sum(s.accepted + s.throttled + s.rejected + s.faulted for s in emulator.stats().values())
-
-
-def raw_method(channel: grpc.aio.Channel, method: str = METHOD) -> grpc.aio.UnaryUnaryMultiCallable:
-    """A method sending and receiving bytes as they are: no (de)serializer on the client's side."""
-    return channel.unary_unary(method)
 
 
 def padded_push_request(size: int) -> bytes:
@@ -98,21 +86,6 @@ def facade_process(emulator: Emulator, tmp_path: Path) -> Iterator[tuple[subproc
     finally:
         process.kill()
         process.wait()
-
-
-async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen[bytes]) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    end = time.monotonic() + 20
-    while True:
-        assert process.poll() is None, "the facade exited"
-        try:
-            answer = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=1)
-            if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        assert time.monotonic() < end, "the facade did not become SERVING"
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.slow

@@ -15,11 +15,11 @@ import struct
 
 import grpc
 import pytest
-from conftest import Facade, unpack_details
 from google.protobuf.message import Message
 from grpc_status import rpc_status
-from test_hostile_callers import upstream_requests
-from test_rpcs import PUSH_TASK, SDK_APP_ID, create_request
+from support.facade import Facade
+from support.rich_status import unpack_details
+from support.tiw import PUSH_TASK, SDK_APP_ID, create_request, upstream_requests
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.handler import IDEMPOTENCY_KEY, MAX_AGE_DIGITS, MAX_AGE_KEY, SERVICE
 

@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import grpc
 import pytest
-from conftest import facade_environment, unpack_details
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from support.facade import facade_environment
 from support.raw_upstream import (
     Behaviour,
     RawUpstream,
@@ -41,6 +41,8 @@ from support.raw_upstream import (
     stall,
     stream,
 )
+from support.rich_status import unpack_details
+from support.tiw import FRESH
 from tiw_facade import settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
@@ -59,9 +61,6 @@ REQUESTS: dict[str, Message] = {
     for method in SERVICE.methods
 }
 HEALTHY = ok({"TaskId": "ghucnligqtgtvk2624mb", "Status": "PUSHING", "RequestId": "req-healthy"})
-# Every call here is to reach the upstream: none may be answered from the answer cache
-# (docs/answers.md) with what an earlier, healthy call left there.
-FRESH = (("tiw-max-age-ms", "0"),)
 
 
 # --- the facade, its caller, and what it shows ------------------------------------------------------
@@ -106,6 +105,8 @@ class Hostile:
     ) -> Message | Failure:
         method = getattr(self.stub, action)
         try:
+            # Every call here is to reach the upstream: none may be answered from the answer cache
+            # (docs/answers.md) with what an earlier, healthy call left there.
             response: Message = await method(request or REQUESTS[action], timeout=within, metadata=FRESH)
             return response
         except grpc.aio.AioRpcError as exc:

@@ -10,63 +10,22 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade, unpack_details, wait_until
-from google.protobuf.message import Message
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from support.facade import Facade, StartFacade
+from support.idempotency import CREATE, create, creates, keyed, refused
 from support.redis_server import RedisServer
-from test_rpcs import create_request
+from support.rich_status import details, reason
+from support.tiw import create_request
+from support.waiting import wait_until
 from tiw_facade import idempotency, shared_redis
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
-
-CREATE = "CreateSnapshotTask"
 
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
-
-
-def keyed(key: str) -> tuple[tuple[str, str], ...]:
-    return (("idempotency-key", key),)
-
-
-async def create(
-    facade: Facade,
-    key: str | None,
-    *,
-    request: pb.CreateSnapshotTaskRequest | None = None,
-    timeout: float = 5,  # noqa: ASYNC109 (the gRPC deadline, as stubs spell it)
-) -> tuple[pb.CreateSnapshotTaskResponse, dict[str, str]]:
-    """The answer and the initial metadata of one CreateSnapshotTask."""
-    call = facade.stub.CreateSnapshotTask(
-        request or create_request(), metadata=keyed(key) if key is not None else None, timeout=timeout
-    )
-    response = await call
-    return response, dict(await call.initial_metadata())
-
-
-async def refused(facade: Facade, key: str | None, **kwargs: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await create(facade, key, **kwargs)  # type: ignore[arg-type]
-    return caught.value
-
-
-def details(error: grpc.aio.AioRpcError) -> dict[str, Message]:
-    status = rpc_status.from_call(error)
-    assert status is not None, f"no rich status: {error.code()} {error.details()}"
-    return unpack_details(status)
-
-
-def reason(error: grpc.aio.AioRpcError) -> str:
-    info = details(error)["ErrorInfo"]
-    return info.reason  # type: ignore[attr-defined, no-any-return]
-
-
-def creates(emulator: Emulator) -> int:
-    return emulator.stats()[CREATE].tasks_created
 
 
 async def test_replay_has_the_same_task_and_request_id_and_says_so(facade: Facade) -> None:

@@ -14,11 +14,11 @@ from typing import cast
 import grpc
 import pytest
 import yaml
-from conftest import Facade, StartFacade
 from redis.asyncio import Redis
+from support.facade import Facade, StartFacade
+from support.idempotency import create, creates, lost_errors, lost_total, refused
 from support.redis_server import RedisServer
-from test_idempotency import create, creates, reason, refused
-from test_idempotency_lost import lost_errors, lost_total
+from support.rich_status import reason
 from tiw_facade import idempotency, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import DEMO_SECRET_ID

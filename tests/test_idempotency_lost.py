@@ -8,27 +8,16 @@ import logging
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade
+from support.facade import Facade, StartFacade
+from support.idempotency import create, creates, lost_errors, lost_total, refused
 from support.redis_server import RedisServer
-from test_idempotency import create, creates, details, reason, refused
+from support.rich_status import details, reason
 from tiw_facade import idempotency
 from tiw_facade.emulator import Emulator
 
 pytestmark = pytest.mark.slow  # a redis-server killed and started again without its data
 
 WINDOW = 2.0  # TIW_IDEMPOTENCY_LOSS_WINDOW: short, so a test can see it pass
-
-
-def lost_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [
-        r
-        for r in caplog.records
-        if r.name == "tiw_facade.idempotency" and r.levelno == logging.ERROR and "were lost" in r.message
-    ]
-
-
-def lost_total(facade: Facade) -> float | None:
-    return facade.server.metrics.registry.get_sample_value("tiw_idempotency_records_lost_total")
 
 
 async def start(start_facade: StartFacade, redis: RedisServer) -> Facade:

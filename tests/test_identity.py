@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from conftest import Facade, facade_environment
-from test_rpcs import PUSH_TASK, SDK_APP_ID, error_info, rich
-from tiw_facade import calls, identity, settings
+from support.facade import Facade, facade_environment
+from support.rich_status import details, error_info
+from support.tiw import PUSH_TASK, SDK_APP_ID
+from tiw_facade import identity, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
+from tiw_facade.call_record import CURRENT_CALLER, CURRENT_SHARE, UNIDENTIFIED
 from tiw_facade.failures import InvalidRequest
 from tiw_facade.handler import SERVICE
 
@@ -22,10 +24,10 @@ async def echo() -> AsyncIterator[grpc.aio.Channel]:
     CURRENT_SHARE; ``billing`` is listed in TIW_CALLER_WEIGHTS."""
 
     async def caller(request: bytes, context: object) -> bytes:
-        return calls.CURRENT_CALLER.get().encode()
+        return CURRENT_CALLER.get().encode()
 
     async def share(request: bytes, context: object) -> bytes:
-        return calls.CURRENT_SHARE.get().encode()
+        return CURRENT_SHARE.get().encode()
 
     methods = {
         "Caller": grpc.unary_unary_rpc_method_handler(caller),
@@ -53,26 +55,26 @@ async def test_the_handler_sees_the_named_caller(echo: grpc.aio.Channel) -> None
 
 
 async def test_calls_without_a_name_share_one_caller(echo: grpc.aio.Channel) -> None:
-    assert await ask(echo) == calls.UNIDENTIFIED
-    assert await ask(echo, ("other-key", "billing")) == calls.UNIDENTIFIED
+    assert await ask(echo) == UNIDENTIFIED
+    assert await ask(echo, ("other-key", "billing")) == UNIDENTIFIED
 
 
 async def test_only_listed_claimed_names_get_a_share_of_their_own(echo: grpc.aio.Channel) -> None:
     # The claimed name is kept as the caller; the share is the listed name's or the common one.
     assert await ask(echo, ("tiw-caller", "billing"), method="Share") == "billing"
     assert await ask(echo, ("tiw-caller", "invented-7")) == "invented-7"
-    assert await ask(echo, ("tiw-caller", "invented-7"), method="Share") == calls.UNIDENTIFIED
-    assert await ask(echo, method="Share") == calls.UNIDENTIFIED
+    assert await ask(echo, ("tiw-caller", "invented-7"), method="Share") == UNIDENTIFIED
+    assert await ask(echo, method="Share") == UNIDENTIFIED
     # Both are the call's alone: nothing is left behind for the next one.
-    assert (calls.CURRENT_CALLER.get(), calls.CURRENT_SHARE.get()) == (calls.UNIDENTIFIED,) * 2
+    assert (CURRENT_CALLER.get(), CURRENT_SHARE.get()) == (UNIDENTIFIED,) * 2
 
 
 @pytest.mark.parametrize(
     ("caller", "share"),
     [
         (identity.Caller("billing", proven=False), "billing"),  # listed: the operator vouches for it
-        (identity.Caller("invented", proven=False), calls.UNIDENTIFIED),
-        (identity.Caller(calls.UNIDENTIFIED, proven=False), calls.UNIDENTIFIED),
+        (identity.Caller("invented", proven=False), UNIDENTIFIED),
+        (identity.Caller(UNIDENTIFIED, proven=False), UNIDENTIFIED),
         (identity.Caller("spiffe://td/ns/a/sa/b", proven=True), "spiffe://td/ns/a/sa/b"),  # not listed
         (identity.Caller("billing", proven=True), "billing"),
     ],
@@ -104,8 +106,7 @@ async def test_a_malformed_name_is_refused_before_anything_is_sent(facade: Facad
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.DescribeWhiteboardPush(request, metadata=(("tiw-caller", "not ok"),), timeout=5)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    details = rich(caught.value)
-    violations = details["BadRequest"].field_violations  # type: ignore[attr-defined]
+    violations = details(caught.value)["BadRequest"].field_violations  # type: ignore[attr-defined]
     assert [v.field for v in violations] == ["tiw-caller"]
     assert error_info(caught.value).metadata["action"] == "DescribeWhiteboardPush"
     assert facade.emulator.stats()["DescribeWhiteboardPush"].accepted == 0
@@ -143,12 +144,6 @@ def test_caller_weights() -> None:
     assert load().caller_weights == ()
     weights = load(TIW_CALLER_WEIGHTS=" billing=3, classroom=1,spiffe://td/ns/a/sa/b=2 ").caller_weights
     assert dict(weights) == {"billing": 3, "classroom": 1, "spiffe://td/ns/a/sa/b": 2}
-    config = load(TIW_CALLER_WEIGHTS="billing=3")
-    assert [identity.weight_of(name, config) for name in ("billing", "other", calls.UNIDENTIFIED)] == [
-        3,
-        1,
-        1,
-    ]
 
 
 @pytest.mark.parametrize(

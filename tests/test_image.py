@@ -21,10 +21,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import facade_environment
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from test_rpcs import PUSH_TASK, SDK_APP_ID
+from support.facade import facade_environment
+from support.tiw import PUSH_TASK, SDK_APP_ID
 from tiw_facade import __version__
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc

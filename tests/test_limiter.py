@@ -1,4 +1,5 @@
-"""The in-process limiter, in real asyncio time: the arrival invariant, utilization, queue behaviour."""
+"""The in-process limiter: the arrival invariant and utilization in real asyncio time; queue behaviour,
+estimates and time-outs in virtual time (tests/support/virtual_time.py), to the exact instant."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import time
 
 import pytest
 from support import LoopLag, SimulatedTiw, count_between, max_in_window, saturate, wake_delays
-from tiw_facade.limiter import Lease, LimiterClosed, QuotaExceeded, create_limiter
+from support.clock import VirtualClock
+from support.virtual_time import in_virtual_time
+from tiw_facade.limiter import Lease, LimiterClosed, LimiterConfig, QuotaExceeded, create_limiter
 from tiw_facade.limiter.memory import MemoryLimiter
 from tiw_facade.limiter.shared import RedisLimiter
 from tiw_facade.metrics import Metrics
@@ -72,8 +75,9 @@ async def test_real_window_never_more_than_limit_arrive_and_97_percent_used() ->
         assert sample(metrics, "tiw_limiter_queue_depth", action=action) == 0
 
 
-async def test_waiters_are_served_in_arrival_order() -> None:
-    rate = limiter(1, 0.05)
+@in_virtual_time
+async def test_waiters_are_served_in_arrival_order(clock: VirtualClock) -> None:
+    rate = limiter(1, 0.05, clock=clock)
     first = await rate.acquire(A, deadline=None, hold=1)
     order: list[int] = []
 
@@ -91,67 +95,71 @@ async def test_waiters_are_served_in_arrival_order() -> None:
     assert order == list(range(6))
 
 
-async def test_impossible_deadline_is_refused_at_once() -> None:
+@in_virtual_time
+async def test_impossible_deadline_is_refused_at_once(clock: VirtualClock) -> None:
     metrics = Metrics("test")
-    rate = MemoryLimiter(limit=2, window=1.0, metrics=metrics)
+    rate = MemoryLimiter(limit=2, window=1.0, metrics=metrics, clock=clock)
     leases = [await rate.acquire(A, deadline=None, hold=5) for _ in range(2)]
-    started = time.monotonic()
+    started = clock()
     with pytest.raises(QuotaExceeded) as refused:
         await rate.acquire(A, deadline=started + 0.5, hold=5)
-    assert time.monotonic() - started < 0.1  # at once, not after waiting (slack: a shared CPU)
+    assert clock() == started  # at once, not after waiting
     assert refused.value.reason == "deadline"
     assert refused.value.action == A
     # Both tokens are in flight: back no sooner than a window from now.
-    assert 0.9 <= refused.value.retry_after <= 1.0
+    assert refused.value.retry_after == pytest.approx(1.0)
     assert sample(metrics, "tiw_limiter_rejected_total", action=A, reason="deadline") == 1
     # A deadline already past is refused even when a token is free: nobody could use the answer.
     leases[0].release()
     with pytest.raises(QuotaExceeded, match="deadline"):
-        await rate.acquire(ACTIONS[1], deadline=time.monotonic() - 0.001, hold=1)
+        await rate.acquire(ACTIONS[1], deadline=clock() - 0.001, hold=1)
 
 
-async def test_slot_beyond_longest_wait_is_refused_at_once() -> None:
-    rate = limiter(1, 1.0, max_queue_wait=0.3)
+@in_virtual_time
+async def test_slot_beyond_longest_wait_is_refused_at_once(clock: VirtualClock) -> None:
+    rate = limiter(1, 1.0, max_queue_wait=0.3, clock=clock)
     lease = await rate.acquire(A, deadline=None, hold=5)
     lease.release()
-    started = time.monotonic()
+    started = clock()
     with pytest.raises(QuotaExceeded) as refused:
         await rate.acquire(A, deadline=started + 10, hold=5)
-    assert time.monotonic() - started < 0.1
+    assert clock() == started
     assert refused.value.reason == "max_wait"
-    assert 0.9 < refused.value.retry_after <= 1.0  # the released token's exact return
+    assert refused.value.retry_after == pytest.approx(1.0)  # the released token's exact return
 
 
-@pytest.mark.slow
-async def test_the_kth_waiter_is_estimated_at_the_kth_return() -> None:
-    rate = limiter(2, 0.4, max_queue_wait=0.5)
+@in_virtual_time
+async def test_the_kth_waiter_is_estimated_at_the_kth_return(clock: VirtualClock) -> None:
+    rate = limiter(2, 0.4, max_queue_wait=0.5, clock=clock)
     a = await rate.acquire(A, deadline=None, hold=5)
     b = await rate.acquire(A, deadline=None, hold=5)
-    a_released = time.monotonic()
+    a_released = clock()
     a.release()
     await asyncio.sleep(0.1)
-    b.release()  # returns about 0.1 s after a's token
+    b.release()  # returns 0.1 s after a's token
     first = asyncio.create_task(rate.acquire(A, deadline=None, hold=5))
     second = asyncio.create_task(rate.acquire(A, deadline=None, hold=5))
     await asyncio.sleep(0)
     # Two waiters take the two returns; a third needs a token reused: at least a window after the
-    # first return (a's release + 0.8 s, about 0.7 s from now), beyond the longest wait of 0.5 s.
-    called = time.monotonic()
+    # first return (a's release + 0.8 s, 0.7 s from now), beyond the longest wait of 0.5 s.
+    called = clock()
     with pytest.raises(QuotaExceeded) as refused:
         await rate.acquire(A, deadline=None, hold=5)
     assert refused.value.reason == "max_wait"
-    assert abs(refused.value.retry_after - (a_released + 0.8 - called)) < 0.005
+    assert refused.value.retry_after == pytest.approx(a_released + 0.8 - called)
+    assert refused.value.retry_after == pytest.approx(0.7)
     for task in (first, second):
         (await task).release()
 
 
-async def test_deadline_passing_while_waiting_refuses() -> None:
-    rate = limiter(1, 0.2)
+@in_virtual_time
+async def test_deadline_passing_while_waiting_refuses(clock: VirtualClock) -> None:
+    rate = limiter(1, 0.2, clock=clock)
     await rate.acquire(A, deadline=None, hold=5)  # never released: the estimate (0.2 s) is optimistic
-    started = time.monotonic()
+    started = clock()
     with pytest.raises(QuotaExceeded) as refused:
         await rate.acquire(A, deadline=started + 0.3, hold=5)
-    assert 0.29 <= time.monotonic() - started < 0.45
+    assert clock() - started == pytest.approx(0.3)  # refused at its deadline, not before
     assert refused.value.reason == "deadline"
 
 
@@ -177,36 +185,38 @@ async def test_full_queue_is_refused_at_once() -> None:
     another.cancel()
 
 
-async def test_a_caller_cancelled_while_waiting_takes_nothing() -> None:
+@in_virtual_time
+async def test_a_caller_cancelled_while_waiting_takes_nothing(clock: VirtualClock) -> None:
     metrics = Metrics("test")
-    rate = MemoryLimiter(limit=1, window=0.1, metrics=metrics)
+    rate = MemoryLimiter(limit=1, window=0.1, metrics=metrics, clock=clock)
     held = await rate.acquire(A, deadline=None, hold=5)
     leaving = asyncio.create_task(rate.acquire(A, deadline=None, hold=5))
     staying = asyncio.create_task(rate.acquire(A, deadline=None, hold=5))
     await asyncio.sleep(0.01)
     leaving.cancel()
     await asyncio.sleep(0)
-    released = time.monotonic()
+    released = clock()
     held.release()
     lease = await staying
-    assert 0.095 < time.monotonic() - released < 0.2  # the next waiter got the token on its return
+    assert clock() - released == pytest.approx(0.1)  # the next waiter got the token on its return
     assert leaving.cancelled()
     assert sample(metrics, "tiw_limiter_admitted_total", action=A) == 2
     lease.release()
 
 
-async def test_a_caller_cancelled_as_it_is_granted_hands_the_token_on_at_once() -> None:
+@in_virtual_time
+async def test_a_caller_cancelled_as_it_is_granted_hands_the_token_on_at_once(clock: VirtualClock) -> None:
     """Granted and cancelled in the same instant: nothing was sent on that token, so it is not
     held for a window: the next waiter gets it right away."""
     metrics = Metrics("test")
-    rate = MemoryLimiter(limit=2, window=0.3, metrics=metrics)
+    rate = MemoryLimiter(limit=2, window=0.3, metrics=metrics, clock=clock)
     held = [await rate.acquire(A, deadline=None, hold=5) for _ in range(2)]
     got: dict[str, float] = {}
     victim: asyncio.Task[Lease] | None = None
 
     async def first() -> None:
         await rate.acquire(A, deadline=None, hold=5)
-        got["first"] = time.monotonic()
+        got["first"] = clock()
         # Both tokens came back together, so the second waiter was granted in the same step;
         # cancel it before it runs.
         assert victim is not None and not victim.done()
@@ -214,7 +224,7 @@ async def test_a_caller_cancelled_as_it_is_granted_hands_the_token_on_at_once() 
 
     async def third() -> None:
         await rate.acquire(A, deadline=None, hold=5)
-        got["third"] = time.monotonic()
+        got["third"] = clock()
 
     tasks = [asyncio.create_task(first())]
     await asyncio.sleep(0)
@@ -226,59 +236,61 @@ async def test_a_caller_cancelled_as_it_is_granted_hands_the_token_on_at_once() 
         lease.release()
     await asyncio.gather(*tasks)
     assert victim.cancelled()
-    assert got["third"] - got["first"] < 0.15  # not a window (0.3 s) later
+    assert got["third"] == got["first"]  # in the same instant, not a window (0.3 s) later
     assert sample(metrics, "tiw_limiter_admitted_total", action=A) == 4
 
 
-async def test_pause_holds_admissions() -> None:
+@in_virtual_time
+async def test_pause_holds_admissions(clock: VirtualClock) -> None:
     metrics = Metrics("test")
-    rate = MemoryLimiter(limit=5, window=0.1, metrics=metrics)
+    rate = MemoryLimiter(limit=5, window=0.1, metrics=metrics, clock=clock)
     rate.pause(A, 0.3)
     with pytest.raises(QuotaExceeded) as refused:  # the pause is part of the estimate
-        await rate.acquire(A, deadline=time.monotonic() + 0.1, hold=1)
-    assert 0.25 < refused.value.retry_after <= 0.3
-    started = time.monotonic()
+        await rate.acquire(A, deadline=clock() + 0.1, hold=1)
+    assert refused.value.retry_after == pytest.approx(0.3)
+    started = clock()
     lease = await rate.acquire(A, deadline=None, hold=1)
-    assert 0.25 < time.monotonic() - started < 0.45
+    assert clock() - started == pytest.approx(0.3)  # admitted as the pause ends
     lease.release()
-    other = await rate.acquire(ACTIONS[1], deadline=time.monotonic() + 0.01, hold=1)  # other actions flow
+    other = await rate.acquire(ACTIONS[1], deadline=clock() + 0.01, hold=1)  # other actions flow
     other.release()
     assert sample(metrics, "tiw_limiter_pauses_total", action=A) == 1
 
 
-async def test_release_is_idempotent() -> None:
-    rate = limiter(2, 0.1)
+@in_virtual_time
+async def test_release_is_idempotent(clock: VirtualClock) -> None:
+    rate = limiter(2, 0.1, clock=clock)
     once = await rate.acquire(A, deadline=None, hold=5)
     await rate.acquire(A, deadline=None, hold=5)
     once.release()
     once.release()
     once.release()
     await asyncio.sleep(0.11)
-    again = await rate.acquire(A, deadline=time.monotonic() + 0.01, hold=5)
+    again = await rate.acquire(A, deadline=clock() + 0.01, hold=5)
     with pytest.raises(QuotaExceeded):  # only one token came back
-        await rate.acquire(A, deadline=time.monotonic() + 0.05, hold=5)
+        await rate.acquire(A, deadline=clock() + 0.05, hold=5)
     again.release()
 
 
-@pytest.mark.slow
-async def test_a_lease_never_released_frees_after_hold_plus_window() -> None:
-    rate = limiter(1, 0.2)
+@in_virtual_time
+async def test_a_lease_never_released_frees_after_hold_plus_window(clock: VirtualClock) -> None:
+    rate = limiter(1, 0.2, clock=clock)
     await rate.acquire(A, deadline=None, hold=0.3)
-    started = time.monotonic()
+    started = clock()
     lease = await rate.acquire(A, deadline=None, hold=0.3)
-    assert 0.49 < time.monotonic() - started < 0.65
+    assert clock() - started == pytest.approx(0.5)
     lease.release()
 
 
-@pytest.mark.slow
-async def test_a_late_release_does_not_extend_the_hold() -> None:
-    rate = limiter(1, 0.5)
-    taken = time.monotonic()
+@in_virtual_time
+async def test_a_late_release_does_not_extend_the_hold(clock: VirtualClock) -> None:
+    rate = limiter(1, 0.5, clock=clock)
+    taken = clock()
     late = await rate.acquire(A, deadline=None, hold=0.1)
     await asyncio.sleep(0.3)
     late.release()  # after its hold: its token still comes back at hold + window (0.6 s), not 0.8 s
     lease = await rate.acquire(A, deadline=None, hold=1)
-    assert 0.6 <= time.monotonic() - taken < 0.72
+    assert clock() - taken == pytest.approx(0.6)
     lease.release()
 
 
@@ -307,7 +319,7 @@ async def test_close_refuses_waiters_and_new_callers() -> None:
 
 async def test_health_and_factory() -> None:
     settings = Settings(secret_id="AKIDexample", secret_key="secret")
-    memory = create_limiter(settings, Metrics("test"))
+    memory = create_limiter(LimiterConfig.from_settings(settings), Metrics("test"))
     assert isinstance(memory, MemoryLimiter)
     assert memory.health() == {
         "backend": "memory",
@@ -315,7 +327,9 @@ async def test_health_and_factory() -> None:
         "detail": "in-process: 20 per 1s per action",
     }
     shared = create_limiter(
-        Settings(secret_id="AKIDexample", secret_key="secret", redis_url="redis://127.0.0.1:1/0")
+        LimiterConfig.from_settings(
+            Settings(secret_id="AKIDexample", secret_key="secret", redis_url="redis://127.0.0.1:1/0")
+        )
     )
     assert isinstance(shared, RedisLimiter)
     assert shared.backend == "redis"

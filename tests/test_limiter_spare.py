@@ -14,6 +14,7 @@ import time
 import pytest
 from redis.asyncio import Redis
 from support import SimulatedTiw, eventually, max_in_window
+from support.clock import VirtualClock
 from support.redis_server import RedisServer
 from tiw_facade.limiter import Lease, QuotaExceeded, Reason
 from tiw_facade.limiter.memory import MemoryLimiter
@@ -22,17 +23,6 @@ from tiw_facade.metrics import Metrics
 
 A = "DescribeSnapshotTask"
 ACCOUNT = "AKIDexampleaccount"
-
-
-class VirtualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Observer:

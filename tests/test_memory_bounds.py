@@ -18,11 +18,10 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from conftest import facade_environment
-from support.facade_process import rss_bytes, start_facade_process
+from support.facade import facade_environment
+from support.facade_process import rss_bytes, start_facade_process, wait_serving
 from support.redis_server import RedisServer
-from test_hostile_callers import raw_method, wait_serving
-from test_rpcs import SDK_APP_ID
+from support.tiw import SDK_APP_ID, raw_method
 from tiw_facade import budget
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator

@@ -12,15 +12,17 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade, wait_until
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import ACTIONS, SERVICE, samples, scrape
-from tiw_facade import limiter, upstream
+from support.facade import Facade, StartFacade
+from support.pages import samples, scrape
+from support.tiw import ACTIONS, SERVICE
+from support.waiting import wait_until
+from tiw_facade import limiter, retries
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
-from tiw_facade.calls import CURRENT_CALL
+from tiw_facade.call_record import CURRENT_CALL
 from tiw_facade.emulator import Fault, FaultKind
 from tiw_facade.interceptor import RpcObserver
 from tiw_facade.logs import JsonFormatter
@@ -209,7 +211,7 @@ def test_every_per_action_series_exists_after_prime() -> None:
 
 def test_the_primed_reasons_are_the_limiters_and_upstreams() -> None:
     assert set(REJECT_REASONS) == set(typing.get_args(limiter.Reason))
-    assert set(upstream.NOT_EXECUTED) <= set(RETRY_REASONS)
+    assert set(retries.NOT_EXECUTED) <= set(RETRY_REASONS)
 
 
 def test_no_created_series_are_exposed() -> None:

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import pytest
-from conftest import Facade, StartFacade
-from test_rpcs import PUSH_TASK, SDK_APP_ID
+from support.facade import Facade, StartFacade
+from support.tiw import PUSH_TASK, SDK_APP_ID
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 
 # The HTTP side abused for seconds: stalled connections are closed by their time-outs.

@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
-from conftest import facade_environment, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.facade import facade_environment
 from support.redis_server import RedisServer
-from test_rpcs import PUSH_TASK, SDK_APP_ID
+from support.tiw import PUSH_TASK, SDK_APP_ID
+from support.waiting import wait_until
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 from tiw_facade.emulator import DEMO_SECRET_KEY, Emulator, Fault, FaultKind

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Facade, StartFacade
+from support.facade import Facade, StartFacade
 from support.prometheus import NAMESPACE, Prometheus, Target
 from support.redis_server import free_port
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb

@@ -7,14 +7,15 @@ import asyncio
 import time
 from collections.abc import Iterator
 
-import aiohttp
 import grpc
 import pytest
-from conftest import Facade, StartFacade, wait_until
 from google.rpc import error_details_pb2
+from support.facade import Facade, StartFacade
+from support.pages import healthz, samples, scrape
 from support.redis_server import RedisServer
-from test_rpcs import SDK_APP_ID, rich
-from test_server import samples, scrape
+from support.rich_status import details
+from support.tiw import SDK_APP_ID
+from support.waiting import wait_until
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 
@@ -73,14 +74,14 @@ async def hold_tokens(facade: Facade, count: int, seconds: float) -> list[asynci
 async def test_a_slot_beyond_the_deadline_fails_at_once(start_facade: StartFacade) -> None:
     facade = await start_facade(TIW_RATE_LIMIT="2", **CALLS_ONLY)
     held = await hold_tokens(facade, 2, 1.0)
-    started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.DescribeWhiteboardPush(push(facade.emulator), timeout=0.8)
-    assert time.monotonic() - started < 0.4, "refused at once, not after waiting"
+    # Refused at once, not after waiting: a call that waited for its deadline would end
+    # DEADLINE_EXCEEDED (no wall-clock window asserted, which a loaded machine could miss).
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    details = rich(caught.value)
-    retry = details["RetryInfo"]
-    quota = details["QuotaFailure"]
+    found = details(caught.value)
+    retry = found["RetryInfo"]
+    quota = found["QuotaFailure"]
     assert isinstance(retry, error_details_pb2.RetryInfo) and isinstance(
         quota, error_details_pb2.QuotaFailure
     )
@@ -112,7 +113,7 @@ async def test_longest_wait_is_bounded(start_facade: StartFacade) -> None:
             push(facade.emulator)
         )  # no deadline: TIW_MAX_QUEUE_WAIT bounds it
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    info = rich(caught.value)["ErrorInfo"]
+    info = details(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo) and info.metadata["limiter_reason"] == "max_wait"
     await asyncio.gather(*held)
 
@@ -126,7 +127,7 @@ async def test_a_full_queue_refuses_at_once(start_facade: StartFacade) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await facade.stub.DescribeWhiteboardPush(push(facade.emulator), timeout=10)
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    info = rich(caught.value)["ErrorInfo"]
+    info = details(caught.value)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo) and info.metadata["limiter_reason"] == "queue_full"
     assert (await waiting).task_id == request.task_id, "the caller already waiting is served"
     await asyncio.gather(*held)
@@ -138,15 +139,6 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-
-
-async def healthz(facade: Facade) -> dict[str, object]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{facade.server.http_port}/healthz") as r,
-    ):
-        body: dict[str, object] = await r.json()
-        return body
 
 
 async def test_replicas_share_one_quota_through_redis(

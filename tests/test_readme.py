@@ -10,7 +10,7 @@ import shlex
 import sys
 
 import yaml
-from conftest import Facade
+from support.facade import Facade
 from tiw_facade.errors import ERROR_TABLE
 from tiw_facade.settings import markdown_table
 

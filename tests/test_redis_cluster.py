@@ -11,14 +11,14 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade, unpack_details
 from grpc_status import rpc_status
 from redis.asyncio import Redis
 from support import max_in_window
+from support.facade import Facade, StartFacade
+from support.pages import healthz, samples, scrape
 from support.redis_cluster import RedisCluster, command
-from test_quota import healthz
-from test_rpcs import SDK_APP_ID, create_request
-from test_server import samples, scrape
+from support.rich_status import unpack_details
+from support.tiw import SDK_APP_ID, create_request
 from tiw_facade import shared_redis
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.answers._entries import Entry, Key, Lifetimes

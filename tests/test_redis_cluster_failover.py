@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import StartFacade
+from support.facade import StartFacade
 from support.failover_load import Failing, environment, invariants_hold_through
 from support.redis_cluster import RedisCluster
 from tiw_facade import shared_redis

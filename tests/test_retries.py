@@ -6,28 +6,19 @@ import time
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade
 from google.protobuf import descriptor_pb2, descriptor_pool
-from test_rpcs import PUSH_TASK, SDK_APP_ID, VIDEO_TASK, create_request, error_info
-from test_server import samples, scrape
+from support.facade import Facade, StartFacade
+from support.pages import retries, samples, scrape
+from support.rich_status import error_info
+from support.tiw import PUSH_TASK, SDK_APP_ID, VIDEO_TASK, create_request
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 from tiw_facade.handler import POLICIES, SERVICE, retry_policy
-from tiw_facade.upstream import NEVER_RESEND, RetryPolicy
+from tiw_facade.retries import NEVER_RESEND, RetryPolicy
 
 
 def describe_video() -> pb.DescribeVideoGenerationTaskRequest:
     return pb.DescribeVideoGenerationTaskRequest(sdk_app_id=SDK_APP_ID, task_id=VIDEO_TASK)
-
-
-async def retries(facade: Facade, action: str) -> dict[str, float]:
-    found = samples(await scrape(facade), "tiw_upstream_retries_total")
-    # Series at zero are primed, not retries.
-    return {
-        dict(labels)["reason"]: value
-        for labels, value in found.items()
-        if dict(labels)["action"] == action and value
-    }
 
 
 @pytest.mark.slow

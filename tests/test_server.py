@@ -17,28 +17,21 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from conftest import Facade, StartFacade, facade_environment
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
-from prometheus_client.parser import text_string_to_metric_families
+from support.facade import Facade, StartFacade, facade_environment
+from support.pages import samples, scrape
+from support.tiw import ACTIONS, SERVICE
 from tiw_facade import server as server_module
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator
-from tiw_facade.limiter import Limiter, create_limiter
+from tiw_facade.limiter import Limiter, LimiterConfig, create_limiter
 from tiw_facade.metrics import Metrics
 from tiw_facade.server import BindError, FacadeServer
 from tiw_facade.settings import Settings, load, variable
 from tiw_facade.upstream import TiwClient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SERVICE = "tiw.v20190919.TiwService"
-ACTIONS = [
-    "CreateSnapshotTask",
-    "DescribeSnapshotTask",
-    "DescribeVideoGenerationTask",
-    "DescribeWhiteboardPush",
-    "StopWhiteboardPush",
-]
 
 
 async def test_health_is_serving(facade: Facade) -> None:
@@ -125,25 +118,6 @@ async def test_reflection_can_be_turned_off(start_facade: StartFacade, version: 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await list_services(facade.channel, version)
     assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
-
-
-async def scrape(facade: Facade) -> str:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{facade.server.http_port}/metrics") as r,
-    ):
-        assert r.status == 200
-        assert r.headers["Content-Type"].startswith("text/plain")
-        return await r.text()
-
-
-def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                found[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
 
 
 async def test_metrics_follow_go_grpc_prometheus(facade: Facade) -> None:
@@ -342,8 +316,8 @@ async def test_stop_closes_everything_even_if_one_close_fails(
             await super().aclose()
             raise RuntimeError("client close failed")
 
-    def recording_limiter(settings: Settings, metrics: Metrics, **options: Any) -> Limiter:
-        limiter = create_limiter(settings, metrics, **options)
+    def recording_limiter(config: LimiterConfig, metrics: Metrics, **options: Any) -> Limiter:
+        limiter = create_limiter(config, metrics, **options)
         real_close = limiter.aclose
 
         async def aclose() -> None:

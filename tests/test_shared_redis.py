@@ -10,10 +10,10 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from conftest import StartFacade
 from redis.asyncio import Redis
+from support.facade import StartFacade
 from support.redis_server import RedisSentinel, RedisServer, free_port
-from test_rpcs import create_request
+from support.tiw import create_request
 from tiw_facade import settings, shared_redis
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.answers._entries import Key, Lifetimes, StoreUnavailable

@@ -10,11 +10,11 @@ import time
 from typing import cast
 
 import pytest
-from conftest import Facade, StartFacade
 from redis.asyncio import Redis
+from support.answers import describe, snapshot_request
+from support.facade import Facade, StartFacade
 from support.redis_server import RedisServer
-from test_answers import describe, snapshot_request
-from test_rpcs import SDK_APP_ID
+from support.tiw import SDK_APP_ID
 from tiw_facade import shared_redis
 from tiw_facade.answers._entries import Key
 from tiw_facade.emulator import DEMO_SECRET_ID

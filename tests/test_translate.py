@@ -11,8 +11,8 @@ import pytest
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
+from tiw_facade.tencent_api import encode
 from tiw_facade.translate import MalformedAnswer, from_tiw, to_tiw
-from tiw_facade.upstream import encode
 
 EXAMPLES = json.loads((pathlib.Path(__file__).parent / "data" / "seed_examples.json").read_text())
 METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["TiwService"].methods}

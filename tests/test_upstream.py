@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import facade_environment, wait_until
 from support.raw_upstream import RawUpstream, answer, envelope, http
-from tiw_facade import settings as settings_module
+from support.tiw_client import tiw_client
+from support.waiting import wait_until
 from tiw_facade.emulator import Emulator, Fault, FaultKind
 from tiw_facade.failures import (
     FacadeError,
@@ -30,10 +30,11 @@ from tiw_facade.failures import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tiw_facade.limiter import UNIDENTIFIED, Lease, Limiter, create_limiter
+from tiw_facade.limiter import UNIDENTIFIED, Lease, Limiter, LimiterConfig, create_limiter
 from tiw_facade.metrics import Metrics
+from tiw_facade.retries import RetryPolicy
 from tiw_facade.signing import Signer
-from tiw_facade.upstream import UNANSWERED_HOLD, RetryPolicy, TiwClient
+from tiw_facade.upstream import UNANSWERED_HOLD, Request, TiwClient
 
 READ = RetryPolicy(resend_maybe_delivered=True)
 
@@ -88,20 +89,14 @@ class SpyLimiter(Limiter):
 
 @pytest.fixture
 async def client(emulator: Emulator) -> AsyncIterator[tuple[TiwClient, SpyLimiter]]:
-    config = settings_module.load(
-        facade_environment(emulator.url, TENCENTCLOUD_SESSION_TOKEN="temporary-token")
-    )
-    spy = SpyLimiter(create_limiter(config))
-    instance = TiwClient(config, spy)
-    await instance.start()
-    yield instance, spy
-    await instance.aclose()
-    await spy.aclose()
+    spy = SpyLimiter(create_limiter(LimiterConfig()))
+    async with tiw_client(emulator.url, spy, session_token="temporary-token") as instance:
+        yield instance, spy
 
 
 async def test_an_answered_request_returns_its_token(client: tuple[TiwClient, SpyLimiter]) -> None:
     tiw, spy = client
-    answer: dict[str, Any] = await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
+    answer: dict[str, Any] = await tiw.call(Request("DescribeWhiteboardPush", PARAMS), time.monotonic() + 5)
     assert answer["TaskId"] == PARAMS["TaskId"]
     assert [lease.released for lease in spy.leases] == [1]
 
@@ -112,7 +107,7 @@ async def test_a_timed_out_request_keeps_its_token_past_the_window(
     tiw, spy = client
     emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=2.0))
     with pytest.raises(UpstreamTimeout) as caught:
-        await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 0.3)
+        await tiw.call(Request("DescribeWhiteboardPush", PARAMS), time.monotonic() + 0.3)
     assert caught.value.outcome is Outcome.UNKNOWN
     # TIW may see it after we gave up: the token is held to its hold time, not given back at once.
     (lease,) = spy.leases
@@ -121,20 +116,12 @@ async def test_a_timed_out_request_keeps_its_token_past_the_window(
 
 
 async def test_a_request_never_sent_returns_its_token(emulator: Emulator, unused_tcp_port: int) -> None:
-    config = settings_module.load(
-        facade_environment(f"http://127.0.0.1:{unused_tcp_port}", TIW_MAX_ATTEMPTS="1")
-    )
-    spy = SpyLimiter(create_limiter(config))
-    tiw = TiwClient(config, spy)
-    await tiw.start()
-    try:
+    spy = SpyLimiter(create_limiter(LimiterConfig()))
+    async with tiw_client(f"http://127.0.0.1:{unused_tcp_port}", spy, max_attempts=1) as tiw:
         with pytest.raises(UpstreamUnreachable) as caught:
-            await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
+            await tiw.call(Request("DescribeWhiteboardPush", PARAMS), time.monotonic() + 5)
         assert caught.value.outcome is Outcome.NOT_SENT
         assert [lease.released for lease in spy.leases] == [1]
-    finally:
-        await tiw.aclose()
-        await spy.aclose()
 
 
 async def test_every_attempt_takes_a_token_and_is_signed_afresh(
@@ -151,7 +138,7 @@ async def test_every_attempt_takes_a_token_and_is_signed_afresh(
 
     monkeypatch.setattr(Signer, "headers", recording)
     emulator.add_fault(Fault(FaultKind.HTTP_STATUS, status=503, count=2))
-    await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5, policy=READ)
+    await tiw.call(Request("DescribeWhiteboardPush", PARAMS, READ), time.monotonic() + 5)
     assert len(signed) == len(spy.leases) == 3
     assert all(lease.released == 1 for lease in spy.leases)
     # Temporary credentials: the session token travels as X-TC-Token on every attempt.
@@ -168,20 +155,16 @@ async def test_the_body_sent_is_the_body_signed(
         "SdkAppId": 2**40,
         "RoomId": 1,
     }
-    answer: dict[str, Any] = await tiw.call("CreateSnapshotTask", params, deadline=time.monotonic() + 5)
+    answer: dict[str, Any] = await tiw.call(Request("CreateSnapshotTask", params), time.monotonic() + 5)
     assert answer["TaskID"]
 
 
 async def test_an_attempt_cancelled_mid_flight_is_counted_as_cancelled(emulator: Emulator) -> None:
-    config = settings_module.load(facade_environment(emulator.url))
     metrics = Metrics("test")
-    limiter = create_limiter(config, metrics)
-    tiw = TiwClient(config, limiter, metrics)
-    await tiw.start()
-    try:
+    async with tiw_client(emulator.url, metrics=metrics) as tiw:
         emulator.add_fault(Fault(FaultKind.LATENCY, action="DescribeWhiteboardPush", delay=2.0))
         call: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(
-            tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
+            tiw.call(Request("DescribeWhiteboardPush", PARAMS), time.monotonic() + 5)
         )
         await wait_until(lambda: emulator.stats()["DescribeWhiteboardPush"].accepted == 1)
         call.cancel()  # the caller went away
@@ -194,9 +177,6 @@ async def test_an_attempt_cancelled_mid_flight_is_counted_as_cancelled(emulator:
         assert metrics.registry.get_sample_value(
             "tiw_upstream_requests_total", {"action": "DescribeWhiteboardPush", "code": "OK"}
         ) in (None, 0.0)
-    finally:
-        await tiw.aclose()
-        await limiter.aclose()
 
 
 async def test_without_a_policy_nothing_that_may_have_arrived_is_resent(
@@ -206,7 +186,7 @@ async def test_without_a_policy_nothing_that_may_have_arrived_is_resent(
     tiw, spy = client
     emulator.add_fault(Fault(FaultKind.HTTP_STATUS, status=503, count=1))
     with pytest.raises(UpstreamHttpError) as caught:
-        await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5)
+        await tiw.call(Request("DescribeWhiteboardPush", PARAMS), time.monotonic() + 5)
     assert caught.value.status == 503 and caught.value.outcome is Outcome.UNKNOWN
     assert len(spy.leases) == 1
 
@@ -226,23 +206,12 @@ async def raw_upstream() -> AsyncIterator[Callable[[bytes], Awaitable[tuple[RawU
         yield start
 
 
-async def call_raw(endpoint: str, **extra: str) -> FacadeError:
+async def call_raw(endpoint: str) -> FacadeError:
     """The failure of one DescribeWhiteboardPush, read-retry policy, against ``endpoint``."""
-    config = settings_module.load(
-        facade_environment(
-            endpoint, TENCENTCLOUD_SESSION_TOKEN="temporary-token", TIW_MAX_ATTEMPTS="1", **extra
-        )
-    )
-    limiter = create_limiter(config)
-    tiw = TiwClient(config, limiter)
-    await tiw.start()
-    try:
+    async with tiw_client(endpoint, session_token="temporary-token", max_attempts=1) as tiw:
         with pytest.raises(FacadeError) as caught:
-            await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5, policy=READ)
+            await tiw.call(Request("DescribeWhiteboardPush", PARAMS, READ), time.monotonic() + 5)
         return caught.value
-    finally:
-        await tiw.aclose()
-        await limiter.aclose()
 
 
 async def test_an_answer_that_is_not_http_never_shows_the_request_headers(raw_upstream: Any) -> None:
@@ -303,26 +272,19 @@ async def test_a_malformed_answer_keeps_its_request_id(
 
 async def test_an_answer_that_does_not_decode_is_a_failed_upstream_request(raw_upstream: Any) -> None:
     _, url = await raw_upstream(http(envelope({"TaskId": 5, "RequestId": "req-7"})))
-    config = settings_module.load(facade_environment(url))
     metrics = Metrics("test")
-    limiter = create_limiter(config, metrics)
-    tiw = TiwClient(config, limiter, metrics)
-    await tiw.start()
 
     def decode(answer: dict[str, Any]) -> str:
         raise ValueError("TaskId: unexpected JSON value of type int")
 
-    try:
+    async with tiw_client(url, metrics=metrics) as tiw:
         with pytest.raises(UpstreamMalformed) as caught:
-            await tiw.call("DescribeWhiteboardPush", PARAMS, deadline=time.monotonic() + 5, decode=decode)
+            await tiw.call(Request("DescribeWhiteboardPush", PARAMS, decode=decode), time.monotonic() + 5)
         assert caught.value.request_id == "req-7" and "TaskId" in str(caught.value)
         labels = {"action": "DescribeWhiteboardPush"}
         sample = metrics.registry.get_sample_value
         assert sample("tiw_upstream_requests_total", {**labels, "code": "UPSTREAM_MALFORMED"}) == 1
         assert sample("tiw_upstream_requests_total", {**labels, "code": "OK"}) in (None, 0.0)
-    finally:
-        await tiw.aclose()
-        await limiter.aclose()
 
 
 @pytest.mark.parametrize(

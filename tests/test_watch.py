@@ -14,10 +14,12 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade, wait_until
-from test_rpcs import SDK_APP_ID, error_info, rich
+from support.facade import Facade, StartFacade
+from support.rich_status import details, error_info
+from support.tiw import SDK_APP_ID, upstream_requests
+from support.waiting import wait_until
+from support.watching import active_watches, ended, snapshot_watch, watcher
 from tiw_facade._proto.tiw.facade.v1 import watcher_pb2 as wpb
-from tiw_facade._proto.tiw.facade.v1 import watcher_pb2_grpc
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.emulator import Emulator, EmulatorConfig
 
@@ -36,34 +38,13 @@ async def emulator() -> AsyncIterator[Emulator]:
     await instance.stop()
 
 
-def watcher(facade: Facade) -> watcher_pb2_grpc.TaskWatcherStub:
-    return watcher_pb2_grpc.TaskWatcherStub(facade.channel)
-
-
 def snapshot_task(facade: Facade) -> str:
     """A snapshot task, Running until the test finishes it."""
     return facade.emulator.add_snapshot_task(sdk_app_id=SDK_APP_ID)
 
 
-def snapshot_watch(task_id: str, sdk_app_id: int = SDK_APP_ID) -> wpb.WatchSnapshotTaskRequest:
-    return wpb.WatchSnapshotTaskRequest(
-        request=pb.DescribeSnapshotTaskRequest(task_id=task_id, sdk_app_id=sdk_app_id)
-    )
-
-
 def finish_snapshot(emulator: Emulator, task_id: str) -> None:
     emulator.tasks.snapshots[SDK_APP_ID, task_id].finishes = time.time()
-
-
-def active_watches(facade: Facade) -> float:
-    """The facade's gauge of open watch streams, over every action."""
-    return sum(
-        sample.value for metric in facade.server.metrics.watches_active.collect() for sample in metric.samples
-    )
-
-
-def upstream_requests(emulator: Emulator) -> int:
-    return sum(s.accepted + s.throttled + s.rejected for s in emulator.stats().values())
 
 
 async def remaining(call: grpc.aio.UnaryStreamCall) -> list[Any]:
@@ -73,14 +54,6 @@ async def remaining(call: grpc.aio.UnaryStreamCall) -> list[Any]:
     while (message := await call.read()) is not grpc.aio.EOF:
         found.append(message)
     return found
-
-
-async def ended(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError:
-    """Read ``call`` to its end, which must be an error with no message first, and return the error."""
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        while (message := await call.read()) is not grpc.aio.EOF:
-            raise AssertionError(f"a message came before the error: {message}")
-    return raised.value
 
 
 @pytest.mark.slow
@@ -165,7 +138,7 @@ async def test_invalid_request_names_the_field_and_sends_nothing_upstream(
 ) -> None:
     error = await ended(watcher(facade).WatchSnapshotTask(request_message, timeout=TIMEOUT))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    bad = rich(error)["BadRequest"]
+    bad = details(error)["BadRequest"]
     assert {violation.field for violation in bad.field_violations} == fields  # type: ignore[attr-defined]
     assert error_info(error).metadata["action"] == "DescribeSnapshotTask"
     assert upstream_requests(facade.emulator) == 0

@@ -10,9 +10,10 @@ import time
 
 import grpc
 import pytest
-from conftest import Facade, wait_until
-from test_rpcs import SDK_APP_ID
-from test_watch import active_watches, ended, watcher
+from support.facade import Facade
+from support.tiw import SDK_APP_ID
+from support.waiting import wait_until
+from support.watching import active_watches, ended, watcher
 from tiw_facade._proto.tiw.facade.v1 import watcher_pb2 as wpb
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 from tiw_facade.answers._entries import Key

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Facade, StartFacade, facade_environment, wait_until
-from support.facade_process import rss_bytes, start_facade_process
-from test_hostile_callers import wait_serving
-from test_rpcs import SDK_APP_ID, error_info
-from test_watch import active_watches, ended, snapshot_watch
+from support.facade import Facade, StartFacade, facade_environment
+from support.facade_process import rss_bytes, start_facade_process, wait_serving
+from support.rich_status import error_info
+from support.tiw import SDK_APP_ID
+from support.waiting import wait_until
+from support.watching import active_watches, ended, snapshot_watch
 from tiw_facade import budget
 from tiw_facade._proto.tiw.facade.v1 import watcher_pb2 as wpb
 from tiw_facade._proto.tiw.facade.v1 import watcher_pb2_grpc
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
-from tiw_facade.calls import UNIDENTIFIED
+from tiw_facade.call_record import UNIDENTIFIED
 from tiw_facade.emulator import Emulator
 
 LONG = 3600.0  # seconds a task stays in its first state: longer than any test

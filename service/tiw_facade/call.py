@@ -1,10 +1,8 @@
 """`tiw-facade call ACTION 'JSON'`: one TiwService call from a shell, in TIW's JSON both ways.
 
 The request is TIW's JSON (its parameter names, the contract's ``json_name``; 64-bit integers as
-numbers or strings, as ``buf curl`` takes them). The answer is printed as TIW writes its
-``Response`` object: TIW's names, integers as JSON integers, every field of the message, zero values
-included. A field the contract marks ``optional`` (or a message) is left out when absent: TIW sends
-those as null or not at all, and the facade cannot tell the two apart either.
+numbers or strings, as ``buf curl`` takes them); the answer is printed as TIW writes it
+(``call_rpc``).
 
 The facade's request metadata goes with ``--metadata KEY=VALUE`` and its shorthands (``--max-age``,
 ``--caller``, ``--idempotency-key``); ``-v`` prints where the answer came from (its initial metadata
@@ -13,34 +11,35 @@ Describe action's TaskWatcher stream instead and prints each state as one JSON l
 ends.
 
 A failed call prints its gRPC code, message and every detail of its google.rpc.Status in words to
-stderr. Exit status: 0 answered, 1 the call failed (any gRPC status), 2 the command line or the JSON
-is wrong, 130 interrupted (Ctrl-C). Only the package's runtime dependencies are used: it works right
-after ``make serve``.
+stderr (``call_errors``). Exit status: 0 answered, 1 the call failed (any gRPC status), 2 the command
+line or the JSON is wrong, 130 interrupted (Ctrl-C). Only the package's runtime dependencies are
+used: it works right after ``make serve``.
+
+This module is the command line: its flags, the metadata they make, and the exit status.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import signal
 import sys
 import textwrap
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 import grpc
-from google.protobuf import json_format, message_factory, text_format
-from google.protobuf.any_pb2 import Any as AnyMessage
-from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.protobuf.descriptor import MethodDescriptor
 
-from tiw_facade._proto.tiw.facade.v1 import watcher_pb2, watcher_pb2_grpc
-from tiw_facade._proto.tiw.v20190919 import tiw_pb2, tiw_pb2_grpc
+from tiw_facade._proto.tiw.facade.v1 import watcher_pb2
+from tiw_facade._proto.tiw.v20190919 import tiw_pb2
+from tiw_facade.call_errors import describe_error
+from tiw_facade.call_rpc import (
+    ANSWER_METADATA,
+    UsageError,
+    parse_request,
+    print_answer_metadata,
+    stream,
+    unary,
+)
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT = 10.0
@@ -69,8 +68,6 @@ SHORTHANDS: dict[str, str] = {
     "caller": "tiw-caller",
     "idempotency_key": "idempotency-key",
 }
-# The initial metadata `-v` prints: where a Describe answer came from and how old it is.
-ANSWER_METADATA = ("tiw-source", "tiw-age-ms")
 
 # What gRPC itself accepts (the facade checks its own keys' values): a key of lowercase letters,
 # digits, `-`, `_` and `.`; a value of printable ASCII. A `-bin` key's value is bytes: sent as UTF-8.
@@ -102,10 +99,6 @@ A failed call prints its gRPC code, message and every detail (ErrorInfo, BadRequ
 QuotaFailure, ...) to stderr. Exit status: 0 answered (a watch: the task ended), 1 the call failed,
 2 wrong command line or JSON, 130 interrupted by Ctrl-C.
 """
-
-
-class UsageError(ValueError):
-    """The command line or the JSON is wrong; the message says what, in one line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,70 +170,13 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
                 stream(channel, watch, request, timeout=args.timeout, metadata=metadata, verbose=args.verbose)
     except grpc.RpcError as error:
         if args.verbose and watch is None:  # a failure has metadata too (a stream's is printed already)
-            _print_answer_metadata(error)
+            print_answer_metadata(error)
         for line in describe_error(error):
             print(line, file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:  # Ctrl-C while waiting: leaving the channel cancels the call; no traceback
         return EXIT_INTERRUPTED
     return 0
-
-
-def unary(
-    channel: grpc.Channel,
-    method: MethodDescriptor,
-    request: Message,
-    *,
-    timeout: float,
-    metadata: list[tuple[str, str | bytes]],
-    verbose: bool,
-) -> None:
-    """Call ``method`` once and print its answer as indented JSON (with_call: the answer's metadata)."""
-    stub = tiw_pb2_grpc.TiwServiceStub(channel)
-    answer, call = getattr(stub, method.name).with_call(request, timeout=timeout, metadata=metadata)
-    if verbose:
-        _print_answer_metadata(call)
-    print(json.dumps(to_json(answer), indent=2, ensure_ascii=False))
-
-
-def stream(
-    channel: grpc.Channel,
-    watch: MethodDescriptor,
-    request: Message,
-    *,
-    timeout: float | None,
-    metadata: list[tuple[str, str | bytes]],
-    verbose: bool,
-) -> None:
-    """Watch the task ``request`` describes: one compact JSON line per state, until the stream ends.
-
-    No deadline unless given: a task may run for hours, and the stream ends by itself when it is done.
-    """
-    watch_request = message_factory.GetMessageClass(watch.input_type)(request=request)
-    stub = watcher_pb2_grpc.TaskWatcherStub(channel)
-    answers = getattr(stub, watch.name)(watch_request, timeout=timeout, metadata=metadata)
-    # Ctrl-C cancels the stream (grpc's own cancellation example does the same) instead of raising
-    # KeyboardInterrupt wherever the main thread happens to be, inside grpc's iterator or a print:
-    # the iterator then ends with CANCELLED, which is the user's doing, not an error to print.
-    interrupted = threading.Event()
-
-    def cancel(signum: int, frame: FrameType | None) -> None:
-        interrupted.set()
-        answers.cancel()
-
-    previous = signal.signal(signal.SIGINT, cancel)
-    try:
-        if verbose:
-            _print_answer_metadata(answers)
-        for answer in answers:
-            # Flushed: whoever reads the pipe (jq, a script) sees each state when it happens.
-            print(json.dumps(to_json(answer), ensure_ascii=False, separators=(",", ":")), flush=True)
-    except grpc.RpcError:
-        if interrupted.is_set():
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def request_metadata(args: argparse.Namespace) -> list[tuple[str, str | bytes]]:
@@ -250,17 +186,6 @@ def request_metadata(args: argparse.Namespace) -> list[tuple[str, str | bytes]]:
         (key, getattr(args, dest)) for dest, key in SHORTHANDS.items() if getattr(args, dest) is not None
     ]
     return entries
-
-
-def _print_answer_metadata(call: grpc.Call) -> None:
-    for key, value in answer_metadata(call.initial_metadata() or ()):
-        print(f"{key}: {value}", file=sys.stderr)
-
-
-def answer_metadata(metadata: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The entries of ``metadata`` -v shows, in ANSWER_METADATA's order (text: no key ends in -bin)."""
-    given = dict(metadata)
-    return [(key, given[key]) for key in ANSWER_METADATA if key in given]
 
 
 def _seconds(text: str) -> float:
@@ -307,127 +232,3 @@ def _watch_method(method: MethodDescriptor) -> MethodDescriptor:
     if watch is None:
         raise UsageError(f"--watch takes a Describe action ({', '.join(WATCHES)}), not {method.name}")
     return watch
-
-
-def parse_request(method: MethodDescriptor, text: str) -> Message:
-    """The request message of ``method`` from TIW's JSON; unknown names are errors (typos cost a call)."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"the request is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"the request must be a JSON object, not {type(data).__name__}")
-    request = message_factory.GetMessageClass(method.input_type)()
-    try:
-        json_format.ParseDict(data, request)
-    except json_format.ParseError as exc:
-        problem = " ".join(str(exc).split())  # protobuf's message spans lines
-        raise UsageError(f"the request does not fit {method.input_type.name}: {problem}") from None
-    return request
-
-
-def to_json(message: Message) -> dict[str, Any]:
-    """``message`` as TIW writes it: JSON names, every field, integers as integers, absent optionals out.
-
-    Not json_format.MessageToDict: it writes 64-bit integers as strings, which TIW never does.
-    """
-    out: dict[str, Any] = {}
-    for field in message.DESCRIPTOR.fields:
-        value = getattr(message, field.name)
-        convert = to_json if field.type == FieldDescriptor.TYPE_MESSAGE else _same
-        if field.is_repeated:
-            out[field.json_name] = [convert(item) for item in value]
-        elif not field.has_presence or message.HasField(field.name):
-            out[field.json_name] = convert(value)
-    return out
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-# --- a failed call, in words ---
-
-
-def describe_error(error: grpc.RpcError) -> Iterator[str]:
-    """The code, the message and every detail of a failed call's status, one fact per line."""
-    code = error.code()
-    yield f"error: {code.name if code else 'UNKNOWN'}: {error.details() or '(no message)'}"
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError as exc:  # the details contradict the code: say so, show what there is
-        yield f"  (the status details are inconsistent: {exc})"
-        return
-    if status is None:
-        return
-    for item in status.details:
-        yield from _describe_detail(item)
-
-
-def _describe_detail(item: AnyMessage) -> Iterator[str]:
-    for kind, describe in _DESCRIBERS.items():
-        if item.TypeName() == kind.DESCRIPTOR.full_name:
-            detail = kind()
-            item.Unpack(detail)
-            yield from describe(detail)
-            return
-    yield f"  detail of unknown type {item.type_url} ({len(item.value)} bytes)"
-
-
-def _error_info(info: error_details_pb2.ErrorInfo) -> Iterator[str]:
-    yield f"  ErrorInfo: reason {info.reason}, domain {info.domain}"
-    for key in sorted(info.metadata):
-        yield f"    {key}: {info.metadata[key]}"
-
-
-def _bad_request(bad: error_details_pb2.BadRequest) -> Iterator[str]:
-    for violation in bad.field_violations:
-        extra = _extra(violation, "field", "description")
-        yield f"  BadRequest: field {violation.field}: {violation.description}{extra}"
-
-
-def _retry_info(retry: error_details_pb2.RetryInfo) -> Iterator[str]:
-    yield f"  RetryInfo: retry in {retry.retry_delay.ToTimedelta().total_seconds():g} s"
-
-
-def _quota_failure(quota: error_details_pb2.QuotaFailure) -> Iterator[str]:
-    for violation in quota.violations:
-        yield (
-            f"  QuotaFailure: {violation.subject}: {violation.description}"
-            f"{_extra(violation, 'subject', 'description')}"
-        )
-
-
-def _other_standard(detail: Message) -> Iterator[str]:
-    # The standard details the facade does not send today: their own field names are plain enough.
-    yield f"  {detail.DESCRIPTOR.name}: {text_format.MessageToString(detail, as_one_line=True)}"
-
-
-def _extra(message: Message, *shown: str) -> str:
-    """The fields of ``message`` set beyond those already shown (newer fields of the standard
-    details, e.g. QuotaFailure's quota_metric), in parentheses."""
-    rest = type(message)()
-    rest.CopyFrom(message)
-    for name in shown:
-        rest.ClearField(name)
-    text = text_format.MessageToString(rest, as_one_line=True)
-    return f" ({text})" if text else ""
-
-
-_DESCRIBERS: dict[type[Message], Callable[[Any], Iterator[str]]] = {
-    error_details_pb2.ErrorInfo: _error_info,
-    error_details_pb2.BadRequest: _bad_request,
-    error_details_pb2.RetryInfo: _retry_info,
-    error_details_pb2.QuotaFailure: _quota_failure,
-    **{
-        kind: _other_standard
-        for kind in (
-            error_details_pb2.PreconditionFailure,
-            error_details_pb2.ResourceInfo,
-            error_details_pb2.RequestInfo,
-            error_details_pb2.Help,
-            error_details_pb2.LocalizedMessage,
-            error_details_pb2.DebugInfo,
-        )
-    },
-}

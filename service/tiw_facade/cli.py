@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="with --emulator: the embedded emulator's port on 127.0.0.1 (default: any free port)",
     )
-    for item in settings.settings():
+    for item in settings.ENVIRONMENT:
         if not item.spec.flag:
             continue
         help = f"{item.spec.help} (overrides {item.env}; default {item.default})".replace("%", "%%")
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
     """The flags given, as text for the settings' parsers (the same as the environment's)."""
     given: dict[str, str | None] = {}
-    for item in settings.settings():
+    for item in settings.ENVIRONMENT:
         value = getattr(args, item.name, None)
         if isinstance(value, bool):
             value = "true" if value else "false"

@@ -21,23 +21,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tiw_facade.failures import (
-    CallerMismatch,
-    FacadeError,
-    IdempotencyInFlight,
-    IdempotencyKeyReused,
-    IdempotencyRecordsLost,
-    IdempotencyUnavailable,
-    InvalidRequest,
-    OutcomeUnknown,
-    RateLimited,
-    ShuttingDown,
-    TiwError,
-    TooManyWatches,
-    Unexpected,
-    UpstreamFailure,
-    UpstreamTimeout,
-)
+from tiw_facade import failures
 
 log = logging.getLogger("tiw_facade.errors")
 
@@ -72,22 +56,22 @@ _FAMILIES = sorted(
 )
 
 # The facade's own failures → gRPC code, looked up along the failure's MRO (so order cannot matter).
-FAILURE_CODES: dict[type[FacadeError], grpc.StatusCode] = {
-    FacadeError: grpc.StatusCode.INTERNAL,
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    CallerMismatch: grpc.StatusCode.PERMISSION_DENIED,
-    IdempotencyKeyReused: grpc.StatusCode.INVALID_ARGUMENT,
-    IdempotencyInFlight: grpc.StatusCode.DEADLINE_EXCEEDED,
-    OutcomeUnknown: grpc.StatusCode.FAILED_PRECONDITION,
+FAILURE_CODES: dict[type[failures.FacadeError], grpc.StatusCode] = {
+    failures.FacadeError: grpc.StatusCode.INTERNAL,
+    failures.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    failures.CallerMismatch: grpc.StatusCode.PERMISSION_DENIED,
+    failures.IdempotencyKeyReused: grpc.StatusCode.INVALID_ARGUMENT,
+    failures.IdempotencyInFlight: grpc.StatusCode.DEADLINE_EXCEEDED,
+    failures.OutcomeUnknown: grpc.StatusCode.FAILED_PRECONDITION,
     # Not UNAVAILABLE: retrying as is cannot help until the caller has looked for the task.
-    IdempotencyRecordsLost: grpc.StatusCode.FAILED_PRECONDITION,
-    IdempotencyUnavailable: grpc.StatusCode.UNAVAILABLE,
-    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    TooManyWatches: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    UpstreamFailure: grpc.StatusCode.UNAVAILABLE,
-    UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Unexpected: grpc.StatusCode.INTERNAL,
+    failures.IdempotencyRecordsLost: grpc.StatusCode.FAILED_PRECONDITION,
+    failures.IdempotencyUnavailable: grpc.StatusCode.UNAVAILABLE,
+    failures.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    failures.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    failures.TooManyWatches: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    failures.UpstreamFailure: grpc.StatusCode.UNAVAILABLE,
+    failures.UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    failures.Unexpected: grpc.StatusCode.INTERNAL,
 }
 
 # TIW's text is copied into the status message and ErrorInfo; bounded, because the status travels in
@@ -146,29 +130,31 @@ def answer(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> 
 
 def status_for(exc: BaseException, *, action: str) -> grpc.Status:
     """The status a caller gets for a failure of ``action``."""
-    if not isinstance(exc, FacadeError):
+    if not isinstance(exc, failures.FacadeError):
         log.error("unexpected failure", exc_info=exc, extra={"action": action})
-        exc = Unexpected(exc)
+        exc = failures.Unexpected(exc)
     return _builder(type(exc))(exc, action)
 
 
-Builder = Callable[[FacadeError, str], grpc.Status]
+Builder = Callable[[failures.FacadeError, str], grpc.Status]
 
 
-def _builder(kind: type[FacadeError]) -> Builder:
+def _builder(kind: type[failures.FacadeError]) -> Builder:
     """The builder of the nearest class along ``kind``'s MRO (FacadeError's at worst)."""
     return next(_BUILDERS[klass] for klass in kind.__mro__ if klass in _BUILDERS)
 
 
-def _error_info(exc: FacadeError, action: str, domain: str = FACADE_DOMAIN) -> error_details_pb2.ErrorInfo:
+def _error_info(
+    exc: failures.FacadeError, action: str, domain: str = FACADE_DOMAIN
+) -> error_details_pb2.ErrorInfo:
     metadata = {key: bounded(value, MAX_TOKEN_BYTES) for key, value in exc.metadata().items()}
     return error_details_pb2.ErrorInfo(
         reason=bounded(exc.reason, MAX_TOKEN_BYTES), domain=domain, metadata={"action": action, **metadata}
     )
 
 
-def _tiw_error(exc: FacadeError, action: str) -> grpc.Status:
-    assert isinstance(exc, TiwError)
+def _tiw_error(exc: failures.FacadeError, action: str) -> grpc.Status:
+    assert isinstance(exc, failures.TiwError)
     code = grpc_code_for(exc.code)
     if code == grpc.StatusCode.INTERNAL:
         log.error(
@@ -179,13 +165,13 @@ def _tiw_error(exc: FacadeError, action: str) -> grpc.Status:
     return build_status(code, bounded(exc.message or exc.code), [_error_info(exc, action, TIW_DOMAIN)])
 
 
-def _facade_error(exc: FacadeError, action: str) -> grpc.Status:
+def _facade_error(exc: failures.FacadeError, action: str) -> grpc.Status:
     code = next(FAILURE_CODES[k] for k in type(exc).__mro__ if k in FAILURE_CODES)
     return build_status(code, bounded(str(exc)), [_error_info(exc, action)])
 
 
-def _invalid_request(exc: FacadeError, action: str) -> grpc.Status:
-    assert isinstance(exc, InvalidRequest)
+def _invalid_request(exc: failures.FacadeError, action: str) -> grpc.Status:
+    assert isinstance(exc, failures.InvalidRequest)
     violations = [
         error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
         for field, description in exc.violations
@@ -197,8 +183,8 @@ def _invalid_request(exc: FacadeError, action: str) -> grpc.Status:
     )
 
 
-def _rate_limited(exc: FacadeError, action: str) -> grpc.Status:
-    assert isinstance(exc, RateLimited)
+def _rate_limited(exc: failures.FacadeError, action: str) -> grpc.Status:
+    assert isinstance(exc, failures.RateLimited)
     seconds = exc.retry_after
     delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
     why = _WHY.get(exc.limiter_reason, exc.limiter_reason)
@@ -223,18 +209,18 @@ def _quota_details(action: str, reason: str) -> tuple[any_pb2.Any, any_pb2.Any]:
         ]
     )
     info = error_details_pb2.ErrorInfo(
-        reason=RateLimited.reason,
+        reason=failures.RateLimited.reason,
         domain=FACADE_DOMAIN,
         metadata={"action": action, "limiter_reason": reason, "outcome": "not_sent"},
     )
     return _pack(quota), _pack(info)
 
 
-_BUILDERS: dict[type[FacadeError], Builder] = {
-    FacadeError: _facade_error,
-    TiwError: _tiw_error,
-    InvalidRequest: _invalid_request,
-    RateLimited: _rate_limited,
+_BUILDERS: dict[type[failures.FacadeError], Builder] = {
+    failures.FacadeError: _facade_error,
+    failures.TiwError: _tiw_error,
+    failures.InvalidRequest: _invalid_request,
+    failures.RateLimited: _rate_limited,
 }
 
 

@@ -11,7 +11,7 @@ class carries what a caller or an operator needs to know about the failure:
 - ``request_id``: TIW's RequestId, when an answer carried one.
 
 Foreign exceptions (aiohttp's, asyncio's) are mapped to these in one place, the transport; the
-limiter's in one other, the client's admission step. errors.py maps these classes, by type, to gRPC
+limiter's in one other, admission.py. errors.py maps these classes, by type, to gRPC
 statuses.
 """
 
@@ -174,12 +174,12 @@ class UpstreamConnectionLost(UpstreamFailure):
 
 class UpstreamHttpError(UpstreamFailure):
     """TIW (or a proxy before it) answered an HTTP status other than 200, redirects included: TIW
-    answers 200 to everything it processes, errors too."""
+    answers 200 to everything it processes, errors too. ``api`` names the Tencent API that did."""
 
     reason = "UPSTREAM_HTTP_ERROR"
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"TIW answered HTTP {status}")
+    def __init__(self, status: int, *, api: str = "TIW") -> None:
+        super().__init__(f"{api} answered HTTP {status}")
         self.status = status
 
     def metadata(self) -> dict[str, str]:
@@ -224,65 +224,61 @@ class CallerMismatch(FacadeError):
         return {**super().metadata(), "caller": self.verified}
 
 
-class IdempotencyKeyReused(FacadeError):
-    """The ``idempotency-key`` was first used with another request (another fingerprint): a key
-    names one request. Nothing was sent."""
+class _KeyFailure(FacadeError):
+    """A failure about the request of one ``idempotency-key``: the caller gets the key's SHA-256 (never
+    the key) in the metadata, and ``explanation`` (filled in with it) as the message."""
 
-    reason = "IDEMPOTENCY_KEY_REUSED"
-    outcome = Outcome.NOT_SENT
+    explanation = "idempotency key {key_hash}"
 
     def __init__(self, key_hash: str) -> None:
-        super().__init__(
-            f"idempotency key {key_hash} was first used with a different request; "
-            "a key names one request: use a new key for a new request"
-        )
+        super().__init__(self.explanation.format(key_hash=key_hash))
         self.key_hash = key_hash
 
     def metadata(self) -> dict[str, str]:
         return {**super().metadata(), "idempotency_key_sha256": self.key_hash}
 
 
-class IdempotencyInFlight(FacadeError):
+class IdempotencyKeyReused(_KeyFailure):
+    """The ``idempotency-key`` was first used with another request (another fingerprint): a key
+    names one request. Nothing was sent."""
+
+    reason = "IDEMPOTENCY_KEY_REUSED"
+    outcome = Outcome.NOT_SENT
+    explanation = (
+        "idempotency key {key_hash} was first used with a different request; "
+        "a key names one request: use a new key for a new request"
+    )
+
+
+class IdempotencyInFlight(_KeyFailure):
     """The request with this ``idempotency-key`` was sent and TIW has not answered yet (this call's,
     or another's, on any replica): the deadline passed first. The facade keeps waiting for TIW and
     records the answer under the key; a retry with the same key gets it."""
 
     reason = "IDEMPOTENCY_IN_FLIGHT"
     outcome = Outcome.UNKNOWN
-
-    def __init__(self, key_hash: str) -> None:
-        super().__init__(
-            f"the request with idempotency key {key_hash} is still in flight (TIW has not answered "
-            "within the deadline); the facade keeps waiting and records TIW's answer: retry with the "
-            "same key to get it"
-        )
-        self.key_hash = key_hash
-
-    def metadata(self) -> dict[str, str]:
-        return {**super().metadata(), "idempotency_key_sha256": self.key_hash}
+    explanation = (
+        "the request with idempotency key {key_hash} is still in flight (TIW has not answered "
+        "within the deadline); the facade keeps waiting and records TIW's answer: retry with the "
+        "same key to get it"
+    )
 
 
-class OutcomeUnknown(FacadeError):
+class OutcomeUnknown(_KeyFailure):
     """The first request with this ``idempotency-key`` was sent and its answer never arrived: TIW
     may have executed it. The facade never sends it again under this key."""
 
     reason = "OUTCOME_UNKNOWN"
     outcome = Outcome.UNKNOWN
-
-    def __init__(self, key_hash: str) -> None:
-        super().__init__(
-            f"the first request with idempotency key {key_hash} was sent but TIW's answer never came: "
-            "it may have created a task, so it is not sent again under this key. Wait for the task's "
-            "callback or look for it (DescribeSnapshotTask, TIW's console); use a new key only if "
-            "you know no task was created, since a new key may create a second one"
-        )
-        self.key_hash = key_hash
-
-    def metadata(self) -> dict[str, str]:
-        return {**super().metadata(), "idempotency_key_sha256": self.key_hash}
+    explanation = (
+        "the first request with idempotency key {key_hash} was sent but TIW's answer never came: "
+        "it may have created a task, so it is not sent again under this key. Wait for the task's "
+        "callback or look for it (DescribeSnapshotTask, TIW's console); use a new key only if "
+        "you know no task was created, since a new key may create a second one"
+    )
 
 
-class IdempotencyRecordsLost(FacadeError):
+class IdempotencyRecordsLost(_KeyFailure):
     """The key store (Redis) lost its records recently (it came back empty) and has none for this
     ``idempotency-key``: a request with it may have been sent before the loss, so the facade cannot
     promise at-most-once and does not send it. Retrying as is will not help: the caller must find
@@ -290,20 +286,20 @@ class IdempotencyRecordsLost(FacadeError):
 
     reason = "IDEMPOTENCY_RECORDS_LOST"
     outcome = Outcome.NOT_SENT
+    explanation = (
+        "the idempotency key store lost its records recently and has none for key {key_hash}: a "
+        "request with this key may already have created a task, so it is not sent. Look for the "
+        "task at TIW (DescribeSnapshotTask with a TaskID you recorded, your callbacks, TIW's "
+        "console); to create one anew, send with a new key once the loss window has passed "
+        "(TIW_IDEMPOTENCY_LOSS_WINDOW); this key stays refused"
+    )
 
     def __init__(self, key_hash: str, lost_at: float = 0.0) -> None:
-        super().__init__(
-            f"the idempotency key store lost its records recently and has none for key {key_hash}: a "
-            "request with this key may already have created a task, so it is not sent. Look for the "
-            "task at TIW (DescribeSnapshotTask with a TaskID you recorded, your callbacks, TIW's "
-            "console); to create one anew, send with a new key once the loss window has passed "
-            "(TIW_IDEMPOTENCY_LOSS_WINDOW); this key stays refused"
-        )
-        self.key_hash = key_hash
+        super().__init__(key_hash)
         self.lost_at = lost_at
 
     def metadata(self) -> dict[str, str]:
-        found = {**super().metadata(), "idempotency_key_sha256": self.key_hash}
+        found = super().metadata()
         if self.lost_at:
             found["lost_at"] = f"{self.lost_at:.3f}"
         return found
@@ -318,6 +314,19 @@ class IdempotencyUnavailable(FacadeError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"the idempotency key store is unavailable ({detail}); nothing was sent, retry")
+
+
+# --- not a call's failure: what the parts of the client raise among themselves -------------------
+
+
+class NoSpareQuota(Exception):
+    """A call that may use only spare quota (a refresh) found none: nothing was sent. Not a failure
+    any caller sees: whoever asked for spare quota only asks again later."""
+
+
+class CredentialsError(Exception):
+    """No usable credentials (or a misconfigured source); the message never holds a secret. The
+    client makes it UPSTREAM_UNREACHABLE for a call that found none."""
 
 
 # The facade's own reasons, for documentation and tests: every concrete class but TiwError.

@@ -6,7 +6,7 @@ name (the RPC's name), its request and response messages, its validation rows an
 (from the method's ``idempotency_level`` in the proto).
 
 A method the proto does not declare safe to repeat (CreateSnapshotTask) is also seen through once
-sent, whatever its caller does, and takes an ``idempotency-key`` (idempotency.py, docs/idempotency.md).
+sent, whatever its caller does, and takes an ``idempotency-key`` (idempotency/, docs/idempotency.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tiw_facade import answers as answers_module
 from tiw_facade import errors, idempotency, translate, validate
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
 from tiw_facade.answers import Answers, Served
-from tiw_facade.calls import CallRecord, record_for
+from tiw_facade.call_record import CallRecord, record_for
 from tiw_facade.failures import (
     FacadeError,
     InvalidRequest,
@@ -37,7 +37,8 @@ from tiw_facade.failures import (
     TiwError,
     UpstreamTimeout,
 )
-from tiw_facade.upstream import NEVER_RESEND, RetryPolicy, TiwClient
+from tiw_facade.retries import NEVER_RESEND, RetryPolicy
+from tiw_facade.upstream import Request, TiwClient
 
 log = logging.getLogger("tiw_facade.handler")
 
@@ -161,30 +162,27 @@ def source_metadata(served: Served) -> tuple[tuple[str, str], ...]:
     return (("tiw-source", served.source), ("tiw-age-ms", str(int(served.age * 1000))))
 
 
+def decoder(method: MethodDescriptor) -> Callable[[dict[str, Any]], Message]:
+    """How TIW's ``Response`` to ``method`` becomes its response message."""
+    return functools.partial(
+        translate.from_tiw, message_class=message_factory.GetMessageClass(method.output_type)
+    )
+
+
 def fetcher(client: TiwClient) -> answers_module.Fetch:
     """How the answer cache asks TIW: the one path of every RPC, from the translation on."""
-    decoders = {
-        method.name: functools.partial(
-            translate.from_tiw, message_class=message_factory.GetMessageClass(method.output_type)
-        )
-        for method in SERVICE.methods
-    }
+    decoders = {method.name: decoder(method) for method in SERVICE.methods}
 
     async def fetch(
         action: str, request: Message, deadline: float | None, spare: bool, sent: Callable[[], None]
     ) -> Message:
         # Seen through: the deadline (the first caller's) bounds the wait for a slot, but a request
         # once sent waits for TIW's answer whatever the first caller does: the others share it.
-        return await client.call(
-            action,
-            translate.to_tiw(request),
-            deadline=deadline,
-            policy=POLICIES[action],
-            decode=decoders[action],
-            see_through=True,
-            spare=spare,
-            admitted=sent,
+        admission = (
+            client.spare(on_admitted=sent) if spare else client.queued(sees_through=True, on_admitted=sent)
         )
+        tiw_request = Request(action, translate.to_tiw(request), POLICIES[action], decoders[action])
+        return await client.call(tiw_request, deadline, admission)
 
     return fetch
 
@@ -195,17 +193,14 @@ def serialize(response: Message | bytes) -> bytes:
 
 
 def build_handler(
-    client: TiwClient, keys: idempotency.Keys | None = None, answers: Answers | None = None
+    client: TiwClient, keys: idempotency.Keys, answers: Answers | None = None
 ) -> grpc.GenericRpcHandler:
     """The generic handler serving every RPC of TiwService through ``client``.
 
-    ``keys``: the idempotency keys' store; by default made from the client's settings and closed
-    by the client, after the calls it sees through. ``answers``: the shared answers of the Describe
-    calls (coalesced, cached); without it every call goes to TIW.
+    ``keys``: the idempotency keys of the creates; the calls ``client`` sees through settle them, so
+    they are closed after it. ``answers``: the shared answers of the Describe calls (coalesced,
+    cached); without it every call goes to TIW.
     """
-    if keys is None:
-        keys = idempotency.Keys.from_settings(client.settings, client.metrics)
-        client.close_after(keys.aclose)
     handlers = {}
     for method in SERVICE.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -229,6 +224,7 @@ def _behavior(
     policy = POLICIES[action]
     decode = functools.partial(translate.from_tiw, message_class=response_class)
     shared = answers is not None and answers.shares(action)
+    seen_through = client.queued(sees_through=True)
 
     async def send(
         request: Message,
@@ -239,21 +235,19 @@ def _behavior(
         if shared:
             assert answers is not None
             return await _shared_answer(answers, action, request, deadline, context, record=record)
-        params = translate.to_tiw(request)
+        tiw_request = Request(action, translate.to_tiw(request), policy, decode)
         if action not in SEEN_THROUGH:
             if answers is None:
-                return await client.call(action, params, deadline=deadline, policy=policy, decode=decode)
+                return await client.call(tiw_request, deadline)
             try:
-                response = await client.call(action, params, deadline=deadline, policy=policy, decode=decode)
+                response = await client.call(tiw_request, deadline)
             except TiwError:
                 await answers.stopped(action, request)  # TIW answered: what it changed is changed
                 raise
             await answers.stopped(action, request)
             return response
         key = idempotency_key(context)
-        attempt = functools.partial(
-            client.call, action, params, deadline=deadline, policy=policy, decode=decode, see_through=True
-        )
+        attempt = functools.partial(client.call, tiw_request, deadline, seen_through)
         hashed = idempotency.key_hash(key) if key is not None else ""
         late = functools.partial(_log_late, action, hashed)
         if key is None:

@@ -24,9 +24,8 @@ from typing import Any, NamedTuple
 import grpc
 
 from tiw_facade import errors
-from tiw_facade.calls import CURRENT_CALLER, CURRENT_SHARE, UNIDENTIFIED
+from tiw_facade.call_record import CURRENT_CALLER, CURRENT_SHARE, UNIDENTIFIED
 from tiw_facade.failures import CallerMismatch, FacadeError, InvalidRequest
-from tiw_facade.settings import Settings
 
 CALLER_KEY = "tiw-caller"
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -98,11 +97,6 @@ def share_of(caller: Caller, listed: frozenset[str]) -> str:
     """The name ``caller``'s fair share is kept under: its own when proven or listed by the operator
     (who thereby vouches for it, borrowable as it is without mTLS), else ``UNIDENTIFIED``."""
     return caller.name if caller.proven or caller.name in listed else UNIDENTIFIED
-
-
-def weight_of(caller: str, settings: Settings) -> int:
-    """The caller's share of the rate limit, by ``TIW_CALLER_WEIGHTS`` (1 when not named there)."""
-    return dict(settings.caller_weights).get(caller, 1)
 
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]

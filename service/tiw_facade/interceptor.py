@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from tiw_facade.calls import CURRENT_CALL, CallRecord
+from tiw_facade.call_record import CURRENT_CALL, CallRecord
 from tiw_facade.logs import LineTemplate
 from tiw_facade.metrics import MethodSeries, Metrics
 

@@ -75,7 +75,7 @@ SHARED_EVICTION_REASON = "shared_capacity"
 REFRESH_OUTCOMES: tuple[str, ...] = ("ok", "failed")
 
 # Why an attempt is sent again (``tiw_upstream_retries_total``'s reason), the one list ``prime``
-# creates series for: the TIW codes upstream.py retries (its NOT_EXECUTED families, and InternalError
+# creates series for: the TIW codes retries.py retries (its NOT_EXECUTED families, and InternalError
 # where resending is safe), and the facade's failures to get an answer, named as failures.py names
 # them. tests/test_metrics.py checks that a retry of each kind adds no series.
 RETRY_REASONS: tuple[str, ...] = (
@@ -646,7 +646,7 @@ class MethodSeries:
 
 class CallerSeries:
     """The limiter's metrics by caller (a ``limiter.CallerObserver``), which sees each call's share
-    (``calls.CURRENT_SHARE``): a name listed in ``known`` (TIW_CALLER_WEIGHTS), ``unidentified`` (every
+    (``call_record.CURRENT_SHARE``): a name listed in ``known`` (TIW_CALLER_WEIGHTS), ``unidentified`` (every
     unproven, unlisted name together), or a client certificate's name. Certificates are as many as a
     CA issues, so an unlisted one counts as ``other``: labels stay the listed names and these two."""
 

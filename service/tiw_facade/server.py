@@ -1,13 +1,20 @@
-"""Assembly and lifecycle: the gRPC server (TiwService, health, reflection), the HTTP server
-(/metrics, /healthz), and a graceful stop.
+"""Assembly and lifecycle: the gRPC server (TiwService, TaskWatcher, health, reflection), the HTTP
+server (/metrics, /healthz), and a graceful stop.
+
+The one composition root: ``FacadeServer.start`` builds every store, client and background task
+(metrics, limiter, TIW transport, credentials source, idempotency keys, TIW client, answers, the
+handlers) from ``Settings``, each from the small config it takes (``X.from_settings``), and hands
+each its collaborators. No component reads ``Settings`` itself, so a test builds any of them alone.
 
 The HTTP server (pages.py) runs in threads of its own, apart from the gRPC event loop.
 
 SIGTERM → health NOT_SERVING → new RPCs refused, in-flight ones drain within the grace period →
-HTTP server, upstream sessions and limiter closed → exit 0.
+HTTP server, answers, TIW client (once the calls it sees through end), idempotency keys, credentials
+source, TIW transport and limiter closed, in that order → exit 0.
 
 Every resource registers its close on an AsyncExitStack the moment it is open, so a start that
-fails halfway closes what it opened, and one close that raises does not skip the others.
+fails halfway closes what it opened, and one close that raises does not skip the others. The stack
+closes in the reverse order of registration: whatever a component uses is registered before it.
 """
 
 from __future__ import annotations
@@ -27,15 +34,20 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from tiw_facade import __version__, identity, tls
-from tiw_facade.answers import SHARED_ACTIONS, Answers
+from tiw_facade import __version__, credentials, identity, tls
+from tiw_facade.answers import SHARED_ACTIONS, Answers, shared_store
+from tiw_facade.answers import Config as AnswersConfig
+from tiw_facade.credentials import CredentialsConfig
 from tiw_facade.handler import SERVICE, build_handler, fetcher
+from tiw_facade.idempotency import Keys, KeysConfig
 from tiw_facade.interceptor import RpcObserver
-from tiw_facade.limiter import Limiter, create_limiter
+from tiw_facade.limiter import Limiter, LimiterConfig, create_limiter
 from tiw_facade.metrics import CallerSeries, Metrics
 from tiw_facade.pages import HEALTH_TIMEOUT, Answer, Exposition, Headers, Page, PageServer, listen, on_loop
 from tiw_facade.settings import Settings, variable
-from tiw_facade.upstream import TiwClient
+from tiw_facade.tencent_clock import TencentClock
+from tiw_facade.transport import AiohttpTransport
+from tiw_facade.upstream import ClientConfig, TiwClient
 from tiw_facade.watcher import SERVICE as WATCHER
 from tiw_facade.watcher import build_watcher
 
@@ -98,6 +110,18 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
     ]
+
+
+def tiw_transport(settings: Settings) -> AiohttpTransport:
+    """The HTTP transport to TIW (not started)."""
+    return AiohttpTransport(
+        settings.endpoint + "/",
+        max_answer_bytes=settings.max_answer_bytes,
+        connect_timeout=settings.connect_timeout,
+        # The limiter already bounds calls in flight (a token per attempt); this only guards
+        # against a misconfiguration opening unbounded sockets.
+        pool_limit=max(100, settings.rate_limit * 10),
+    )
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc is untyped
@@ -172,27 +196,54 @@ class FacadeServer:
     async def start(self) -> None:
         if self._resources is not None:
             raise RuntimeError("already started")
-        settings = self.settings
+        settings, metrics = self.settings, self.metrics
         async with contextlib.AsyncExitStack() as resources:  # closes everything if start fails
-            by_caller = CallerSeries(self.metrics, (name for name, _ in settings.caller_weights))
-            limiter = self._limiter = create_limiter(settings, self.metrics, observer=by_caller)
+            by_caller = CallerSeries(metrics, (name for name, _ in settings.caller_weights))
+            limiter = self._limiter = create_limiter(
+                LimiterConfig.from_settings(settings), metrics, observer=by_caller
+            )
             resources.push_async_callback(limiter.aclose)
-            self.metrics.prime(
+            metrics.prime(
                 SERVICE.full_name, [m.name for m in SERVICE.methods], settings.rate_limit, limiter.backend
             )
-            self.metrics.prime_answers(sorted(SHARED_ACTIONS))
+            metrics.prime_answers(sorted(SHARED_ACTIONS))
             for method in WATCHER.methods:
-                self.metrics.method("server_stream", WATCHER.full_name, method.name)
-            client = TiwClient(settings, limiter, self.metrics)
+                metrics.method("server_stream", WATCHER.full_name, method.name)
+            transport = tiw_transport(settings)
+            resources.push_async_callback(transport.aclose)
+            await transport.start()
+            # Tencent's clock, learnt from TIW's answers: pod identity stamps its STS calls by it too.
+            clock = TencentClock(metrics)
+            source = credentials.chain(CredentialsConfig.from_settings(settings), metrics, clock=clock.now)
+            resources.push_async_callback(source.aclose)
+            await source.start()
+            # Registered before the client, so closed after it: a create the client sees through
+            # past the gRPC drain (its caller gone) still settles its idempotency key when TIW answers,
+            # and the client's close waits for those calls.
+            keys = Keys.from_config(KeysConfig.from_settings(settings), metrics)
+            resources.push_async_callback(keys.aclose)
+            client = TiwClient(
+                ClientConfig.from_settings(settings),
+                limiter,
+                transport=transport,
+                credentials=source,
+                clock=clock,
+                metrics=metrics,
+            )
             resources.push_async_callback(client.aclose)
-            await client.start()
             # Closed before the client (the exit stack unwinds in reverse): its refreshes use it.
-            answers = self.answers = Answers(settings, fetcher(client), self.metrics)
+            answers_config = AnswersConfig.from_settings(settings)
+            shared_answers = shared_store(settings, answers_config, self.metrics)
+            if shared_answers is not None:  # closed after the answers' flights settle
+                resources.push_async_callback(shared_answers.aclose)
+            answers = self.answers = Answers(
+                answers_config, fetcher(client), metrics=self.metrics, shared=shared_answers
+            )
             resources.push_async_callback(answers.aclose)
             await answers.start()
             # HTTP before gRPC, so it closes after the drain: probes and scrapes see it through.
             await self._start_http(resources)
-            await self._start_grpc(resources, client, answers)
+            await self._start_grpc(resources, client, keys, answers)
             self._resources = resources.pop_all()
 
         for service in ("", SERVICE.full_name, WATCHER.full_name):
@@ -208,17 +259,17 @@ class FacadeServer:
                 "limiter": limiter.backend,
                 "rate_limit": settings.rate_limit,
                 "reflection": settings.reflection,
-                "tls": tls.mode(settings),
+                "tls": tls.TlsFiles.from_settings(settings).mode,
                 "version": __version__,
             },
         )
 
     async def _start_grpc(
-        self, resources: contextlib.AsyncExitStack, client: TiwClient, answers: Answers
+        self, resources: contextlib.AsyncExitStack, client: TiwClient, keys: Keys, answers: Answers
     ) -> None:
         settings = self.settings
         quiet = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
-        credentials = tls.server_credentials(settings)  # None: plaintext
+        secured = tls.server_credentials(tls.TlsFiles.from_settings(settings))  # None: plaintext
         callers = identity.CallerCheck(
             frozenset({SERVICE.full_name, WATCHER.full_name}),
             mutual=bool(settings.tls_client_ca_file),
@@ -231,17 +282,23 @@ class FacadeServer:
             maximum_concurrent_rpcs=max_calls_in_flight(settings),
         )
         resources.push_async_callback(self._drain, server)
-        server.add_generic_rpc_handlers((build_handler(client, answers=answers),))
-        server.add_generic_rpc_handlers((build_watcher(answers, settings, self.metrics),))
+        server.add_generic_rpc_handlers((build_handler(client, keys, answers),))
+        watcher = build_watcher(
+            answers,
+            self.metrics,
+            max_watches=settings.max_watches,
+            max_watches_per_caller=settings.max_watches_per_caller,
+        )
+        server.add_generic_rpc_handlers((watcher,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
             add_reflection(server, (SERVICE.full_name, WATCHER.full_name, health.SERVICE_NAME))
         address = f"{settings.bind_host}:{settings.grpc_port}"
         try:
-            if credentials is None:
+            if secured is None:
                 self.grpc_port = server.add_insecure_port(address)
             else:
-                self.grpc_port = server.add_secure_port(address, credentials)
+                self.grpc_port = server.add_secure_port(address, secured)
         except RuntimeError:  # grpc says no more than "Failed to bind"
             raise BindError(
                 f"{variable('grpc_port')}: cannot listen on {address} (in use, or no such local address)"

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tiw_facade import budget
@@ -28,7 +28,7 @@ MIN_MEMORY_BUDGET = 16 << 20
 # the production overlay's own answers Redis (maxmemory 256mb) keeps the other half for the answers'
 # uncounted keys (leases, schedules, stamps) and its own buffers; on the durable Redis (maxmemory
 # 2560mb, the idempotency records' worst case 1.93 GiB) it stays well within the ~580 MiB left over.
-# About 70,000 answers of ~600 bytes (answers/_shared.py, ENTRY_OVERHEAD).
+# About 70,000 answers of ~600 bytes (answers/_scripts.py, ENTRY_OVERHEAD).
 DEFAULT_SHARED_ANSWERS_MAX_BYTES = 128 << 20
 MIN_SHARED_ANSWERS_MAX_BYTES = 64 << 10
 _DERIVED = budget.bounds(budget.DEFAULT_BUDGET)  # what the README states as the defaults
@@ -206,12 +206,38 @@ def sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
     return tuple(nodes)
 
 
-def redact_url(raw: str) -> str:
-    """The URL for an error message: whatever precedes an ``@`` after ``//`` may be a password."""
-    return repr(re.sub(r"(?<=//).*@", "***@", raw))
+def redact_url(url: str) -> str:
+    """``url`` without what may hold a password: its user information and its query (and fragment).
+
+    The one redactor of URLs: for logs, /healthz (shared_redis) and the errors of rejected settings.
+    Never fails, whatever the text: a value is shown this way because it may be malformed.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: cut by hand, erring on the side of cutting
+        return re.split(r"[?#]", re.sub(r"(?<=//).*@", "", url), maxsplit=1)[0]
+    if not parts.scheme and not parts.netloc:
+        return parts.path
+    # Rebuilt from what parses as a host and a port: a password that ends the netloc early (an
+    # unescaped ``?`` in it) leaves only garbage there, which parses as neither.
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    try:
+        port = "" if parts.port is None else str(parts.port)
+    except ValueError:  # out of range, say: as written, since that is what a message must show
+        port = parts.netloc.rpartition(":")[2] if netloc else ""
+    if port.isdigit():
+        netloc += f":{port}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
-def setting(
+def shown_url(raw: str) -> str:
+    """A rejected URL as its error message shows it (``Spec.show``)."""
+    return repr(redact_url(raw))
+
+
+def declare(
     env: str,
     parse: Callable[[str], Any],
     help: str,
@@ -232,7 +258,7 @@ def setting(
 class Settings:
     # Not required here: a credentials file or pod identity may supply the key (credentials.py says
     # which source wins, and refuses to start with none).
-    secret_id: str = setting(
+    secret_id: str = declare(
         "TENCENTCLOUD_SECRET_ID",
         text,
         "SecretId of the Tencent Cloud API key.",
@@ -240,7 +266,7 @@ class Settings:
         shown_default="(empty: see docs/credentials.md)",
         flag=False,
     )
-    secret_key: str = setting(
+    secret_key: str = declare(
         "TENCENTCLOUD_SECRET_KEY",
         text,
         "SecretKey of the API key. Never logged.",
@@ -249,7 +275,7 @@ class Settings:
         flag=False,
         secret=True,
     )
-    session_token: str = setting(
+    session_token: str = declare(
         "TENCENTCLOUD_SESSION_TOKEN",
         text,
         "Session token of temporary credentials, sent as X-TC-Token.",
@@ -257,85 +283,85 @@ class Settings:
         flag=False,
         secret=True,
     )
-    region: str = setting(
+    region: str = declare(
         "TENCENTCLOUD_REGION",
         text,
         "Region sent as X-TC-Region, e.g. `ap-guangzhou`.",
         default="",
         required=True,
     )
-    endpoint: str = setting(
+    endpoint: str = declare(
         "TIW_ENDPOINT",
         base_url,
         "Upstream base URL; the signed Host follows it.",
         default=DEFAULT_ENDPOINT,
-        show=redact_url,
+        show=shown_url,
     )
-    language: str = setting(
+    language: str = declare(
         "TIW_LANGUAGE",
         one_of("zh-CN", "en-US"),
         "X-TC-Language for TIW's error messages: `zh-CN` or `en-US`.",
         default="",
     )
-    grpc_port: int = setting(
+    grpc_port: int = declare(
         "TIW_GRPC_PORT", port, "Port of the gRPC server (TiwService, health, reflection).", default=50051
     )
-    http_port: int = setting(
+    http_port: int = declare(
         "TIW_HTTP_PORT", port, "Port of the HTTP server: `/metrics`, `/healthz`.", default=8080
     )
-    bind_host: str = setting("TIW_BIND_HOST", text, "Address both servers listen on.", default="[::]")
-    reflection: bool = setting("TIW_REFLECTION", boolean, "Serve gRPC server reflection.", default=True)
-    shutdown_grace: float = setting(
+    bind_host: str = declare("TIW_BIND_HOST", text, "Address both servers listen on.", default="[::]")
+    reflection: bool = declare("TIW_REFLECTION", boolean, "Serve gRPC server reflection.", default=True)
+    shutdown_grace: float = declare(
         "TIW_SHUTDOWN_GRACE",
         positive_float,
         "Seconds in-flight RPCs may take to finish after SIGTERM.",
         default=20.0,
     )
-    log_level: str = setting(
+    log_level: str = declare(
         "TIW_LOG_LEVEL",
         one_of("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper),
         "DEBUG, INFO, WARNING or ERROR.",
         default="INFO",
     )
-    upstream_timeout: float = setting(
+    upstream_timeout: float = declare(
         "TIW_UPSTREAM_TIMEOUT",
         positive_float,
         "Seconds one upstream attempt may take; without a caller deadline, the whole call.",
         default=10.0,
     )
-    connect_timeout: float = setting(
+    connect_timeout: float = declare(
         "TIW_CONNECT_TIMEOUT",
         positive_float,
         "Seconds connecting to TIW may take; a connect time-out proves the request was not sent, so "
         "even CreateSnapshotTask is retried after one.",
         default=2.0,
     )
-    max_answer_bytes: int = setting(
+    max_answer_bytes: int = declare(
         "TIW_MAX_ANSWER_BYTES",
         positive_int,
         "Largest TIW answer read, in bytes (TIW's are a few KB); a larger one fails as UPSTREAM_MALFORMED.",
         default=1 << 20,
     )
-    max_attempts: int = setting(
+    max_attempts: int = declare(
         "TIW_MAX_ATTEMPTS",
         positive_int,
         "Upper bound on attempts per call, where retrying is safe.",
         default=3,
     )
-    rate_limit: int = setting(
+    rate_limit: int = declare(
         "TIW_RATE_LIMIT",
         positive_int,
         "Requests per second per action, for all replicas together.",
         default=20,
     )
-    rate_limit_account: str = setting(
+    rate_limit_account: str = declare(
         "TIW_RATE_LIMIT_ACCOUNT",
         text,
         "Whose quota: replicas with the same value share it.",
         default="",
         shown_default="(the SecretId)",
     )
-    redis_url: str = setting(
+    redis_url: str = declare(
         "TIW_REDIS_URL",
         redis_address,
         "Redis for the state replicas share: the limiter's tokens, and the answers and idempotency "
@@ -344,18 +370,18 @@ class Settings:
         default="",
         shown_default="(empty: in-process)",
         secret=True,  # may hold a password
-        show=redact_url,
+        show=shown_url,
     )
-    answers_redis_url: str = setting(
+    answers_redis_url: str = declare(
         "TIW_ANSWERS_REDIS_URL",
         redis_address,
         "Redis for the Describe answers replicas share (docs/answers.md), when not TIW_REDIS_URL's.",
         default="",
         shown_default="(TIW_REDIS_URL)",
         secret=True,
-        show=redact_url,
+        show=shown_url,
     )
-    shared_answers_max_bytes: int = setting(
+    shared_answers_max_bytes: int = declare(
         "TIW_SHARED_ANSWERS_MAX_BYTES",
         shared_answers_size,
         "Most memory, in bytes (`Ki`, `Mi`, `Gi` suffixes), the Describe answers replicas share may "
@@ -364,16 +390,16 @@ class Settings:
         default=DEFAULT_SHARED_ANSWERS_MAX_BYTES,
         shown_default=f"{DEFAULT_SHARED_ANSWERS_MAX_BYTES >> 20}Mi",
     )
-    idempotency_redis_url: str = setting(
+    idempotency_redis_url: str = declare(
         "TIW_IDEMPOTENCY_REDIS_URL",
         redis_address,
         "Redis for the idempotency keys (docs/idempotency.md), when not TIW_REDIS_URL's.",
         default="",
         shown_default="(TIW_REDIS_URL)",
         secret=True,
-        show=redact_url,
+        show=shown_url,
     )
-    redis_sentinels: tuple[tuple[str, int], ...] = setting(
+    redis_sentinels: tuple[tuple[str, int], ...] = declare(
         "TIW_REDIS_SENTINELS",
         sentinel_addresses,
         "Redis Sentinel nodes, `host:port,host:port`: the Redis of every role without a URL of its "
@@ -384,52 +410,52 @@ class Settings:
         default=(),
         shown_default="(empty: no Sentinel)",
     )
-    redis_sentinel_master: str = setting(
+    redis_sentinel_master: str = declare(
         "TIW_REDIS_SENTINEL_MASTER",
         text,
         "The master's name in the sentinels' configuration (`sentinel monitor <name> ...`); "
         "required with TIW_REDIS_SENTINELS.",
         default="",
     )
-    redis_cluster: bool = setting(
+    redis_cluster: bool = declare(
         "TIW_REDIS_CLUSTER",
         boolean,
         "Every role's Redis is a Redis Cluster, its URL one seed node (database 0 only).",
         default=False,
     )
-    redis_timeout: float = setting(
+    redis_timeout: float = declare(
         "TIW_REDIS_TIMEOUT",
         positive_float,
         "Seconds a Redis call may take before it counts as failed; the limiter degrades only when "
         "Redis fails for 0.5 s (at once when it refuses connections).",
         default=0.25,
     )
-    expected_replicas: int = setting(
+    expected_replicas: int = declare(
         "TIW_EXPECTED_REPLICAS",
         positive_int,
         "Replicas sharing the quota; while Redis is down each takes rate/replicas.",
         default=1,
     )
-    max_queue_wait: float = setting(
+    max_queue_wait: float = declare(
         "TIW_MAX_QUEUE_WAIT",
         positive_float,
         "Longest wait, in seconds, for a rate-limit slot; beyond it, RESOURCE_EXHAUSTED.",
         default=5.0,
     )
-    max_queue_length: int = setting(
+    max_queue_length: int = declare(
         "TIW_MAX_QUEUE_LENGTH",
         positive_int,
         "Callers that may wait per action; beyond it, RESOURCE_EXHAUSTED.",
         default=1000,
     )
-    max_connection_age: float = setting(
+    max_connection_age: float = declare(
         "TIW_MAX_CONNECTION_AGE",
         positive_float,
         "Seconds before a client connection is asked to reconnect (spreads load).",
         default=300.0,
     )
 
-    max_request_bytes: int = setting(
+    max_request_bytes: int = declare(
         "TIW_MAX_REQUEST_BYTES",
         positive_int,
         "Largest gRPC request accepted, in bytes; a larger one is refused by gRPC itself with "
@@ -437,21 +463,21 @@ class Settings:
         "memory of calls in flight, about their number times this).",
         default=16 << 10,
     )
-    http_timeout: float = setting(
+    http_timeout: float = declare(
         "TIW_HTTP_TIMEOUT",
         positive_float,
         "Seconds the HTTP server waits on one read or write (headers, an idle keep-alive, a client "
         "that does not read) before it closes the connection.",
         default=5.0,
     )
-    http_max_connections: int = setting(
+    http_max_connections: int = declare(
         "TIW_HTTP_MAX_CONNECTIONS",
         positive_int,
         "Connections the HTTP server holds at once; beyond it, new ones are closed at once.",
         default=32,
     )
 
-    credentials_file: str = setting(
+    credentials_file: str = declare(
         "TENCENTCLOUD_CREDENTIALS_FILE",
         text,
         "Credentials file in the official SDK's profile format (`[default]`: `secret_id`, "
@@ -460,46 +486,46 @@ class Settings:
         default="",
         shown_default="(empty: ~/.tencentcloud/credentials or /etc/tencentcloud/credentials, if present)",
     )
-    credentials_poll: float = setting(
+    credentials_poll: float = declare(
         "TIW_CREDENTIALS_POLL",
         positive_float,
         "Seconds between checks of the credentials file for a new version.",
         default=1.0,
     )
-    tke_region: str = setting(
+    tke_region: str = declare(
         "TKE_REGION",
         text,
         "TKE pod identity (OIDC), set by TKE with the three below: region of the STS call.",
         default="",
         flag=False,
     )
-    tke_provider_id: str = setting(
+    tke_provider_id: str = declare(
         "TKE_PROVIDER_ID", text, "TKE pod identity: the OIDC identity provider.", default="", flag=False
     )
-    tke_web_identity_token_file: str = setting(
+    tke_web_identity_token_file: str = declare(
         "TKE_WEB_IDENTITY_TOKEN_FILE",
         text,
         "TKE pod identity: the projected service-account token, re-read on every refresh.",
         default="",
         flag=False,
     )
-    tke_role_arn: str = setting(
+    tke_role_arn: str = declare(
         "TKE_ROLE_ARN", text, "TKE pod identity: the CAM role to assume.", default="", flag=False
     )
-    sts_endpoint: str = setting(
+    sts_endpoint: str = declare(
         "TIW_STS_ENDPOINT",
         base_url,
         "STS base URL for AssumeRoleWithWebIdentity (TKE pod identity).",
         default="https://sts.tencentcloudapi.com",
-        show=redact_url,
+        show=shown_url,
     )
-    sts_duration: int = setting(
+    sts_duration: int = declare(
         "TIW_STS_DURATION",
         positive_int,
         "Seconds the temporary credentials of TKE pod identity are asked to last (at most 43200).",
         default=7200,
     )
-    credentials_refresh_margin: float = setting(
+    credentials_refresh_margin: float = declare(
         "TIW_CREDENTIALS_REFRESH_MARGIN",
         positive_float,
         "Temporary credentials are refreshed once less than this many seconds, or a third of their "
@@ -507,7 +533,7 @@ class Settings:
         default=300.0,
     )
 
-    tls_cert_file: str = setting(
+    tls_cert_file: str = declare(
         "TIW_TLS_CERT_FILE",
         text,
         "PEM certificate chain of the gRPC server; with TIW_TLS_KEY_FILE, the gRPC port speaks only "
@@ -515,8 +541,8 @@ class Settings:
         default="",
         shown_default="(empty: plaintext)",
     )
-    tls_key_file: str = setting("TIW_TLS_KEY_FILE", text, "PEM private key of that certificate.", default="")
-    tls_client_ca_file: str = setting(
+    tls_key_file: str = declare("TIW_TLS_KEY_FILE", text, "PEM private key of that certificate.", default="")
+    tls_client_ca_file: str = declare(
         "TIW_TLS_CLIENT_CA_FILE",
         text,
         "PEM CA bundle for mutual TLS: every client must present a certificate it signed, and the "
@@ -561,7 +587,7 @@ class Settings:
             found[name] = value
         return tuple(found.items())
 
-    caller_weights: tuple[tuple[str, int], ...] = setting(
+    caller_weights: tuple[tuple[str, int], ...] = declare(
         "TIW_CALLER_WEIGHTS",
         _weights,
         "Shares of the rate limit by caller (`tiw-caller`, or the client certificate's name), e.g. "
@@ -571,7 +597,7 @@ class Settings:
         shown_default="(empty: certificates weigh 1, unproven callers share one)",
     )
 
-    idempotency_ttl: float = setting(
+    idempotency_ttl: float = declare(
         "TIW_IDEMPOTENCY_TTL",
         positive_float,
         "Seconds the answer to a CreateSnapshotTask with an `idempotency-key` is kept for its retries "
@@ -579,7 +605,7 @@ class Settings:
         "in process.",
         default=86400.0,
     )
-    idempotency_loss_window: float = setting(
+    idempotency_loss_window: float = declare(
         "TIW_IDEMPOTENCY_LOSS_WINDOW",
         positive_float,
         "Seconds after the idempotency records' Redis is found to have lost them (docs/idempotency.md) "
@@ -587,7 +613,7 @@ class Settings:
         "`IDEMPOTENCY_RECORDS_LOST` rather than risk a second task: cover your callers' longest retry.",
         default=300.0,
     )
-    idempotency_replicas: int = setting(
+    idempotency_replicas: int = declare(
         "TIW_IDEMPOTENCY_REPLICAS",
         non_negative_int,
         "Replicas of the idempotency records' Redis that must acknowledge a key's claim (Redis `WAIT`, "
@@ -596,7 +622,7 @@ class Settings:
         "0: no wait. Not with TIW_REDIS_CLUSTER.",
         default=0,
     )
-    idempotency_max_keys: int = setting(
+    idempotency_max_keys: int = declare(
         "TIW_IDEMPOTENCY_MAX_KEYS",
         positive_int,
         "Idempotency keys kept in process (without Redis); beyond it the oldest is forgotten, and a "
@@ -605,21 +631,21 @@ class Settings:
         shown_default=f"(from TIW_MEMORY_BUDGET: {_DERIVED.idempotency_max_keys})",
     )
 
-    max_staleness: float = setting(
+    max_staleness: float = declare(
         "TIW_MAX_STALENESS",
         positive_float,
         "Oldest a cached non-terminal Describe answer may be, in seconds, for a call without "
         "`tiw-max-age-ms` (docs/answers.md). Answers callers ask for are refreshed at 90% of this age.",
         default=2.0,
     )
-    max_stale_on_saturation: float = setting(
+    max_stale_on_saturation: float = declare(
         "TIW_MAX_STALE_ON_SATURATION",
         positive_float,
         "Oldest cached answer, in seconds, served instead of RESOURCE_EXHAUSTED when no rate-limit "
         "slot comes within the call's deadline; also how long non-terminal answers are kept.",
         default=30.0,
     )
-    cache_entries: int = setting(
+    cache_entries: int = declare(
         "TIW_CACHE_ENTRIES",
         positive_int,
         "Describe answers kept in process (and keys marked wanted); beyond it the least recently "
@@ -627,39 +653,39 @@ class Settings:
         default=0,
         shown_default=f"(from TIW_MEMORY_BUDGET: {_DERIVED.cache_entries})",
     )
-    cache_terminal_ttl: float = setting(
+    cache_terminal_ttl: float = declare(
         "TIW_CACHE_TERMINAL_TTL",
         positive_float,
         "Seconds a terminal answer (snapshot `Finished`, push `STOPPED`, video `FINISHED`) is kept.",
         default=3600.0,
     )
-    cache_not_found_ttl: float = setting(
+    cache_not_found_ttl: float = declare(
         "TIW_CACHE_NOT_FOUND_TTL",
         positive_float,
         "Seconds an `InvalidParameter.TaskNotFound` answer is kept (TIW may lag behind its creates).",
         default=2.0,
     )
-    refresh_interest: float = setting(
+    refresh_interest: float = declare(
         "TIW_REFRESH_INTEREST",
         positive_float,
         "Seconds after the last call (or while a watch is open) that an answer is refreshed with "
         "spare quota.",
         default=10.0,
     )
-    refresh_reserve: int = setting(
+    refresh_reserve: int = declare(
         "TIW_REFRESH_RESERVE",
         non_negative_int,
         "Rate-limit slots per action that refreshes leave free for direct calls.",
         default=2,
     )
-    max_watches: int = setting(
+    max_watches: int = declare(
         "TIW_MAX_WATCHES",
         positive_int,
         "Watch streams open at once on one replica; beyond it, RESOURCE_EXHAUSTED `TOO_MANY_WATCHES`.",
         default=0,
         shown_default=f"(from TIW_MEMORY_BUDGET: {_DERIVED.max_watches})",
     )
-    max_watches_per_caller: int = setting(
+    max_watches_per_caller: int = declare(
         "TIW_MAX_WATCHES_PER_CALLER",
         positive_int,
         "Watch streams one caller may hold open on one replica (a proven identity, or all unproven "
@@ -667,7 +693,7 @@ class Settings:
         default=0,
         shown_default=f"(from TIW_MEMORY_BUDGET: {_DERIVED.max_watches_per_caller})",
     )
-    memory_budget: int = setting(
+    memory_budget: int = declare(
         "TIW_MEMORY_BUDGET",
         byte_size,
         "Memory, in bytes (`Ki`, `Mi`, `Gi` suffixes), that what callers make grow may take: the "
@@ -708,19 +734,15 @@ class Settings:
         return max(1, self.rate_limit // self.expected_replicas)
 
 
-def settings() -> Iterator[Setting]:
-    """Every setting, in declaration order."""
-    for field in dataclasses.fields(Settings):
-        yield Setting(field.name, field.metadata[_SPEC], field.default)
-
-
 # Every setting, in declaration order: the README's rows, the `serve` flags, the deployment checks.
-ENVIRONMENT: tuple[Setting, ...] = tuple(settings())
+ENVIRONMENT: tuple[Setting, ...] = tuple(
+    Setting(field.name, field.metadata[_SPEC], field.default) for field in dataclasses.fields(Settings)
+)
 
 
 def variable(name: str) -> str:
     """The environment variable of the setting ``name``, for messages such as a busy port's."""
-    return next(item.env for item in settings() if item.name == name)
+    return next(item.env for item in ENVIRONMENT if item.name == name)
 
 
 def _parse(item: Setting, raw: str, where: str) -> Any:
@@ -749,15 +771,15 @@ def load(
     # Blank means unset, wherever it comes from.
     given = {name: raw.strip() for name, raw in (overrides or {}).items() if raw and raw.strip()}
     fallback = {name: raw.strip() for name, raw in (defaults or {}).items() if raw.strip()}
-    known = {item.name for item in settings()}
+    known = {item.name for item in ENVIRONMENT}
     if unknown := (given.keys() | fallback.keys()) - known:
         raise TypeError(f"no such setting: {', '.join(sorted(unknown))}")
 
     # Flags first: a mistake just typed is the one to report.
     values: dict[str, Any] = {
-        item.name: _parse(item, given[item.name], item.flag) for item in settings() if item.name in given
+        item.name: _parse(item, given[item.name], item.flag) for item in ENVIRONMENT if item.name in given
     }
-    for item in settings():
+    for item in ENVIRONMENT:
         if item.name in values:
             continue
         if raw := env.get(item.env, "").strip():
@@ -774,7 +796,7 @@ def load(
 def markdown_table() -> str:
     """The README's configuration table."""
     lines = ["| variable | `serve` flag | default | meaning |", "|---|---|---|---|"]
-    for item in settings():
+    for item in ENVIRONMENT:
         flag = f"`{item.flag}`" if item.spec.flag else "(environment only)"
         if item.is_bool and item.spec.flag:
             flag = f"`{item.flag}`, `--no-{item.flag[2:]}`"

@@ -11,14 +11,13 @@ module is the one place that knows
 - how its keys are named (``prefix``): one prefix per role, each with the account's {hash tag},
   keeping every key of an account in one Cluster slot, so every script's keys stay in one slot.
 
-The stores themselves (limiter/_store.py, answers/_shared.py, idempotency.py) keep their scripts.
+The stores themselves (limiter/_store.py, answers/_shared.py, idempotency/_redis.py) keep their scripts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import urllib.parse
 from typing import TYPE_CHECKING, Any, Literal
 
 from redis.asyncio import Redis
@@ -38,6 +37,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tiw_facade.settings import redact_url
 
 if TYPE_CHECKING:
     from tiw_facade.settings import Settings
@@ -78,7 +79,7 @@ class Target:
     """One role's Redis. With ``sentinels``, the URL gives only the password, TLS and database:
     the master is whichever the sentinels name ``master``. With ``cluster``, the URL is a seed node."""
 
-    url: str
+    url: str = dataclasses.field(repr=False)  # may hold a password: ``where`` is what to show
     timeout: float = 0.25
     sentinels: tuple[tuple[str, int], ...] = ()
     master: str = ""
@@ -90,21 +91,7 @@ class Target:
         if self.sentinels:
             nodes = ",".join(f"{host}:{port}" for host, port in self.sentinels)
             return f"sentinel master {self.master!r} via {nodes}"
-        return ("cluster " if self.cluster else "") + redact(self.url)
-
-
-def redact(url: str) -> str:
-    """The Redis URL without credentials or query (which may hold a password), for logs and health."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    try:
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    except ValueError:
-        pass
-    return f"{parts.scheme}://{netloc}{parts.path}"
+        return ("cluster " if self.cluster else "") + redact_url(self.url)
 
 
 def target(settings: Settings, role: Role) -> Target | None:

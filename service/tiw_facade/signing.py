@@ -31,6 +31,12 @@ SIGNED_HEADERS: Final = "content-type;host"
 SIGNED_HEADERS_WITH_ACTION: Final = "content-type;host;x-tc-action"
 # Tencent rejects a timestamp further than this from its clock, in either direction.
 MAX_CLOCK_SKEW: Final = 300
+# The Authorization of a request sent without a key (STS's AssumeRoleWithWebIdentity, which is how a
+# pod gets one), as the official SDKs send it.
+UNSIGNED: Final = "SKIP"
+# What a SecretId, a SecretKey or a token may contain: printable ASCII without spaces (they go into
+# headers, and a key is hashed as text).
+TOKEN_TEXT: Final = re.compile(r"[!-~]+")
 
 # The TIW error codes verification can answer.
 INVALID_AUTHORIZATION: Final = "AuthFailure.InvalidAuthorization"
@@ -139,6 +145,21 @@ def parse_authorization(value: str) -> Authorization | None:
     if match is None:
         return None
     return Authorization(**match.groupdict())
+
+
+def unsigned_headers(
+    host: str, action: str, timestamp: int, *, version: str, region: str = "", language: str = ""
+) -> dict[str, str]:
+    """Every header of a request sent without a key (``Authorization: SKIP``)."""
+    headers = {"Host": host, "Content-Type": CONTENT_TYPE, "X-TC-Version": version}
+    if region:
+        headers["X-TC-Region"] = region
+    if language:
+        headers["X-TC-Language"] = language
+    headers["X-TC-Action"] = action
+    headers["X-TC-Timestamp"] = str(timestamp)
+    headers["Authorization"] = UNSIGNED
+    return headers
 
 
 class Signer:

@@ -11,18 +11,43 @@ in use, and the files are tried again at the next handshake.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import ssl
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 
-from tiw_facade.settings import Settings, variable
+from tiw_facade.settings import variable
+
+if TYPE_CHECKING:
+    from tiw_facade.settings import Settings
 
 log = logging.getLogger("tiw_facade.tls")
 
 Stamp = tuple[tuple[int, int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The PEM files of the gRPC port's TLS; none: plaintext."""
+
+    cert_file: str = ""  # TIW_TLS_CERT_FILE: the certificate chain
+    key_file: str = ""  # TIW_TLS_KEY_FILE: its private key
+    client_ca_file: str = ""  # TIW_TLS_CLIENT_CA_FILE: mutual TLS, clients' certificates signed by it
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TlsFiles:
+        return cls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+
+    @property
+    def mode(self) -> str:
+        """How the gRPC port is secured, for the start-up log line: off, tls or mutual."""
+        if not self.cert_file:
+            return "off"
+        return "mutual" if self.client_ca_file else "tls"
 
 
 class TlsFilesError(OSError):
@@ -98,22 +123,22 @@ class CertificateFiles:
         return "/".join(variable(name) for name in names)
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials | None:
     """The gRPC server's TLS credentials, or None for plaintext (no certificate configured).
 
     With a client CA, every client must present a certificate it signed: the handshake refuses
     any other connection.
     """
-    cert, key, client_ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    cert, key, client_ca = files.cert_file, files.key_file, files.client_ca_file
     if not cert and not key:
         if client_ca:
             raise TlsFilesError(f"{variable('tls_client_ca_file')} needs {variable('tls_cert_file')}")
         return None
     if not (cert and key):
         raise TlsFilesError(f"{variable('tls_cert_file')} and {variable('tls_key_file')} go together")
-    files = CertificateFiles(cert, key, client_ca)
+    certificates = CertificateFiles(cert, key, client_ca)
     return grpc.dynamic_ssl_server_credentials(
-        files.first(), files.fetch, require_client_authentication=bool(client_ca)
+        certificates.first(), certificates.fetch, require_client_authentication=bool(client_ca)
     )
 
 
@@ -139,10 +164,3 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, EncryptedKey):
         return str(exc)
     return f"not usable ({type(exc).__name__})"
-
-
-def mode(settings: Settings) -> str:
-    """How the gRPC port is secured, for the start-up log line: off, tls or mutual."""
-    if not settings.tls_cert_file:
-        return "off"
-    return "mutual" if settings.tls_client_ca_file else "tls"

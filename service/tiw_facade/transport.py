@@ -1,6 +1,6 @@
-"""One HTTP exchange with TIW over aiohttp: a pooled keep-alive session, and the one place where
-aiohttp's and asyncio's exceptions become the facade's failures (model: httpx's
-``map_httpcore_exceptions``).
+"""One HTTP exchange with a Tencent Cloud API (TIW, STS) over aiohttp: a pooled keep-alive session,
+and the one place where aiohttp's and asyncio's exceptions become the facade's failures (model:
+httpx's ``map_httpcore_exceptions``).
 
 aiohttp rather than httpx: on this kind of machine httpx 0.28 costs 3-4x aiohttp's CPU per call and
 slows down as calls in flight grow (bench/ shows it). Another transport may stand in for this one if
@@ -47,8 +47,8 @@ class Answer(NamedTuple):
 
 
 class Transport(Protocol):
-    """What the TIW client needs of HTTP: POST a body, get back the status, the whole body and
-    the Date header."""
+    """What a Tencent API client (tencent_api.py) needs of HTTP: POST a body, get back the status,
+    the whole body and the Date header."""
 
     async def start(self) -> None: ...
 
@@ -76,10 +76,13 @@ class AiohttpTransport:
         connect_timeout: float = CONNECT_TIMEOUT,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         pool_limit: int = 100,
+        name: str = "TIW",
     ) -> None:
+        """``name``: the API the failures' texts name."""
         # Parsed once: aiohttp would otherwise parse and normalise the URL on every request.
         self._url = yarl.URL(url, encoded=True)
-        self._where = f"{self._url.host}:{self._url.port}"
+        self._name = name
+        self._where = f"{name} at {self._url.host}:{self._url.port}"
         self._max_answer_bytes = max_answer_bytes
         self._connect_timeout = connect_timeout
         self._keepalive_timeout = keepalive_timeout
@@ -92,9 +95,9 @@ class AiohttpTransport:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            # TIW sets no cookies: a dummy jar spares the cookie bookkeeping on every request.
+            # Tencent sets no cookies: a dummy jar spares the cookie bookkeeping on every request.
             cookie_jar=aiohttp.DummyCookieJar(),
-            # TIW answers plain JSON: ask for it, and never inflate what arrives (no zip bomb).
+            # Tencent answers plain JSON: ask for it, and never inflate what arrives (no zip bomb).
             headers={"Accept-Encoding": "identity"},
             auto_decompress=False,
             raise_for_status=False,
@@ -122,31 +125,33 @@ class AiohttpTransport:
                 body = await self._read(response)
                 return Answer(response.status, body, response.headers.get("Date"))
         except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one too
-            raise UpstreamUnreachable(f"connecting to TIW at {self._where} timed out") from exc
+            raise UpstreamUnreachable(f"connecting to {self._where} timed out") from exc
         except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake: nothing was sent
             why = exc.os_error.strerror or type(exc.os_error).__name__
-            raise UpstreamUnreachable(f"cannot connect to TIW at {self._where}: {why}") from exc
+            raise UpstreamUnreachable(f"cannot connect to {self._where}: {why}") from exc
         except TimeoutError as exc:
             raise UpstreamTimeout(
-                f"TIW did not answer within {timeout:.3f}s", outcome=Outcome.UNKNOWN
+                f"{self._name} did not answer within {timeout:.3f}s", outcome=Outcome.UNKNOWN
             ) from exc
         except aiohttp.ClientResponseError as exc:  # the answer is not HTTP (its text holds our headers)
-            raise UpstreamMalformed(f"TIW's answer is not valid HTTP ({type(exc).__name__})") from exc
+            raise UpstreamMalformed(
+                f"{self._name}'s answer is not valid HTTP ({type(exc).__name__})"
+            ) from exc
         except aiohttp.ClientError as exc:  # whatever arrived before the connection broke, arrived
             raise UpstreamConnectionLost(
-                f"the connection to TIW broke before its answer was read ({type(exc).__name__})"
+                f"the connection to {self._name} broke before its answer was read ({type(exc).__name__})"
             ) from exc
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole body, or ``UpstreamMalformed`` as soon as it proves larger than the cap."""
         cap = self._max_answer_bytes
         if (response.content_length or 0) > cap:
-            raise UpstreamMalformed(f"TIW's answer is larger than {cap} bytes")
+            raise UpstreamMalformed(f"{self._name}'s answer is larger than {cap} bytes")
         chunks: list[bytes] = []
         size = 0
         while chunk := await response.content.readany():
             size += len(chunk)
             if size > cap:
-                raise UpstreamMalformed(f"TIW's answer is larger than {cap} bytes")
+                raise UpstreamMalformed(f"{self._name}'s answer is larger than {cap} bytes")
             chunks.append(chunk)
         return b"".join(chunks)

@@ -1,56 +1,63 @@
-"""The TIW client: admission, signing, sending through a transport, retries where safe, TIW's envelope.
+"""The TIW client: one call is attempts, each admitted, signed and sent, retried where safe.
 
-Knows TIW's envelope, nothing of gRPC or of HTTP libraries: callers pass an absolute
-``time.monotonic()`` deadline and a retry policy, and get back the decoded ``Response`` or one of
-the failures module's exceptions.
+Knows TIW's actions, nothing of gRPC or of HTTP libraries. A caller hands ``call`` a ``Request``
+(the action, its parameters, its retry policy and how to read its answer), an absolute
+``time.monotonic()`` deadline and, when the call is not an ordinary one, how its attempts are
+admitted (admission.py: the rate limiter's queue or spare quota, seen through or not); it gets back
+the decoded ``Response`` or one of the failures module's exceptions. The layers, inside out:
 
-Owns the credentials source (credentials.py: started and closed with the client) and the estimate
-of Tencent's clock: every answer's ``Date`` header measures the offset; an answer of
-``AuthFailure.SignatureExpire`` (our clock is over 5 minutes off) makes the client sign with the
-measured offset from then on, and the refused attempt, never executed, is sent again.
+- tencent_api.py: one signed exchange with TIW and the reading of its envelope (the same for STS);
+- ``_attempt``: credentials, then a rate-limit slot, then that exchange, then the lease's fate and
+  the ``tiw_upstream_requests_total`` count;
+- retries.py: the attempts, by the action's ``RetryPolicy``, within the deadline.
+
+The client is handed what it uses, open: a transport (transport.py), a credentials source
+(credentials.py), the limiter; whoever built them (server.py) closes them after the client. It keeps
+Tencent's clock (tencent_clock.py, shared with the credentials source, which stamps STS's calls by
+it): every answer's ``Date`` header measures the offset; an answer of ``AuthFailure.SignatureExpire``
+(our clock is over 5 minutes off) makes the client sign with the measured offset from then on, and
+the refused attempt, never executed, is sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
+import functools
 import logging
-import random
-import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+import urllib.parse
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from tiw_facade import credentials as credentials_module
-from tiw_facade.calls import CURRENT_SHARE
+from tiw_facade.admission import Admission, Queued, Spare
 from tiw_facade.failures import (
+    CredentialsError,
     FacadeError,
     Outcome,
-    RateLimited,
-    ShuttingDown,
     TiwError,
     UpstreamFailure,
-    UpstreamHttpError,
     UpstreamMalformed,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tiw_facade.limiter import LimiterClosed, QuotaExceeded
 from tiw_facade.metrics import Metrics
-from tiw_facade.signing import SIGNATURE_EXPIRE, Credentials, Signer
-from tiw_facade.transport import AiohttpTransport, Transport
+from tiw_facade.retries import NEVER_RESEND, RetryPolicy, retry_reason, retry_target
+from tiw_facade.signing import DEFAULT_SERVICE, DEFAULT_VERSION, SIGNATURE_EXPIRE, Credentials
+from tiw_facade.tencent_api import TencentApi, encode, request_id
+from tiw_facade.tencent_clock import TencentClock
+from tiw_facade.transport import Transport
 
 if TYPE_CHECKING:  # the client is handed these; it needs only their types
-    from tiw_facade.limiter import Lease, Limiter
+    from tiw_facade.credentials import Source
+    from tiw_facade.limiter import Limiter
     from tiw_facade.settings import Settings
+
 
 log = logging.getLogger("tiw_facade.upstream")
 
 T = TypeVar("T")
 
-BACKOFF_BASE = 0.05
-BACKOFF_CAP = 1.0
 # Below this much time left, an attempt cannot usefully complete: a round trip to TIW takes longer.
 # Sending anyway would likely time out, spending a token on a request whose arrival we never learn.
 MIN_ATTEMPT_TIME = 0.05
@@ -59,103 +66,110 @@ MIN_ATTEMPT_TIME = 0.05
 # longer, so that a late arrival cannot share a 1-second window with the token's next request.
 UNANSWERED_HOLD = 1.0
 THROTTLE_WINDOW = 1.0
-# TIW's codes that say it refused the request without executing it: safe to re-send for every action.
-NOT_EXECUTED = ("RequestLimitExceeded", "AuthFailure.SignatureExpire")
-# TIW's error codes: dotted words (InvalidParameter.TaskNotFound). A code of another shape or length
-# is not one TIW sends (underscores are allowed: other Tencent Cloud APIs use them).
-TIW_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
-MAX_TIW_CODE_LENGTH = 128
-# A RequestId is kept for the caller and the logs only when it is one: printable ASCII, not too long.
-REQUEST_ID = re.compile(r"[!-~]{1,128}")
-
-
-class NoSpareQuota(Exception):
-    """A call that may use only spare quota (a refresh) found none: nothing was sent. Not a failure
-    any caller sees: whoever asked for spare quota only asks again later."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """What may be re-sent for one action, by what TIW does on a duplicate."""
-
-    # May a request be re-sent when TIW may already have executed it (time-out, reset, 5xx)?
-    resend_maybe_delivered: bool
-    # An error code that, after an attempt whose answer was lost, means the lost attempt succeeded.
-    success_after_lost_answer: str | None = None
-
-
-# The default for an action nobody declared safe: never re-send what TIW may have received.
-NEVER_RESEND = RetryPolicy(resend_maybe_delivered=False)
-
-
-def encode(params: Mapping[str, Any]) -> bytes:
-    """The exact bytes sent and signed: compact JSON, UTF-8, integers as integers."""
-    return json.dumps(params, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _as_is(answer: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request(Generic[T]):
+    """One TIW action to call: what to send, what may be re-sent, and how to read the answer.
+
+    ``decode`` runs inside the attempt, so an answer it rejects (``ValueError``) counts as the failed
+    upstream request it is (``UPSTREAM_MALFORMED``), not as a success.
+    """
+
+    action: str
+    params: Mapping[str, Any]
+    policy: RetryPolicy = NEVER_RESEND
+    decode: Callable[[dict[str, Any]], T] = _as_is  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Where TIW is and how the client calls it; seconds, unless named otherwise."""
+
+    endpoint: str  # TIW_ENDPOINT: the base URL the transport posts to; the signed Host follows it
+    region: str  # TENCENTCLOUD_REGION: sent as X-TC-Region
+    language: str = ""  # TIW_LANGUAGE: X-TC-Language of TIW's error messages
+    upstream_timeout: float = 10.0  # TIW_UPSTREAM_TIMEOUT: one attempt; the whole call without a deadline
+    max_attempts: int = 3  # TIW_MAX_ATTEMPTS: where retrying is safe
+    refresh_reserve: int = 2  # TIW_REFRESH_RESERVE: slots spare-quota attempts leave to direct calls
+    caller_weights: tuple[tuple[str, int], ...] = ()  # TIW_CALLER_WEIGHTS: shares of the limiter's queue
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClientConfig:
+        return cls(
+            endpoint=settings.endpoint,
+            region=settings.region,
+            language=settings.language,
+            upstream_timeout=settings.upstream_timeout,
+            max_attempts=settings.max_attempts,
+            refresh_reserve=settings.refresh_reserve,
+            caller_weights=settings.caller_weights,
+        )
+
+    @property
+    def host(self) -> str:
+        """The Host header and the signed host: the endpoint's, port included."""
+        return urllib.parse.urlsplit(self.endpoint).netloc
+
+
 class TiwClient:
+    """Calls to TIW through ``transport`` (started), signed by ``credentials`` (started), admitted by
+    ``limiter``; ``clock``: Tencent's, shared with the credentials source (default: a clock of its own).
+    """
+
     def __init__(
         self,
-        settings: Settings,
+        config: ClientConfig,
         limiter: Limiter,
+        *,
+        transport: Transport,
+        credentials: Source,
+        clock: TencentClock | None = None,
         metrics: Metrics | None = None,
-        transport: Transport | None = None,
     ) -> None:
-        self._settings = settings
-        self._weights = dict(settings.caller_weights)  # TIW_CALLER_WEIGHTS, for the limiter's fair share
+        self._config = config
         self._limiter = limiter
         self._metrics = metrics or Metrics.unobserved()
-        self._transport = transport or AiohttpTransport(
-            settings.endpoint + "/",
-            max_answer_bytes=settings.max_answer_bytes,
-            connect_timeout=settings.connect_timeout,
-            # The limiter already bounds calls in flight (a token per attempt); this only guards
-            # against a misconfiguration opening unbounded sockets.
-            pool_limit=max(100, settings.rate_limit * 10),
+        self._tiw = TencentApi(
+            transport,
+            name="TIW",
+            host=config.host,
+            service=DEFAULT_SERVICE,
+            version=DEFAULT_VERSION,
+            region=config.region,
+            language=config.language,
         )
-        # Tencent's clock minus ours: measured from every answer, signed with once TIW says we are off.
-        self._clock_offset = 0.0
-        self._measured_offset: float | None = None
-        self._last_date = ""
-        self._credentials = credentials_module.from_settings(settings, self._metrics, clock=self.tencent_time)
-        self._signer: Signer | None = None  # for the credentials it was made for
-        self._signer_credentials: Credentials | None = None
-        # Calls seen through past their caller (see_through): aclose waits for them, then closes
-        # what they use (close_after) before the transport.
+        self._clock = clock or TencentClock(self._metrics)
+        self._credentials = credentials
+        # TIW_CALLER_WEIGHTS, for the limiter's fair share.
+        self._weights: Mapping[str, int] = dict(config.caller_weights)
+        self._direct = Queued(limiter, self._weights)  # how a call's attempts are admitted unless told
+        # Calls seen through past their caller (see_through): aclose waits for them.
         self._seen_through: set[asyncio.Task[Any]] = set()
-        self._closers: list[Callable[[], Awaitable[None]]] = []
 
-    @property
-    def settings(self) -> Settings:
-        return self._settings
+    def queued(
+        self, *, sees_through: bool = False, on_admitted: Callable[[], None] | None = None
+    ) -> Admission:
+        """Attempts that wait in the limiter's queue for the caller's share (admission.py)."""
+        return Queued(self._limiter, self._weights, sees_through=sees_through, on_admitted=on_admitted)
 
-    @property
-    def metrics(self) -> Metrics:
-        return self._metrics
-
-    async def start(self) -> None:
-        await self._transport.start()
-        await self._credentials.start()
+    def spare(self, *, on_admitted: Callable[[], None] | None = None) -> Admission:
+        """Attempts only on quota direct calls leave, else ``NoSpareQuota`` at once (admission.py)."""
+        return Spare(self._limiter, self._config.refresh_reserve, on_admitted=on_admitted)
 
     async def aclose(self) -> None:
+        """Wait for the calls seen through (``see_through``) to end. What they use (the transport,
+        the credentials, the limiter, the idempotency keys they settle) is closed after this."""
         if self._seen_through:
             log.info("waiting for calls whose callers went away", extra={"calls": len(self._seen_through)})
             # Each has at most one attempt left, of TIW_UPSTREAM_TIMEOUT; the lease's hold is longer.
-            _, late = await asyncio.wait(self._seen_through, timeout=self._settings.upstream_timeout + 1)
+            _, late = await asyncio.wait(self._seen_through, timeout=self._config.upstream_timeout + 1)
             for task in late:
                 task.cancel()
-        for close in reversed(self._closers):
-            await close()
-        await self._credentials.aclose()
-        await self._transport.aclose()
-
-    def close_after(self, close: Callable[[], Awaitable[None]]) -> None:
-        """Call ``close`` in aclose, once the calls seen through have ended (they may use it)."""
-        self._closers.append(close)
 
     async def see_through(
         self,
@@ -169,7 +183,7 @@ class TiwClient:
         cancellation stops here; either way ``late`` gets the task when it ends.
 
         For requests that must not be lost once sent (a create: TIW makes a task whether or not
-        anyone reads its answer). Pair with ``call(..., see_through=True)``.
+        anyone reads its answer). Pair with a call admitted by ``queued(sees_through=True)``.
         """
         task = asyncio.ensure_future(work)
         self._seen_through.add(task)
@@ -188,119 +202,97 @@ class TiwClient:
 
     def tencent_time(self) -> float:
         """Unix seconds by Tencent's clock, as far as the client knows it."""
-        return time.time() + self._clock_offset
+        return self._clock.now()
 
     async def call(
-        self,
-        action: str,
-        params: Mapping[str, Any],
-        *,
-        deadline: float | None,
-        policy: RetryPolicy = NEVER_RESEND,
-        decode: Callable[[dict[str, Any]], T] = _as_is,  # type: ignore[assignment]
-        see_through: bool = False,
-        spare: bool = False,
-        admitted: Callable[[], None] | None = None,
+        self, request: Request[T], deadline: float | None, admission: Admission | None = None
     ) -> T:
-        """Send ``action`` with ``params``; return ``decode`` of TIW's ``Response`` (without ``Error``).
+        """Send ``request`` until TIW answers it, or a failure may not be retried, by ``deadline``
+        (``time.monotonic()``; None: TIW_UPSTREAM_TIMEOUT from now). Each attempt is admitted by
+        ``admission``: the limiter's queue, nothing seen through, unless given (``queued``, ``spare``)."""
+        admission = admission or self._direct
+        budget_end = deadline if deadline is not None else time.monotonic() + self._config.upstream_timeout
+        body = encode(request.params)
+        answer_lost = False  # an attempt may have been executed without our learning its answer
 
-        ``decode`` runs inside the attempt, so an answer it rejects (``ValueError``) counts as the
-        failed upstream request it is (``UPSTREAM_MALFORMED``), not as a success.
-
-        ``see_through``: ``deadline`` bounds the wait for a slot and when an attempt may start; an
-        attempt once sent waits for TIW's answer for TIW_UPSTREAM_TIMEOUT whatever the deadline.
-
-        ``admitted``: called when an attempt gets its slot (it is sent next).
-
-        ``spare``: take only quota that direct calls leave (``Limiter.try_spare``, keeping
-        TIW_REFRESH_RESERVE slots free); without any, raise ``NoSpareQuota`` at once.
-        """
-        budget_end = deadline if deadline is not None else time.monotonic() + self._settings.upstream_timeout
-        body = encode(params)
-        answer_lost = False
-        attempt = 0
-        while True:
-            attempt += 1
+        async def attempt() -> T:
             try:
-                return await self._attempt(
-                    action, body, budget_end, decode, see_through=see_through, spare=spare, admitted=admitted
-                )
+                return await self._attempt(request, body, budget_end, admission)
             except TiwError as exc:
-                if answer_lost and exc.code == policy.success_after_lost_answer:
-                    log.info("earlier attempt succeeded; its answer was lost", extra={"action": action})
-                    return self._decode(decode, {"RequestId": exc.request_id})
+                if answer_lost and exc.code == request.policy.success_after_lost_answer:
+                    log.info(
+                        "earlier attempt succeeded; its answer was lost", extra={"action": request.action}
+                    )
+                    return self._decode(request.decode, {"RequestId": exc.request_id})
                 if exc.code.startswith("RequestLimitExceeded"):
                     # Someone else on the account used the quota: hold this action for a window.
-                    self._limiter.pause(action, THROTTLE_WINDOW)
-                reason = _retry_reason(exc, policy)
-                failure: TiwError | UpstreamFailure = exc
-            except UpstreamFailure as exc:
-                reason = _retry_reason(exc, policy)
-                failure = exc
-            if reason is None or attempt >= self._settings.max_attempts:
-                raise failure
-            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
-            if time.monotonic() + delay + MIN_ATTEMPT_TIME >= budget_end:
-                raise failure
-            answer_lost = answer_lost or failure.outcome is Outcome.UNKNOWN
-            self._metrics.action(action).retried(reason).inc()
-            log.debug("retrying", extra={"action": action, "reason": reason, "attempt": attempt})
-            await asyncio.sleep(delay)
+                    self._limiter.pause(request.action, THROTTLE_WINDOW)
+                raise
 
-    async def _attempt(
-        self,
-        action: str,
-        body: bytes,
-        budget_end: float,
-        decode: Callable[[dict[str, Any]], T],
-        *,
-        see_through: bool = False,
-        spare: bool = False,
-        admitted: Callable[[], None] | None = None,
-    ) -> T:
+        def retrying(failure: Exception, reason: str, attempts: int) -> None:
+            nonlocal answer_lost
+            answer_lost = answer_lost or getattr(failure, "outcome", None) is Outcome.UNKNOWN
+            self._metrics.action(request.action).retried(reason).inc()
+            log.debug("retrying", extra={"action": request.action, "reason": reason, "attempt": attempts})
+
+        return await retry_target(
+            attempt,
+            functools.partial(retry_reason, policy=request.policy),
+            deadline=budget_end,
+            max_attempts=self._config.max_attempts,
+            attempt_time=MIN_ATTEMPT_TIME,
+            on_retry=retrying,
+        )
+
+    async def _attempt(self, request: Request[T], body: bytes, budget_end: float, admission: Admission) -> T:
+        action = request.action
+        upstream_timeout = self._config.upstream_timeout
         remaining = budget_end - time.monotonic()
         if remaining < MIN_ATTEMPT_TIME:
             raise UpstreamTimeout(
                 "the deadline was spent before the request was sent", outcome=Outcome.NOT_SENT
             )
         # Before admission: a call without credentials must not spend a rate-limit token.
-        signer = await self._current_signer()
+        credentials = await self._current_credentials()
         # Seen through, a sent attempt has TIW_UPSTREAM_TIMEOUT whatever the deadline: its lease's
         # hold must cover that long, as a request TIW may receive that late.
-        hold = self._settings.upstream_timeout if see_through else remaining
-        lease = await (self._admit_spare(action, hold) if spare else self._admit(action, budget_end, hold))
+        hold = upstream_timeout if admission.sees_through else remaining
+        lease = await admission.lease(
+            action,
+            # A slot that leaves no time to send would spend a token for nothing.
+            deadline=budget_end - MIN_ATTEMPT_TIME,
+            hold=min(hold, upstream_timeout) + UNANSWERED_HOLD,
+        )
         # One attempt may take TIW_UPSTREAM_TIMEOUT at most, so a lost request on a long caller
         # deadline still leaves time to try again where that is safe.
-        remaining = min(budget_end - time.monotonic(), self._settings.upstream_timeout)
+        remaining = min(budget_end - time.monotonic(), upstream_timeout)
         if remaining < MIN_ATTEMPT_TIME:  # the wait for a slot used the time up: nothing is sent
             lease.release()
             raise UpstreamTimeout(
                 "the deadline was spent waiting for a rate-limit slot", outcome=Outcome.NOT_SENT
             )
-        if admitted is not None:
-            admitted()
-        if see_through:  # the caller's deadline no longer cuts it: see the docstring of call()
-            remaining = self._settings.upstream_timeout
+        admission.admitted()
+        if admission.sees_through:  # the caller's deadline no longer cuts it
+            remaining = upstream_timeout
         code = "CANCELLED"  # unless the attempt ends otherwise: the caller went away mid-flight
         started = time.perf_counter()
         # Whether we know TIW saw the request no later than now (answered, refused, never sent). When
         # we do not (time-out, cancellation) the token is left to come back when its hold ends.
         settled = False
         try:
-            headers = signer.headers(action, body, int(self.tencent_time()))  # fresh for every attempt
-            status, raw, date = await self._transport.post(body, headers, remaining)
+            # Signed afresh for every attempt, by Tencent's clock as the client knows it.
+            timestamp = int(self._clock.now())
+            answer = await self._tiw.send(
+                action, body, credentials=credentials, timestamp=timestamp, timeout=remaining
+            )
             settled = True
-            self._observe_clock(date)
-            answer = _parse(status, raw)
-            if "Error" in answer:
-                error = _tiw_error(answer)
-                if isinstance(error, TiwError) and error.code == SIGNATURE_EXPIRE:
-                    self._correct_clock()
-                raise error
-            result = self._decode(decode, answer)
+            self._clock.observe(answer.date)
+            result = self._decode(request.decode, self._tiw.read(answer))
             code = "OK"
             return result
         except (TiwError, UpstreamFailure) as exc:
+            if isinstance(exc, TiwError) and exc.code == SIGNATURE_EXPIRE:
+                self._correct_clock()
             code = exc.reason
             settled = settled or exc.outcome is Outcome.NOT_SENT
             raise
@@ -311,74 +303,21 @@ class TiwClient:
             series.upstream(code).inc()
             series.upstream_duration.observe(time.perf_counter() - started)
 
-    async def _current_signer(self) -> Signer:
-        """The signer of the current credentials (made anew when they change: it caches their key)."""
+    async def _current_credentials(self) -> Credentials:
         try:
-            credentials = await self._credentials.get()
-        except credentials_module.CredentialsError as exc:
+            return await self._credentials.get()
+        except CredentialsError as exc:
             raise UpstreamUnreachable(f"no valid Tencent Cloud credentials: {exc}") from exc
-        if credentials is not self._signer_credentials or self._signer is None:
-            settings = self._settings
-            self._signer = Signer(
-                credentials, settings.upstream_host, region=settings.region, language=settings.language
-            )
-            self._signer_credentials = credentials
-        return self._signer
-
-    def _observe_clock(self, date: str | None) -> None:
-        """Measure Tencent's clock from an answer's Date header (once per new value: once a second)."""
-        if not date or date == self._last_date:
-            return
-        self._last_date = date
-        stamp = credentials_module.parse_http_date(date)
-        if stamp is None:
-            return
-        # The header has whole seconds: Tencent's time was, on average, half a second later.
-        self._measured_offset = stamp + 0.5 - time.time()
-        self._metrics.upstream_clock_offset.set(self._measured_offset)
 
     def _correct_clock(self) -> None:
-        """TIW refused the timestamp: sign with the measured offset from now on."""
-        measured = self._measured_offset
-        if measured is None or abs(measured - self._clock_offset) < 1:
+        """TIW refused the signature's timestamp: sign by the measured offset from now on."""
+        previous = self._clock.correct()
+        if previous is None:
             return  # nothing new to go by: the retry (if any) is signed as before
         log.warning(
             "TIW refused the signature as expired: this host's clock is off; signing by Tencent's clock",
-            extra={"clock_offset_seconds": round(measured, 1), "previous_offset_seconds": self._clock_offset},
+            extra={"clock_offset_seconds": round(self._clock.offset, 1), "previous_offset_seconds": previous},
         )
-        self._clock_offset = measured
-
-    async def _admit(self, action: str, budget_end: float, remaining: float) -> Lease:
-        """A token for one attempt; the limiter's refusals become the failures module's."""
-        try:
-            # Keyed on the share, not the claimed name: invented names must not each get a turn.
-            share = CURRENT_SHARE.get()
-            return await self._limiter.acquire(
-                action,
-                # A slot that leaves no time to send would spend a token for nothing.
-                deadline=budget_end - MIN_ATTEMPT_TIME,
-                hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
-                caller=share,
-                weight=self._weights.get(share, 1),
-            )
-        except QuotaExceeded as exc:
-            raise RateLimited(exc.action, exc.reason, exc.retry_after) from exc
-        except LimiterClosed as exc:
-            raise ShuttingDown() from exc
-
-    async def _admit_spare(self, action: str, remaining: float) -> Lease:
-        """A token direct calls leave over, or ``NoSpareQuota``."""
-        try:
-            lease = await self._limiter.try_spare(
-                action,
-                hold=min(remaining, self._settings.upstream_timeout) + UNANSWERED_HOLD,
-                reserve=self._settings.refresh_reserve,
-            )
-        except LimiterClosed as exc:
-            raise ShuttingDown() from exc
-        if lease is None:
-            raise NoSpareQuota(action)
-        return lease
 
     @staticmethod
     def _decode(decode: Callable[[dict[str, Any]], T], answer: dict[str, Any]) -> T:
@@ -386,7 +325,7 @@ class TiwClient:
             return decode(answer)
         except ValueError as exc:  # e.g. translate.MalformedAnswer: a field of the wrong JSON type
             raise UpstreamMalformed(
-                f"TIW's answer does not fit the contract: {exc}", request_id=_request_id(answer)
+                f"TIW's answer does not fit the contract: {exc}", request_id=request_id(answer)
             ) from exc
 
 
@@ -394,78 +333,3 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     """Take a finished task's exception, which nobody else will: asyncio would log it as lost."""
     if not task.cancelled():
         task.exception()
-
-
-def _parse(status: int, raw: bytes) -> dict[str, Any]:
-    """TIW's ``Response`` object, or the failure that says why there is none."""
-    if status != 200:  # redirects too: TIW answers 200 to everything it processes
-        raise UpstreamHttpError(status)
-    try:
-        envelope = json.loads(raw, parse_constant=_not_json)
-    # RecursionError: nested deeper than the parser's stack (a hostile answer; 1 MB of "[" is enough).
-    # ValueError: not JSON, NaN or Infinity, an integer too long to convert.
-    except (ValueError, RecursionError):
-        raise UpstreamMalformed("TIW's answer is not JSON") from None
-    answer = envelope.get("Response") if isinstance(envelope, dict) else None
-    if not isinstance(answer, dict):
-        raise UpstreamMalformed("TIW's answer is not a TIW envelope (no Response object)")
-    if "Error" in answer and not isinstance(answer["Error"], dict):
-        raise UpstreamMalformed(
-            "TIW's answer has an Error that is not an object", request_id=_request_id(answer)
-        )
-    return answer
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
-
-
-def _tiw_error(answer: Mapping[str, Any]) -> TiwError | UpstreamMalformed:
-    """The failure an error envelope stands for: TIW's error, or, when the envelope is not one TIW
-    sends (a code of the wrong type or shape, a message that is not text, a RequestId that is not
-    a string), UPSTREAM_MALFORMED. TIW's code becomes a metric label and the status's reason: an
-    arbitrary string there would be a new Prometheus series, and a bloated trailer, per answer."""
-    error = answer["Error"]
-    code, message, request_id = error.get("Code"), error.get("Message"), answer.get("RequestId")
-    if not isinstance(request_id, str | None):
-        return UpstreamMalformed("TIW's error has a RequestId that is not a string")
-    if not (isinstance(code, str) and len(code) <= MAX_TIW_CODE_LENGTH and TIW_CODE.fullmatch(code)):
-        return UpstreamMalformed(
-            f"TIW's error has no error code of TIW's shape ({_kind(code)})", request_id=_request_id(answer)
-        )
-    if not isinstance(message, str | None):
-        return UpstreamMalformed("TIW's error has a Message that is not text", request_id=_request_id(answer))
-    # JSON may carry lone surrogates ("\ud800"), which no UTF-8 encoder (protobuf's, gRPC's) takes.
-    readable = (message or "").encode(errors="replace").decode()
-    return TiwError(code, readable, _request_id(answer))
-
-
-def _kind(code: Any) -> str:
-    """How a rejected code is described: never the code itself, which may be anything."""
-    if isinstance(code, str):
-        return f"a string of {len(code)} characters" if code else "an empty string"
-    return "missing" if code is None else f"a JSON {type(code).__name__}"
-
-
-def _request_id(answer: Mapping[str, Any]) -> str:
-    """TIW's RequestId, when it looks like one (TIW's are UUIDs): it goes into trailers and logs."""
-    request_id = answer.get("RequestId")
-    return request_id if isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id) else ""
-
-
-def _retry_reason(exc: TiwError | UpstreamFailure, policy: RetryPolicy) -> str | None:
-    """Why ``exc`` may be retried under ``policy``, or None when it must not be."""
-    if isinstance(exc, TiwError):
-        refused = next((family for family in NOT_EXECUTED if exc.code.startswith(family)), None)
-        if refused is not None:
-            return refused  # TIW refused without executing: safe for every action (one label per family)
-        if exc.code.startswith("InternalError") and policy.resend_maybe_delivered:
-            return "InternalError"
-        return None
-    if exc.outcome is Outcome.NOT_SENT:
-        return exc.reason
-    if isinstance(exc, UpstreamMalformed):
-        return None  # TIW answered: the same request would most likely get the same answer
-    if isinstance(exc, UpstreamHttpError) and not 500 <= exc.status <= 599:
-        return None  # a redirect or a client error: sending again changes nothing
-    return exc.reason if policy.resend_maybe_delivered else None

@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 from tiw_facade import errors
 from tiw_facade._proto.tiw.facade.v1 import watcher_pb2
 from tiw_facade.answers import Answers
-from tiw_facade.calls import CURRENT_SHARE, record_for
+from tiw_facade.call_record import CURRENT_SHARE, record_for
 from tiw_facade.failures import (
     FacadeError,
     Outcome,
@@ -40,7 +40,6 @@ from tiw_facade.failures import (
 from tiw_facade.handler import SERVICE as TIW_SERVICE
 from tiw_facade.handler import Undecodable, lenient_deserializer, upstream_deadline, valid_request
 from tiw_facade.metrics import Metrics
-from tiw_facade.settings import Settings
 
 SERVICE: ServiceDescriptor = watcher_pb2.DESCRIPTOR.services_by_name["TaskWatcher"]
 
@@ -64,7 +63,7 @@ def describe_method(method: MethodDescriptor) -> MethodDescriptor:
 
 class _Slots:
     """The watches this process holds open: TIW_MAX_WATCHES in all, TIW_MAX_WATCHES_PER_CALLER by
-    share (``calls.CURRENT_SHARE``: a proven or listed caller, or every other caller together).
+    share (``call_record.CURRENT_SHARE``: a proven or listed caller, or every other caller together).
 
     One event loop: no lock. A share is counted only while it holds a stream, so the table is never
     larger than the streams open, however many names callers bring.
@@ -98,9 +97,13 @@ class _Slots:
             del self.by_share[share]
 
 
-def build_watcher(answers: Answers, settings: Settings, metrics: Metrics) -> grpc.GenericRpcHandler:
-    """The generic handler serving every RPC of TaskWatcher from ``answers``."""
-    slots = _Slots(settings.max_watches, settings.max_watches_per_caller)
+def build_watcher(
+    answers: Answers, metrics: Metrics, *, max_watches: int, max_watches_per_caller: int
+) -> grpc.GenericRpcHandler:
+    """The generic handler serving every RPC of TaskWatcher from ``answers``: at most ``max_watches``
+    streams open at once (TIW_MAX_WATCHES), ``max_watches_per_caller`` of them by one caller's share
+    (TIW_MAX_WATCHES_PER_CALLER)."""
+    slots = _Slots(max_watches, max_watches_per_caller)
     handlers = {}
     for method in SERVICE.methods:
         request_class = message_factory.GetMessageClass(method.input_type)

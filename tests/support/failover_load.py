@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-from conftest import Facade
-from test_rpcs import SDK_APP_ID, create_request
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2 as pb
 
 from support import count_between, max_in_window
+from support.facade import Facade
+from support.tiw import SDK_APP_ID, create_request
 
 DESCRIBE = "DescribeSnapshotTask"
 CREATE = "CreateSnapshotTask"

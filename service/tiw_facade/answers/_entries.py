@@ -1,4 +1,4 @@
-"""What the answer cache keeps, how it names it, and what a store of it must do.
+"""What the answer cache keeps, how it names it, what a store of it must do, and what a caller gets.
 
 A *key* is one Describe request: the action and the request message in protobuf's deterministic
 serialisation, so two calls asking the same thing share one key whatever their field order. It is
@@ -18,7 +18,10 @@ import base64
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -31,6 +34,19 @@ class Key:
     def text(self) -> str:
         """The key as text (Redis member and key names): the action, a colon, base64url of the request."""
         return f"{self.action}:{base64.urlsafe_b64encode(self.request).decode()}"
+
+    @classmethod
+    def of(cls, action: str, request: Message) -> Key:
+        """The key of ``request``: the canonical form of what TIW is sent for it.
+
+        The known fields only, in the deterministic serialisation (field order, explicit defaults and
+        repeated occurrences on the wire are all one form): unknown fields never reach TIW, so they
+        must not make two keys of one question, nor let a caller grow the cache with padding.
+        """
+        canonical = type(request)()
+        canonical.CopyFrom(request)
+        canonical.DiscardUnknownFields()
+        return cls(action, canonical.SerializeToString(deterministic=True))
 
     @classmethod
     def from_text(cls, text: str) -> Key:
@@ -58,6 +74,24 @@ class Entry:
     def age(self, now: float) -> float:
         """Seconds since the request was sent, never negative (another host's clock may be ahead)."""
         return max(0.0, now - self.answered_at)
+
+    def within(self, bound: float, now: float) -> bool:
+        """Whether a caller at ``now`` that takes nothing older than ``bound`` seconds may have it:
+        terminal (it never changes), or young enough."""
+        return self.terminal or self.age(now) <= bound
+
+
+# Where an answer given to a caller came from (its ``tiw-source``, docs/answers.md).
+Source = Literal["upstream", "coalesced", "cache"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Served:
+    """An answer for one caller: TIW's answer (or kept error), where it came from, its age in seconds."""
+
+    entry: Entry
+    source: Source
+    age: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

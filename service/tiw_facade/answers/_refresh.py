@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
 
 from tiw_facade import background
-from tiw_facade.answers._entries import StoreUnavailable
-
-if TYPE_CHECKING:
-    from tiw_facade.answers import Answers
+from tiw_facade.answers import _policy
+from tiw_facade.answers._config import Config
+from tiw_facade.answers._entries import Key, StoreUnavailable
+from tiw_facade.answers._stores import Stores
 
 log = logging.getLogger("tiw_facade.answers")
 
@@ -30,29 +29,43 @@ NO_SPARE = 0.05
 
 
 class Refresher:
+    """``refresh(key)`` (its lease taken; True: answered, False: failed, None: no spare slot) for each
+    key of ``actions`` due in ``stores``' schedule, once ``config.refresh_after`` seconds old; and
+    ``tell()`` every IDLE, so that the schedule knows what is wanted."""
+
     def __init__(
-        self, answers: Answers, actions: Sequence[str], refresh_after: float, *, clock: Callable[[], float]
+        self,
+        stores: Stores,
+        refresh: Callable[[Key], Awaitable[bool | None]],
+        tell: Callable[[], Awaitable[None]],
+        config: Config,
+        *,
+        actions: Sequence[str] = tuple(sorted(_policy.RESPONSES)),
+        clock: Callable[[], float],
     ) -> None:
-        self._answers = answers
+        self._stores = stores
+        self._refresh = refresh
+        self.tell = tell  # public: a test steps the refresher by tell() and once(action)
         self._actions = tuple(actions)
-        self._refresh_after = refresh_after
+        self._refresh_after = config.refresh_after
+        self._lease_seconds = config.lease_seconds
         self._clock = clock
 
     async def run(self) -> None:
         loops = [
-            asyncio.create_task(self._refresh(action), name=f"refresh-{action}") for action in self._actions
+            asyncio.create_task(self._loop(action), name=f"refresh-{action}") for action in self._actions
         ]
         try:
             while True:
-                await self._answers.tell_wanted()
+                await self.tell()
                 await asyncio.sleep(IDLE)
         finally:
             await background.stop(loops)
 
-    async def _refresh(self, action: str) -> None:
+    async def _loop(self, action: str) -> None:
         while True:
             try:
-                pause = await self._once(action)
+                pause = await self.once(action)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug: the loop must outlive it, callers still get answers
@@ -60,18 +73,18 @@ class Refresher:
                 pause = 1.0
             await asyncio.sleep(pause)  # 0: let the callers' tasks run between refreshes
 
-    async def _once(self, action: str) -> float:
+    async def once(self, action: str) -> float:
         """Refresh one key if one is due and a spare slot is free; how long to pause before the next."""
-        store = self._answers.schedule()
+        store = self._stores.schedule()
         now = self._clock()
         try:
             key = await store.next_due(
-                action, older_than=now - self._refresh_after, lease=self._answers.lease_seconds, now=now
+                action, older_than=now - self._refresh_after, lease=self._lease_seconds, now=now
             )
         except StoreUnavailable as exc:
-            self._answers.schedule_failed(exc)
+            self._stores.failed(exc)
             return IDLE
         if key is None:
             return IDLE
-        refreshed = await self._answers.refresh(key)  # gives the key's lease up when it ends
+        refreshed = await self._refresh(key)  # gives the key's lease up when it ends
         return NO_SPARE if refreshed is None else 0.0

@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tiw_facade.answers import _policy
 from tiw_facade.answers._entries import Entry, Key
 from tiw_facade.failures import ShuttingDown, TiwError
-
-if TYPE_CHECKING:
-    from tiw_facade.answers import Answers
 
 # A wait whose deadline is this close (seconds of the loop's clock) ends with the others due: the
 # loop's timers fire to the millisecond (uvloop's), a little before the deadline as often as after.
@@ -181,10 +178,10 @@ class Watch:
     loop keeps of it, the awaitable of each step) held about 480 bytes more while the stream waits.
     """
 
-    __slots__ = ("_action", "_answers", "_entry", "_fresh", "_sent", "over", "topic")
+    __slots__ = ("_action", "_entry", "_fresh", "_sent", "_topics", "over", "topic")
 
-    def __init__(self, answers: Answers, topic: Topic, action: str, entry: Entry) -> None:
-        self._answers = answers
+    def __init__(self, topics: Topics, topic: Topic, action: str, entry: Entry) -> None:
+        self._topics = topics
         self.topic = topic
         self._action = action
         self._entry = entry  # the newest answer seen
@@ -200,7 +197,7 @@ class Watch:
         if self._fresh:
             self._fresh = False
         else:
-            if self._answers._draining:
+            if self._topics.draining:
                 raise ShuttingDown()
             latest = self.topic.latest
             if latest is None or latest is entry:
@@ -223,7 +220,7 @@ class Watch:
         self.topic.forget(wait)
 
     def close(self) -> None:
-        self._answers._topics.leave(self.topic)
+        self._topics.leave(self.topic)
 
 
 class Topics:
@@ -232,6 +229,11 @@ class Topics:
     def __init__(self) -> None:
         self._topics: dict[Key, Topic] = {}
         self._deadlines = Deadlines()
+        self.draining = False  # the facade stops: watches end with ShuttingDown, new ones are refused
+
+    def drain(self) -> None:
+        self.draining = True
+        self.wake_all()
 
     def join(self, key: Key) -> Topic:
         topic = self._topics.get(key)

@@ -12,9 +12,10 @@ succeeds on all five actions; that is its proof. It owns the demo credentials (`
     await emulator.stop()
 """
 
+from tiw_facade.emulator.admin import ADMIN_PREFIX
 from tiw_facade.emulator.config import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY, EmulatorConfig
 from tiw_facade.emulator.protocol import REQUESTS, VERSION
-from tiw_facade.emulator.server import ADMIN_PREFIX, Emulator
+from tiw_facade.emulator.server import Emulator
 from tiw_facade.emulator.tasks import SEED_SDK_APP_ID
 from tiw_facade.emulator.traffic import ActionStats, Fault, FaultKind, max_in_any_window
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+# From TIW's documentation, deliberately not imported from the facade's signing.py: the emulator is an oracle.
 VERSION: Final = "2019-09-19"
 
 CREATE_SNAPSHOT_TASK: Final = "CreateSnapshotTask"
@@ -24,8 +25,10 @@ DESCRIBE_VIDEO_GENERATION_TASK: Final = "DescribeVideoGenerationTask"
 CONTENT_TYPE: Final = "application/json"
 
 
-class TiwError(Exception):
-    """A TIW error answer: ``Code`` and ``Message`` of the error envelope."""
+class EmulatedTiwError(Exception):
+    """An error the emulated API answers (TIW's, or STS's in the same envelope): ``Code`` and
+    ``Message`` of the error envelope. Not the facade's ``failures.TiwError``, which is such an
+    answer as the facade receives it."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -115,26 +118,26 @@ def _type_matches(param: Param, value: object) -> bool:
 
 
 def check(schema: Mapping[str, Param], params: object, prefix: str = "") -> None:
-    """Raise the ``TiwError`` TIW answers for ``params``, if any.
+    """Raise the ``EmulatedTiwError`` TIW answers for ``params``, if any.
 
     Unknown names first, then missing required ones, then types, as a gateway that knows the
     action's parameter list would. Nested objects are checked the same way, named ``Outer.Inner``.
     """
     if not isinstance(params, dict):
-        raise TiwError("InvalidParameter", "The request body must be a JSON object.")
+        raise EmulatedTiwError("InvalidParameter", "The request body must be a JSON object.")
     for name in params:
         if name not in schema:
-            raise TiwError("UnknownParameter", f"The parameter `{prefix}{name}` is not recognized.")
+            raise EmulatedTiwError("UnknownParameter", f"The parameter `{prefix}{name}` is not recognized.")
     for name, param in schema.items():
         if name not in params:
             if param.required:
-                raise TiwError(
+                raise EmulatedTiwError(
                     "MissingParameter", f"The request is missing a required parameter `{prefix}{name}`."
                 )
             continue
         value = params[name]
         if not _type_matches(param, value):
-            raise TiwError(
+            raise EmulatedTiwError(
                 "InvalidParameter.BodyParameterTypeUnmatched",
                 f"The type of parameter `{prefix}{name}` should be {param.kind.label}.",
             )
@@ -146,7 +149,7 @@ def parse_body(body: bytes) -> Any:
     try:
         return json.loads(body)
     except ValueError:
-        raise TiwError("InvalidParameter", "The request body is not valid JSON.") from None
+        raise EmulatedTiwError("InvalidParameter", "The request body is not valid JSON.") from None
 
 
 # One encoder for every answer: json.dumps with options builds a new one per call.

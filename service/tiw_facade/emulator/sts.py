@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from tiw_facade.emulator.config import EmulatorConfig
-from tiw_facade.emulator.protocol import TiwError
+from tiw_facade.emulator.protocol import EmulatedTiwError
 
 ACTION: Final = "AssumeRoleWithWebIdentity"
 VERSION: Final = "2018-08-13"
@@ -58,10 +58,10 @@ class SecurityTokenService:
         return None
 
     def assume_role(self, headers: Mapping[str, str], params: Any, now: float) -> dict[str, Any]:
-        """The ``Response`` fields of a successful call, or raise the ``TiwError`` STS answers."""
+        """The ``Response`` fields of a successful call, or raise the ``EmulatedTiwError`` STS answers."""
         try:
             self._check(headers, params)
-        except TiwError:
+        except EmulatedTiwError:
             self.refused += 1
             raise
         duration = params.get("DurationSeconds", DEFAULT_DURATION)
@@ -83,18 +83,26 @@ class SecurityTokenService:
 
     def _check(self, headers: Mapping[str, str], params: Any) -> None:
         if headers.get("X-TC-Version", "") != VERSION:
-            raise TiwError(
+            raise EmulatedTiwError(
                 "NoSuchVersion", f"The API version `{headers.get('X-TC-Version', '')}` does not exist."
             )
         if not headers.get("X-TC-Region"):
-            raise TiwError("MissingParameter", "The request is missing a required parameter `Region`.")
+            raise EmulatedTiwError(
+                "MissingParameter", "The request is missing a required parameter `Region`."
+            )
         if not isinstance(params, dict):
-            raise TiwError("InvalidParameter", "The request body must be a JSON object.")
+            raise EmulatedTiwError("InvalidParameter", "The request body must be a JSON object.")
         for name in _REQUIRED:
             if not isinstance(params.get(name), str) or not params[name]:
-                raise TiwError("MissingParameter", f"The request is missing a required parameter `{name}`.")
+                raise EmulatedTiwError(
+                    "MissingParameter", f"The request is missing a required parameter `{name}`."
+                )
         duration = params.get("DurationSeconds", DEFAULT_DURATION)
         if type(duration) is not int or not 0 < duration <= MAX_DURATION:
-            raise TiwError("InvalidParameter", f"DurationSeconds must be an integer 1..{MAX_DURATION}.")
+            raise EmulatedTiwError(
+                "InvalidParameter", f"DurationSeconds must be an integer 1..{MAX_DURATION}."
+            )
         if params["WebIdentityToken"] not in self._config.web_identity_tokens:
-            raise TiwError("InvalidParameter.WebIdentityTokenError", "The WebIdentityToken is not valid.")
+            raise EmulatedTiwError(
+                "InvalidParameter.WebIdentityTokenError", "The WebIdentityToken is not valid."
+            )

@@ -1,10 +1,6 @@
-"""The emulated tasks: what each action does and how a task's state moves with time.
-
-States are computed from the request's instant and the times fixed when a task was created, so
-nothing runs in the background and a fake clock moves every task at once. The same times make each
-task's record of changes (``changes()``): when it entered each state, known from its creation on
-(only a StopWhiteboardPush call adds a change later), which a benchmark compares with when its
-callers first saw each state.
+"""The emulated tasks, kept: what each of the five actions does to them, the tasks added by tests and
+the admin endpoint, and the documentation's examples seeded. How each task's state moves with time
+is ``task_states``'s.
 """
 
 from __future__ import annotations
@@ -14,20 +10,24 @@ import random
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from tiw_facade.emulator import protocol
 from tiw_facade.emulator.config import EmulatorConfig
-from tiw_facade.emulator.protocol import TiwError
+from tiw_facade.emulator.protocol import EmulatedTiwError
+from tiw_facade.emulator.task_states import (
+    Fields,
+    PushTask,
+    SnapshotTask,
+    TaskRecord,
+    VideoTask,
+    video_info,
+)
 
 # The SdkAppId of the documentation's push and video examples.
 SEED_SDK_APP_ID: Final = 1400000001
 _TASK_ID_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuv"
 _PUBLIC_BUCKET: Final = "http://tiw-snapshot-1259648581.cos.ap-guangzhou.myqcloud.com"
-
-Fields = dict[str, Any]
-# (when, the state entered then), oldest first.
-Changes = list[tuple[float, str]]
 
 
 def _new_task_id() -> str:
@@ -35,166 +35,8 @@ def _new_task_id() -> str:
     return "".join(random.choices(_TASK_ID_ALPHABET, k=20))
 
 
-def _not_found(task_id: str) -> TiwError:
-    return TiwError("InvalidParameter.TaskNotFound", f"The task `{task_id}` does not exist.")
-
-
-def _timeline(*steps: tuple[float, str]) -> Changes:
-    """The states a caller can see, in order: a state left as soon as it is entered never shows."""
-    return [
-        step
-        for step, following in zip(steps, (*steps[1:], None), strict=True)
-        if following is None or following[0] > step[0]
-    ]
-
-
-@dataclass
-class SnapshotTask:
-    task_id: str
-    created: float
-    finishes: float
-    snapshots: list[str]
-
-    def describe(self, now: float) -> Fields:
-        if now < self.finishes:
-            # TIW documents these as "may be null": a running task has no finish time or result yet.
-            return {
-                "TaskID": self.task_id,
-                "Status": "Running",
-                "CreateTime": int(self.created),
-                "FinishTime": None,
-                "Result": None,
-            }
-        return {
-            "TaskID": self.task_id,
-            "Status": "Finished",
-            "CreateTime": int(self.created),
-            "FinishTime": int(self.finishes),
-            "Result": {
-                "ErrorCode": "OK",
-                "ErrorMessage": "",
-                "Total": len(self.snapshots),
-                "Snapshots": list(self.snapshots),
-            },
-        }
-
-    def changes(self) -> Changes:
-        return _timeline((self.created, "Running"), (self.finishes, "Finished"))
-
-
-@dataclass
-class PushTask:
-    task_id: str
-    room_id: int
-    starts: float
-    group_id: str = ""
-    push_user_id: str = ""
-    stopped: float | None = None  # when a StopWhiteboardPush call stopped it
-    finish_reason: str = ""
-    created: float | None = None  # None: as long ago as `starts` (a seeded task)
-    ends: float | None = None  # when it stops by itself (TIW's idle room), if it does
-
-    def __post_init__(self) -> None:
-        self.group_id = self.group_id or str(self.room_id)
-        self.push_user_id = self.push_user_id or f"tic_push_user_{self.room_id}_{self.task_id[:5]}"
-
-    def stop_time(self, now: float) -> float | None:
-        """When it stopped, by a call or by itself, if it has by ``now``."""
-        return min((t for t in (self.stopped, self.ends) if t is not None and t <= now), default=None)
-
-    def describe(self, now: float) -> Fields:
-        stop = self.stop_time(now)
-        # A task stopped while still PREPARED never started pushing.
-        started = now >= self.starts and (stop is None or stop >= self.starts)
-        status = "STOPPED" if stop is not None else "PUSHING" if started else "PREPARED"
-        reason = self.finish_reason if stop is None or stop == self.stopped else "AUTO"
-        return {
-            "FinishReason": reason,
-            "TaskId": self.task_id,
-            "Status": status,
-            "RoomId": self.room_id,
-            "GroupId": self.group_id,
-            "PushUserId": self.push_user_id,
-            "PushStartTime": int(self.starts) if started else 0,
-            "PushStopTime": int(stop) if stop is not None else 0,
-            "ExceptionCnt": 0,
-            "IMSyncTime": int(self.starts) if started else 0,
-            "Backup": "",
-        }
-
-    def changes(self) -> Changes:
-        created = self.starts if self.created is None else self.created
-        stop = self.stop_time(float("inf"))
-        if stop is not None and stop < self.starts:
-            return _timeline((created, "PREPARED"), (stop, "STOPPED"))
-        steps = [(created, "PREPARED"), (self.starts, "PUSHING")]
-        return _timeline(*steps, *([(stop, "STOPPED")] if stop is not None else []))
-
-
-@dataclass
-class VideoTask:
-    task_id: str
-    room_id: int
-    processing_from: float
-    finishes: float
-    videos: list[Fields]
-    group_id: str = ""
-    created: float | None = None  # None: as long ago as `processing_from`
-
-    def describe(self, now: float) -> Fields:
-        if now >= self.finishes:
-            status, progress = "FINISHED", 100
-        elif now >= self.processing_from:
-            span = self.finishes - self.processing_from
-            status, progress = "PROCESSING", min(99, int(100 * (now - self.processing_from) / span))
-        else:
-            status, progress = "QUEUED", 0
-        done = status == "FINISHED"
-        return {
-            "GroupId": self.group_id or str(self.room_id),
-            "RoomId": self.room_id,
-            "TaskId": self.task_id,
-            "Progress": progress,
-            "Status": status,
-            "TotalTime": max((v["VideoPlayTime"] + v["VideoDuration"] for v in self.videos), default=0)
-            if done
-            else 0,
-            "VideoInfos": _video_info(),
-            "VideoInfoList": [dict(v) for v in self.videos] if done else [],
-        }
-
-    def changes(self) -> Changes:
-        created = self.processing_from if self.created is None else self.created
-        # Progress moves within PROCESSING too, but only Status changes count as changes of state.
-        return _timeline(
-            (created, "QUEUED"), (self.processing_from, "PROCESSING"), (self.finishes, "FINISHED")
-        )
-
-
-def _video_info(**values: Any) -> Fields:
-    """A VideoInfo with every field present; the zero value is what TIW puts in the disused one."""
-    info: Fields = {
-        "VideoPlayTime": 0,
-        "VideoSize": 0,
-        "VideoFormat": "",
-        "VideoDuration": 0,
-        "VideoUrl": "",
-        "VideoId": "",
-        "VideoType": 0,
-        "UserId": "",
-        "Width": 0,
-        "Height": 0,
-    }
-    info.update(values)
-    return info
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    kind: str  # snapshot | push | video
-    sdk_app_id: int
-    task_id: str
-    changes: Changes
+def _not_found(task_id: str) -> EmulatedTiwError:
+    return EmulatedTiwError("InvalidParameter.TaskNotFound", f"The task `{task_id}` does not exist.")
 
 
 @dataclass
@@ -219,7 +61,7 @@ class TaskStore:
     # --- the five actions (parameters already checked against protocol.REQUESTS) ---
 
     def create_snapshot(self, params: Fields, now: float) -> Fields:
-        return {"TaskID": self.add_snapshot(now, sdk_app_id=params["SdkAppId"], cos=params.get("COS"))}
+        return {"TaskID": self.add_snapshot(sdk_app_id=params["SdkAppId"], cos=params.get("COS"), now=now)}
 
     def describe_snapshot(self, params: Fields, now: float) -> Fields:
         task = self.snapshots.get((params["SdkAppId"], params["TaskID"]))
@@ -233,7 +75,7 @@ class TaskStore:
     def stop_push(self, params: Fields, now: float) -> Fields:
         task = self._push(params)
         if task.stop_time(now) is not None:
-            raise TiwError(
+            raise EmulatedTiwError(
                 "UnsupportedOperation.TaskHasAlreadyStopped",
                 f"The task `{task.task_id}` has already stopped.",
             )
@@ -253,18 +95,20 @@ class TaskStore:
             raise _not_found(params["TaskId"])
         return task
 
-    # --- tasks the five actions cannot create: added by tests, the admin endpoint and the seed ---
+    # --- tasks the five actions cannot create: added by tests (``Emulator.add_*_task`` are these),
+    # the admin endpoint and the seed; created ``now``, the config's clock unless given ---
 
     def add_snapshot(
         self,
-        now: float,
-        *,
         task_id: str | None = None,
+        *,
         sdk_app_id: int = SEED_SDK_APP_ID,
         cos: Fields | None = None,
         run_seconds: float | None = None,
+        now: float | None = None,
     ) -> str:
-        """A snapshot task, Running for ``run_seconds`` (default: the config's), then Finished."""
+        """A snapshot task, Running for ``run_seconds`` (default ``snapshot_seconds``), then Finished."""
+        now = self.config.clock() if now is None else now
         task_id = task_id or str(uuid.uuid4())
         if cos is None:
             base = f"{_PUBLIC_BUCKET}/{sdk_app_id}/"
@@ -280,16 +124,17 @@ class TaskStore:
 
     def add_push(
         self,
-        now: float,
-        *,
         task_id: str | None = None,
+        *,
         sdk_app_id: int = SEED_SDK_APP_ID,
         room_id: int = 880528,
         prepare_seconds: float | None = None,
         push_seconds: float | None = None,
+        now: float | None = None,
     ) -> str:
-        """PREPARED for ``prepare_seconds`` (default: the config's), then PUSHING until stopped: by a
-        call, or by itself after ``push_seconds`` if given."""
+        """A whiteboard push task, PREPARED for ``prepare_seconds`` (default ``push_prepare_seconds``),
+        then PUSHING until stopped: by a call, or by itself after ``push_seconds`` if given."""
+        now = self.config.clock() if now is None else now
         task_id = task_id or _new_task_id()
         starts = now + (self.config.push_prepare_seconds if prepare_seconds is None else prepare_seconds)
         ends = None if push_seconds is None else starts + push_seconds
@@ -298,21 +143,22 @@ class TaskStore:
 
     def add_video(
         self,
-        now: float,
-        *,
         task_id: str | None = None,
+        *,
         sdk_app_id: int = SEED_SDK_APP_ID,
         room_id: int = 900822,
         videos: list[Fields] | None = None,
         queue_seconds: float | None = None,
         process_seconds: float | None = None,
+        now: float | None = None,
     ) -> str:
-        """QUEUED for ``queue_seconds``, PROCESSING for ``process_seconds`` (defaults: the config's),
-        then FINISHED."""
+        """A video generation task, QUEUED for ``queue_seconds``, then PROCESSING for
+        ``process_seconds`` (defaults ``video_queue_seconds``, ``video_process_seconds``), then FINISHED."""
+        now = self.config.clock() if now is None else now
         task_id = task_id or _new_task_id()
         if videos is None:
             videos = [
-                _video_info(
+                video_info(
                     VideoDuration=156750,
                     VideoFormat="mp4",
                     VideoSize=318384,
@@ -331,7 +177,7 @@ class TaskStore:
             room_id,
             processing_from,
             processing_from + process,
-            [_video_info(**video) for video in videos],
+            [video_info(**video) for video in videos],
             created=now,
         )
         return task_id
@@ -371,7 +217,7 @@ class TaskStore:
         # The push examples' inputs start fresh, so a client sees PREPARED -> PUSHING -> STOPPED;
         # the STOPPED output example is kept as documented.
         for task_id in ("ghucnligqtgtvk2624mb", "07b4c70bpafm1b4majmb"):
-            self.add_push(now, task_id=task_id)
+            self.add_push(task_id, now=now)
         self.pushes[SEED_SDK_APP_ID, "g42lfmu5uc3lpoqrqvvb"] = PushTask(
             "g42lfmu5uc3lpoqrqvvb",
             880528,
@@ -381,7 +227,7 @@ class TaskStore:
             finish_reason="USER_CALL",
         )
         # The video example asks for `ghucnligqtgtvk2624mb` and answers `00e1jv8ve0jcqk7da9lb`: seed both.
-        example_video = _video_info(
+        example_video = video_info(
             VideoDuration=156750,
             VideoFormat="mp4",
             VideoId="5285890792776509100",
@@ -392,4 +238,4 @@ class TaskStore:
             VideoUrl="http://1257240443.vod2.myqcloud.com/cc35b442vodcq1257240443/video.mp4",
         )
         for task_id in ("00e1jv8ve0jcqk7da9lb", "ghucnligqtgtvk2624mb"):
-            self.add_video(now, task_id=task_id, videos=[example_video])
+            self.add_video(task_id, videos=[example_video], now=now)

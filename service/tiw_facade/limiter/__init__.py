@@ -19,12 +19,14 @@ for replicas sharing the quota, which falls back to a local share of the limit w
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from tiw_facade.metrics import Metrics
     from tiw_facade.settings import Settings
+    from tiw_facade.shared_redis import Target
 
 Reason = Literal["deadline", "max_wait", "queue_full"]
 UNIDENTIFIED = "unidentified"  # the caller of a call that names none (as ``identity.UNIDENTIFIED``)
@@ -141,44 +143,71 @@ class Limiter(abc.ABC):
         """Stop background work, refuse waiting callers with ``LimiterClosed``, return shared tokens."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LimiterConfig:
+    """The quota and where it is kept; seconds, unless named otherwise."""
+
+    rate_limit: int = 20  # TIW_RATE_LIMIT: requests per window per action, every replica together
+    max_queue_wait: float = 5.0  # TIW_MAX_QUEUE_WAIT
+    max_queue_length: int = 1000  # TIW_MAX_QUEUE_LENGTH: callers waiting per action
+    redis: Target | None = None  # TIW_REDIS_URL (or Sentinel, Cluster); None: in process
+    account: str = "default"  # whose quota (TIW_RATE_LIMIT_ACCOUNT, else the SecretId): with Redis
+    expected_replicas: int = 1  # TIW_EXPECTED_REPLICAS: with Redis
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LimiterConfig:
+        from tiw_facade import shared_redis
+
+        return cls(
+            rate_limit=settings.rate_limit,
+            max_queue_wait=settings.max_queue_wait,
+            max_queue_length=settings.max_queue_length,
+            redis=shared_redis.target(settings, "limiter"),
+            account=settings.account,
+            expected_replicas=settings.expected_replicas,
+        )
+
+    @property
+    def degraded_limit(self) -> int:
+        """Per-replica limit while Redis is unreachable: never unlimited, never zero."""
+        return max(1, self.rate_limit // self.expected_replicas)
+
+
 def create_limiter(
-    settings: Settings,
+    config: LimiterConfig,
     metrics: Metrics | None = None,
     *,
     window: float = 1.0,
     observer: CallerObserver | None = None,
 ) -> Limiter:
-    """The limiter ``settings`` ask for: in-process without a Redis, else shared through Redis.
+    """The limiter ``config`` asks for: in-process without a Redis, else shared through Redis.
 
     Needs no running event loop; a shared limiter connects on first use.
     """
-    from tiw_facade import shared_redis
-
-    where = shared_redis.target(settings, "limiter")
     # Imported here: the backends import this module's interface.
-    if where is None:
+    if config.redis is None:
         from tiw_facade.limiter.memory import MemoryLimiter
 
         return MemoryLimiter(
-            limit=settings.rate_limit,
+            limit=config.rate_limit,
             window=window,
-            max_queue_wait=settings.max_queue_wait,
-            max_queue_length=settings.max_queue_length,
+            max_queue_wait=config.max_queue_wait,
+            max_queue_length=config.max_queue_length,
             metrics=metrics,
             observer=observer,
         )
     from tiw_facade.limiter.shared import RedisLimiter
 
     return RedisLimiter(
-        target=where,
-        account=settings.account,
-        limit=settings.rate_limit,
-        degraded_limit=settings.degraded_rate_limit,
-        expected_replicas=settings.expected_replicas,
-        timeout=settings.redis_timeout,
+        target=config.redis,
+        account=config.account,
+        limit=config.rate_limit,
+        degraded_limit=config.degraded_limit,
+        expected_replicas=config.expected_replicas,
+        timeout=config.redis.timeout,
         window=window,
-        max_queue_wait=settings.max_queue_wait,
-        max_queue_length=settings.max_queue_length,
+        max_queue_wait=config.max_queue_wait,
+        max_queue_length=config.max_queue_length,
         metrics=metrics,
         observer=observer,
     )
@@ -190,6 +219,7 @@ __all__ = [
     "Lease",
     "Limiter",
     "LimiterClosed",
+    "LimiterConfig",
     "QuotaExceeded",
     "Reason",
     "create_limiter",

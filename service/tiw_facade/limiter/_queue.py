@@ -1,4 +1,4 @@
-"""What both backends share: the per-action wait queue, at-once refusals, the pump, pauses, metrics.
+"""What both backends share: per action a queue and a ledger, at-once refusals, the pump, pauses, metrics.
 
 A backend only says whether a token can be taken now (and if not, when to ask again), how tokens are
 expected to come back (for estimates), and how to hand back a token nobody used.
@@ -17,9 +17,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -33,7 +35,7 @@ from tiw_facade.limiter import (
     Reason,
 )
 from tiw_facade.limiter._fair import FairQueue, Waiter
-from tiw_facade.limiter._ledger import Clock
+from tiw_facade.limiter._ledger import Clock, Ledger
 from tiw_facade.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -121,10 +123,10 @@ class QueuedLimiter(Limiter):
         self,
         *,
         limit: int,
-        window: float,
-        max_queue_wait: float,
-        max_queue_length: int,
-        metrics: Metrics | None,
+        window: float = 1.0,
+        max_queue_wait: float = 5.0,
+        max_queue_length: int = 1000,
+        metrics: Metrics | None = None,
         observer: CallerObserver | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -139,6 +141,8 @@ class QueuedLimiter(Limiter):
         self._observer: CallerObserver = observer or _Unobserved()
         self._clock = clock
         self._states: dict[str, ActionState] = {}
+        # Each action's tokens, as the backend counts them (the shared one: its mirror of Redis).
+        self._ledgers: defaultdict[str, Ledger] = defaultdict(functools.partial(Ledger, window, clock))
         self._closed = False
         metrics.limiter_backend.labels(backend=self.backend).set(1)
 

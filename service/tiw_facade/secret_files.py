@@ -1,0 +1,73 @@
+"""Reading the small files that hold secrets (a credentials profile, a projected service-account
+token) whatever their path names meanwhile: never blocking, never whole when too large, never quoted.
+
+A profile is a few hundred bytes, a projected service-account token a few KiB, and STS documents
+temporary keys of at most 1 KiB and tokens of at most 4 KiB. A larger file is not one of them, and
+reading it whole would cost its size in memory and seconds of work.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Final
+
+from tiw_facade.failures import CredentialsError
+
+MAX_FILE_BYTES: Final = 64 << 10
+
+# What identifies one version of a file: a Secret volume's update swaps the `..data` symlink, so the
+# resolved file is a new inode; an edit in place changes the modification time or the size.
+FileVersion = tuple[int, int, int, int]
+MISSING: Final[FileVersion] = (-1, -1, -1, -1)
+
+
+def _version_of(status: os.stat_result) -> FileVersion:
+    return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+
+
+def version(path: str) -> FileVersion:
+    return _version_of(os.stat(path))  # follows the symlinks to the file of the current version
+
+
+def _check_shape(status: os.stat_result) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise CredentialsError("not a regular file")
+    if status.st_size > MAX_FILE_BYTES:
+        raise CredentialsError(f"larger than {MAX_FILE_BYTES} bytes")
+
+
+def read(path: str) -> tuple[FileVersion, str]:
+    """A secret file's version and text; blocking, so called through ``asyncio.to_thread``.
+
+    Only a regular file (after the symlinks: a Secret volume's file is a link to one) of at most
+    MAX_FILE_BYTES: a FIFO would block open() and read() until some writer came, a device or a huge
+    file would take forever or seconds and its size in memory. The stat before the open keeps a
+    device from being opened at all; O_NONBLOCK and the check of the open descriptor cover a FIFO
+    put in place between the two; the read itself is bounded, for a file growing meanwhile. The
+    version is the open file's, so that a swap during the read is noticed at the next poll.
+    Raises OSError, or CredentialsError (never with the content).
+    """
+    _check_shape(os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        status = os.fstat(fd)
+        _check_shape(status)
+        chunks: list[bytes] = []
+        left = MAX_FILE_BYTES + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise CredentialsError(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        return _version_of(status), b"".join(chunks).decode()
+    except UnicodeDecodeError:
+        raise CredentialsError("not UTF-8 text") from None
+
+
+def why(exc: OSError) -> str:
+    """What went wrong reading, without the path's content (there is none in an OSError's strerror)."""
+    return f"cannot read ({exc.strerror or type(exc).__name__})"
