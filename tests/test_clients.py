@@ -8,6 +8,11 @@ TIW_RATE_LIMIT=1 and a TIW_MAX_QUEUE_WAIT far below the second a slot takes, so 
 second is refused at once with RESOURCE_EXHAUSTED and RetryInfo (and with answers that are never
 fresh enough to serve from its cache instead, see LIMITED).
 
+Each program runs once more against facades serving mutual TLS, with a client certificate and the
+`--caller` its certificate names: the channel credentials and the caller interceptor that
+docs/tls.md quotes from these programs. A `--caller` the certificate does not name is refused, which
+shows the interceptor's name reaches the facade on unary calls and on the watch stream alike.
+
 Needs go, mvn + java and node (scripts/install-clients installs their plugins and packages). In CI
 (CI=true) a missing toolchain fails these tests; elsewhere it skips them with the reason.
 """
@@ -17,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from conftest import Facade, StartFacade
+from cryptography import x509
+from support.certificates import Files, authority
+from support.facade import Facade, StartFacade
 from tiw_facade.emulator import Emulator, EmulatorConfig
 
 pytestmark = pytest.mark.slow
@@ -99,7 +107,7 @@ def built(pytestconfig: pytest.Config) -> None:
         pytestconfig.get_terminal_writer().line("\n" + "\n".join(timings))
 
 
-async def _run(language: str, facade: Facade, limited: Facade) -> tuple[int, str]:
+async def _run(language: str, facade: Facade, limited: Facade, *extra: str) -> tuple[int, str]:
     # The same flags for all three (Go's flag package takes `--name` as well as `-name`).
     arguments = {
         "--target": facade.target,
@@ -109,6 +117,7 @@ async def _run(language: str, facade: Facade, limited: Facade) -> tuple[int, str
     process = await asyncio.create_subprocess_exec(
         *PROGRAMS[language](),
         *(item for pair in arguments.items() for item in pair),
+        *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -157,3 +166,83 @@ async def test_client_fails_when_a_check_fails(built: None, start_facade: StartF
     assert code == 1, output
     assert "FAIL RESOURCE_EXHAUSTED with RetryInfo" in output
     assert "checks passed" not in output
+
+
+@pytest.fixture
+def files(tmp_path: pathlib.Path) -> Files:
+    return Files(authority(), tmp_path)
+
+
+def _tls_flags(files: Files, caller: str) -> list[str]:
+    """The programs' flags for mutual TLS: --ca, the CA that signed the facades' certificate, and a
+    client certificate whose DNS name (the caller it names, docs/tls.md) is ``caller``."""
+    issued = files.ca.issue(caller, [x509.DNSName(caller)])
+    files.write("ca.crt", files.ca.cert)
+    files.write("client.crt", issued.cert)
+    files.write("client.key", issued.key)
+    directory = files.directory
+    return [
+        "--ca",
+        str(directory / "ca.crt"),
+        "--cert",
+        str(directory / "client.crt"),
+        "--key",
+        str(directory / "client.key"),
+    ]
+
+
+async def _mutual_tls_facades(start_facade: StartFacade, files: Files, caller: str) -> tuple[Facade, Facade]:
+    mutual = files.env(mutual=True)
+    # Listed, so that the metrics by caller name it: an unlisted certificate's name counts as `other`.
+    facade = await start_facade(**mutual, TIW_CALLER_WEIGHTS=f"{caller}=1")
+    limited = await start_facade(**mutual, **LIMITED)
+    return facade, limited
+
+
+def _samples(facade: Facade, name: str) -> list[tuple[dict[str, str], float]]:
+    registry = facade.server.metrics.registry
+    return [
+        (sample.labels, sample.value)
+        for metric in registry.collect()
+        for sample in metric.samples
+        if sample.name == name and sample.value
+    ]
+
+
+@pytest.mark.parametrize("language", sorted(PROGRAMS))
+async def test_client_over_mutual_tls_names_its_caller(
+    built: None, start_facade: StartFacade, files: Files, language: str
+) -> None:
+    caller = f"{language}-example"
+    facade, limited = await _mutual_tls_facades(start_facade, files, caller)
+    code, output = await _run(language, facade, limited, *_tls_flags(files, caller), "--caller", caller)
+    print(output)
+    assert code == 0, output
+    assert f"{language} client: 11 checks passed" in output
+    # Every call that went to TIW was admitted as the certificate's caller, and as no one else.
+    admitted = {labels["caller"] for labels, _ in _samples(facade, "tiw_limiter_caller_admitted_total")}
+    assert admitted == {caller}
+
+
+# A check that starts with a unary call, and the watch's: grpc-go intercepts the two kinds apart.
+FIRST_CALLS = ("CreateSnapshotTask", "WatchSnapshotTask")
+
+
+@pytest.mark.parametrize("language", sorted(PROGRAMS))
+@pytest.mark.parametrize("method", FIRST_CALLS)
+async def test_a_caller_the_certificate_does_not_name_is_refused(
+    built: None, start_facade: StartFacade, files: Files, language: str, method: str
+) -> None:
+    facade, limited = await _mutual_tls_facades(start_facade, files, f"{language}-example")
+    flags = [*_tls_flags(files, f"{language}-example"), "--caller", "someone-else", "--only", method]
+    code, output = await _run(language, facade, limited, *flags)
+    assert code == 1, output
+    assert f"FAIL {method}" in output
+    assert re.search("PERMISSION_DENIED|PermissionDenied", output), output
+    # The facade refused that call for the name it carried.
+    refused = [
+        labels for labels, _ in _samples(facade, "grpc_server_handled_total") if labels["grpc_code"] != "OK"
+    ]
+    assert [(labels["grpc_method"], labels["grpc_code"]) for labels in refused] == [
+        (method, "PermissionDenied")
+    ]

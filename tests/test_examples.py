@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Facade, StartFacade
+from support.facade import Facade, StartFacade
 
 # Each test runs a command-line program as a process of its own: left to `make test`.
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ async def run_example(name: str, facade: Facade) -> str:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"create_and_describe.py", "answer_metadata.py", "watch.py"}
+    tested = {"create_and_describe.py", "answer_metadata.py", "watch.py", "retry_create.py"}
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
 
 
@@ -65,3 +65,11 @@ async def test_watch(start_facade: StartFacade) -> None:
         assert states in (["Running", "Finished"], ["Finished"]), lines
         assert len({line.split(": ")[0] for line in lines[:-1]}) == 1  # one task
         assert lines[-1] == "the task has ended"
+
+
+async def test_retry_create(facade: Facade) -> None:
+    for _ in range(2):  # a new key each run: a new task each run, each replayed once
+        created, again = (await run_example("retry_create.py", facade)).splitlines()
+        match = re.fullmatch(r"created (\S+)", created)
+        assert match, created
+        assert again == f"the same key again: {match[1]} (replayed)"

@@ -8,11 +8,17 @@
 // TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT (to be refused), -emulator the emulator's URL
 // (its admin endpoint injects the latency behind the deadline check and adds the watched task). It
 // prints each check and exits 1 at the first failure.
+//
+// Both facades are dialled alike: over TLS with -ca (the CA the facades' certificates chain to), over
+// mutual TLS with -cert and -key too, and with -caller every call carries that tiw-caller name
+// (docs/tls.md). -only runs just the checks whose name contains its text.
 package main
 
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -20,11 +26,13 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
@@ -63,17 +71,38 @@ func main() {
 	target := flag.String("target", "127.0.0.1:50051", "facade address")
 	limited := flag.String("limited-target", "", "facade with TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT")
 	admin := flag.String("emulator", "", "base URL of the TIW emulator behind the facades")
+	caller := flag.String("caller", "", "a tiw-caller name every call carries")
+	caFile := flag.String("ca", "", "PEM CA bundle to verify the facades with: TLS instead of plaintext")
+	certFile := flag.String("cert", "", "PEM client certificate, with -key and -ca: mutual TLS")
+	keyFile := flag.String("key", "", "PEM private key of -cert")
+	only := flag.String("only", "", "run only the checks whose name contains this text")
 	flag.Parse()
 	if *limited == "" || *admin == "" {
 		fail("usage", errors.New("-limited-target and -emulator are required (see -h)"))
 	}
-	conn := dial(*target)
+	if (*certFile == "") != (*keyFile == "") || (*certFile != "" && *caFile == "") {
+		fail("usage", errors.New("-cert and -key go together, and need -ca (see -h)"))
+	}
+	creds, err := transportCredentials(*caFile, *certFile, *keyFile)
+	if err != nil {
+		fail("TLS files", err)
+	}
+	options := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if *caller != "" {
+		// Every call of the connection: the unary calls, and the streams (a watch).
+		options = append(options, grpc.WithUnaryInterceptor(callerName(*caller)),
+			grpc.WithStreamInterceptor(streamCallerName(*caller)))
+	}
+	conn := dial(*target, options...)
 	defer conn.Close()
-	limitedConn := dial(*limited)
+	limitedConn := dial(*limited, options...)
 	defer limitedConn.Close()
 	c := checker{
-		tiw.NewTiwServiceClient(conn), facade.NewTaskWatcherClient(conn), tiw.NewTiwServiceClient(limitedConn),
-		healthpb.NewHealthClient(conn), *admin,
+		tiw:     tiw.NewTiwServiceClient(conn),
+		watcher: facade.NewTaskWatcherClient(conn), // the same *grpc.ClientConn as TiwService's
+		limited: tiw.NewTiwServiceClient(limitedConn),
+		healthz: healthpb.NewHealthClient(conn),
+		admin:   *admin,
 	}
 
 	checks := []struct {
@@ -92,7 +121,11 @@ func main() {
 		{"a 300 ms deadline against a 2 s upstream delay ends DEADLINE_EXCEEDED", c.deadline},
 		{"WatchSnapshotTask: Running, then Finished, then the stream ends OK", c.watchSnapshot},
 	}
+	passed := 0
 	for _, check := range checks {
+		if !strings.Contains(check.name, *only) {
+			continue
+		}
 		// Every call carries a deadline, and metadata the way a caller adds its own.
 		ctx, cancel := context.WithTimeout(context.Background(), defaultTimeout)
 		ctx = metadata.AppendToOutgoingContext(ctx, "x-client", "tiw-facade-go-example")
@@ -102,16 +135,58 @@ func main() {
 			fail(check.name, err)
 		}
 		fmt.Println("ok  ", check.name)
+		passed++
 	}
-	fmt.Printf("go client: %d checks passed\n", len(checks))
+	fmt.Printf("go client: %d checks passed\n", passed)
 }
 
-func dial(target string) *grpc.ClientConn {
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+func dial(target string, options ...grpc.DialOption) *grpc.ClientConn {
+	conn, err := grpc.NewClient(target, options...)
 	if err != nil {
 		fail("dial "+target, err)
 	}
 	return conn
+}
+
+// callerName names every unary call of a connection with the tiw-caller metadata (docs/tls.md).
+func callerName(name string) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn,
+		invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		return invoker(metadata.AppendToOutgoingContext(ctx, "tiw-caller", name), method, req, reply, cc, opts...)
+	}
+}
+
+// streamCallerName does the same for every stream (a watch): grpc-go keeps the two kinds apart.
+func streamCallerName(name string) grpc.StreamClientInterceptor {
+	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string,
+		streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		return streamer(metadata.AppendToOutgoingContext(ctx, "tiw-caller", name), desc, cc, method, opts...)
+	}
+}
+
+// transportCredentials is plaintext without a CA file; TLS with one, verifying the facade's
+// certificate against it; mutual TLS with a client certificate and its key too.
+func transportCredentials(caFile, certFile, keyFile string) (credentials.TransportCredentials, error) {
+	if caFile == "" {
+		return insecure.NewCredentials(), nil
+	}
+	ca, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca) {
+		return nil, fmt.Errorf("no PEM certificate in %s", caFile)
+	}
+	config := &tls.Config{RootCAs: pool}
+	if certFile != "" { // mutual TLS: the certificate names the caller
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, err
+		}
+		config.Certificates = []tls.Certificate{cert}
+	}
+	return credentials.NewTLS(config), nil
 }
 
 func fail(what string, err error) {

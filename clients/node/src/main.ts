@@ -8,9 +8,24 @@
 // TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT (to be refused), --emulator the emulator's URL
 // (its admin endpoint injects the latency behind the deadline check and adds the watched task). It
 // prints each check and exits 1 at the first failure.
+//
+// Both facades are dialled alike: over TLS with --ca (the CA the facades' certificates chain to), over
+// mutual TLS with --cert and --key too, and with --caller every call carries that tiw-caller name
+// (docs/tls.md). --only runs just the checks whose name contains its text.
 import { randomUUID } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { credentials, Metadata, status as Code, type CallOptions, type ServiceError } from "@grpc/grpc-js";
+import {
+  credentials,
+  InterceptingCall,
+  Metadata,
+  status as Code,
+  type CallOptions,
+  type ChannelCredentials,
+  type ClientOptions,
+  type Interceptor,
+  type ServiceError,
+} from "@grpc/grpc-js";
 import { Status } from "./gen/google/rpc/status";
 import { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";
 import { HealthCheckResponse_ServingStatus, HealthClient } from "./gen/health/v1/health";
@@ -39,16 +54,45 @@ const { values: args } = parseArgs({
     target: { type: "string", default: "127.0.0.1:50051" },
     "limited-target": { type: "string" },
     emulator: { type: "string" },
+    caller: { type: "string" },
+    ca: { type: "string" },
+    cert: { type: "string" },
+    key: { type: "string" },
+    only: { type: "string", default: "" },
   },
 });
-if (!args["limited-target"] || !args.emulator) {
-  console.error("usage: main.js --target HOST:PORT --limited-target HOST:PORT --emulator URL");
+const tlsFlagsAgree = !args.cert === !args.key && (!args.cert || !!args.ca);
+if (!args["limited-target"] || !args.emulator || !tlsFlagsAgree) {
+  console.error(
+    "usage: main.js --target HOST:PORT --limited-target HOST:PORT --emulator URL" +
+      " [--caller NAME] [--ca FILE [--cert FILE --key FILE]] [--only TEXT]",
+  );
   process.exit(2);
 }
-const tiw = new TiwServiceClient(args.target!, credentials.createInsecure());
-const watcher = new TaskWatcherClient(args.target!, credentials.createInsecure());
-const limited = new TiwServiceClient(args["limited-target"], credentials.createInsecure());
-const health = new HealthClient(args.target!, credentials.createInsecure());
+
+// Names every call of a client, unary or streaming, with the tiw-caller metadata (docs/tls.md).
+const callerName = (name: string): Interceptor => (options, nextCall) =>
+  new InterceptingCall(nextCall(options), {
+    start(metadata, listener, next) {
+      metadata.set("tiw-caller", name);
+      next(metadata, listener);
+    },
+  });
+
+// Plaintext without --ca; TLS with it, verifying the facade's certificate against that CA; mutual
+// TLS with --cert and --key too.
+const channelCredentials: ChannelCredentials = args.ca
+  ? credentials.createSsl(
+      readFileSync(args.ca),
+      args.key ? readFileSync(args.key) : null, // mutual TLS only
+      args.cert ? readFileSync(args.cert) : null,
+    )
+  : credentials.createInsecure();
+const options: Partial<ClientOptions> = args.caller ? { interceptors: [callerName(args.caller)] } : {};
+const tiw = new TiwServiceClient(args.target!, channelCredentials, options);
+const watcher = new TaskWatcherClient(args.target!, channelCredentials, options);
+const limited = new TiwServiceClient(args["limited-target"], channelCredentials, options);
+const health = new HealthClient(args.target!, channelCredentials, options);
 
 // Metadata the way a caller adds its own, and a deadline on every call (an absolute time).
 function metadata(): Metadata {
@@ -229,12 +273,12 @@ const checks: [string, () => Promise<void>][] = [
       const task = { Kind: "snapshot", TaskId: taskId, SdkAppId: SEED_SDK_APP_ID, RunSeconds: WATCH_RUN_SECONDS };
       await admin("POST", "/_emulator/tasks", JSON.stringify(task));
       // The stream sends the current answer at once and then each change, as the DescribeSnapshotTask
-      // responses themselves; the loop ends when the stream ends OK (after Finished) and throws the
-      // ServiceError of any other end. On UNAVAILABLE (the replica stopped) a caller watches again:
-      // the new stream starts with the current state. A watch lasts as long as its task, not as
-      // long as a call: a deadline of its own.
+      // responses themselves, and ends OK after Finished. On UNAVAILABLE (the replica stopped) a
+      // caller watches again: the new stream starts with the current state. A watch lasts as long as
+      // its task, not as long as a call: a deadline of its own.
       const stream = watcher.watchSnapshotTask({ request: { taskId, sdkAppId: SEED_SDK_APP_ID } }, metadata(), within(60_000));
       const seen: string[] = [];
+      // Ends when the stream ends OK; any other end throws the ServiceError (code, details, metadata).
       for await (const answer of stream as AsyncIterable<DescribeSnapshotTaskResponse>) {
         seen.push(answer.status ?? "");
       }
@@ -245,7 +289,8 @@ const checks: [string, () => Promise<void>][] = [
 ];
 
 async function main(): Promise<number> {
-  for (const [name, check] of checks) {
+  const chosen = checks.filter(([name]) => name.includes(args.only));
+  for (const [name, check] of chosen) {
     try {
       await check();
     } catch (error) {
@@ -254,7 +299,7 @@ async function main(): Promise<number> {
     }
     console.log(`ok   ${name}`);
   }
-  console.log(`node client: ${checks.length} checks passed`);
+  console.log(`node client: ${chosen.length} checks passed`);
   return 0;
 }
 

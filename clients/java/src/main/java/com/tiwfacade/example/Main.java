@@ -21,17 +21,22 @@ import com.tiwfacade.tiw.v20190919.SnapshotWhiteboard;
 import com.tiwfacade.tiw.v20190919.StopWhiteboardPushRequest;
 import com.tiwfacade.tiw.v20190919.TiwServiceGrpc;
 import com.tiwfacade.tiw.v20190919.TiwServiceGrpc.TiwServiceBlockingStub;
+import io.grpc.ChannelCredentials;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
+import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
+import io.grpc.TlsChannelCredentials;
 import io.grpc.health.v1.HealthCheckRequest;
 import io.grpc.health.v1.HealthCheckResponse;
 import io.grpc.health.v1.HealthGrpc;
 import io.grpc.protobuf.StatusProto;
 import io.grpc.stub.MetadataUtils;
+import java.io.File;
+import java.io.IOException;
 import java.net.URI;
 import java.net.http.HttpClient;
 import java.net.http.HttpRequest;
@@ -55,6 +60,10 @@ import java.util.concurrent.TimeUnit;
  * with TIW_RATE_LIMIT=1 and a small TIW_MAX_QUEUE_WAIT (to be refused), --emulator the emulator's URL
  * (its admin endpoint injects the latency behind the deadline check and adds the watched task). It
  * prints each check and exits 1 at the first failure.
+ *
+ * <p>Both facades are dialled alike: over TLS with --ca (the CA the facades' certificates chain to),
+ * over mutual TLS with --cert and --key too, and with --caller every call carries that tiw-caller
+ * name (docs/tls.md). --only runs just the checks whose name contains its text.
  */
 public final class Main {
   // The emulator's seeded tasks: TIW's documented examples (see tests/test_rpcs.py).
@@ -106,13 +115,20 @@ public final class Main {
     String target = args.getOrDefault("--target", "127.0.0.1:50051");
     String limitedTarget = args.get("--limited-target");
     String emulator = args.get("--emulator");
-    if (limitedTarget == null || emulator == null) {
-      System.err.println("usage: Main --target HOST:PORT --limited-target HOST:PORT --emulator URL");
+    String caller = args.get("--caller");
+    String ca = args.get("--ca");
+    String cert = args.get("--cert");
+    String key = args.get("--key");
+    String only = args.getOrDefault("--only", "");
+    boolean tlsFlagsAgree = (cert == null) == (key == null) && (cert == null || ca != null);
+    if (limitedTarget == null || emulator == null || !tlsFlagsAgree) {
+      System.err.println("usage: Main --target HOST:PORT --limited-target HOST:PORT --emulator URL"
+          + " [--caller NAME] [--ca FILE [--cert FILE --key FILE]] [--only TEXT]");
       System.exit(2);
     }
-    ManagedChannel channel = Grpc.newChannelBuilder(target, InsecureChannelCredentials.create()).build();
-    ManagedChannel limitedChannel =
-        Grpc.newChannelBuilder(limitedTarget, InsecureChannelCredentials.create()).build();
+    ChannelCredentials credentials = credentials(ca, cert, key);
+    ManagedChannel channel = channel(target, credentials, caller);
+    ManagedChannel limitedChannel = channel(limitedTarget, credentials, caller);
     Main main = new Main(channel, limitedChannel, emulator);
     Map<String, Check> checks = new java.util.LinkedHashMap<>();
     checks.put("grpc.health.v1 Check: SERVING for \"\" and " + SERVICE, main::health);
@@ -128,6 +144,7 @@ public final class Main {
     checks.put("RESOURCE_EXHAUSTED with RetryInfo from the rate-limited facade", main::refused);
     checks.put("a 300 ms deadline against a 2 s upstream delay ends DEADLINE_EXCEEDED", main::deadline);
     checks.put("WatchSnapshotTask: Running, then Finished, then the stream ends OK", main::watchSnapshot);
+    checks.keySet().removeIf(name -> !name.contains(only));
     try {
       for (Map.Entry<String, Check> check : checks.entrySet()) {
         try {
@@ -143,6 +160,32 @@ public final class Main {
       channel.shutdownNow();
       limitedChannel.shutdownNow();
     }
+  }
+
+  /**
+   * Plaintext without a CA file; TLS with one, verifying the facade's certificate against it; mutual
+   * TLS with a client certificate and its key too.
+   */
+  private static ChannelCredentials credentials(String ca, String cert, String key) throws IOException {
+    if (ca == null) {
+      return InsecureChannelCredentials.create();
+    }
+    TlsChannelCredentials.Builder tls = TlsChannelCredentials.newBuilder().trustManager(new File(ca));
+    if (cert != null) { // mutual TLS: the certificate names the caller
+      tls.keyManager(new File(cert), new File(key));
+    }
+    return tls.build();
+  }
+
+  /** A channel whose every call, unary or streaming, carries the tiw-caller name (docs/tls.md). */
+  private static ManagedChannel channel(String target, ChannelCredentials credentials, String caller) {
+    ManagedChannelBuilder<?> builder = Grpc.newChannelBuilder(target, credentials);
+    if (caller != null) {
+      Metadata headers = new Metadata();
+      headers.put(Metadata.Key.of("tiw-caller", Metadata.ASCII_STRING_MARSHALLER), caller);
+      builder.intercept(MetadataUtils.newAttachHeadersInterceptor(headers));
+    }
+    return builder.build();
   }
 
   /** Every call gets a deadline: a stub's withDeadlineAfter applies to the next call made with it. */
@@ -296,8 +339,7 @@ public final class Main {
 
   /**
    * Watches a task until its final state. The stream sends the current answer at once and then each
-   * change, as the DescribeSnapshotTask responses themselves; the blocking iterator ends when the
-   * stream ends OK (after Finished) and throws StatusRuntimeException on any other end. On
+   * change, as the DescribeSnapshotTask responses themselves, and ends OK after Finished. On
    * UNAVAILABLE (the replica stopped) a caller watches again: the new stream starts with the current
    * state.
    */
@@ -311,6 +353,8 @@ public final class Main {
             .setRequest(DescribeSnapshotTaskRequest.newBuilder().setTaskId(taskId).setSdkAppId(SEED_SDK_APP_ID))
             .build());
     List<String> seen = new ArrayList<>();
+    // Ends when the stream ends OK; any other end throws StatusRuntimeException
+    // (StatusProto.fromThrowable(e) has the details).
     stream.forEachRemaining(answer -> seen.add(answer.getStatus()));
     expect(seen.size() >= 2 && seen.get(0).equals("Running") && seen.get(seen.size() - 1).equals("Finished"),
         "want Running first and Finished last, saw " + seen);
