@@ -11,7 +11,7 @@ import pytest
 from tiw_facade import settings
 from tiw_facade.call_record import UNIDENTIFIED
 from tiw_facade.metrics import CallerSeries
-from tiw_facade.settings import DEFAULT_ENDPOINT, Settings, SettingsError, load
+from tiw_facade.settings import DEFAULT_ENDPOINT, Settings, SettingsError, configure, load
 
 BASE = {
     "TENCENTCLOUD_SECRET_ID": "AKIDx",
@@ -229,3 +229,15 @@ def test_the_markdown_command_prints_the_table() -> None:
     )
     assert result.stdout == settings.markdown_table()
     assert "| `TIW_GRPC_PORT` | `--grpc-port` | 50051 |" in result.stdout
+
+
+def test_a_config_takes_each_setting_of_its_name_and_fails_on_a_field_without_one() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        rate_limit: int = 0
+        renamed: float = 0.0
+
+    loaded = settings.load(BASE | {"TIW_RATE_LIMIT": "7"})
+    assert configure(Config, loaded, renamed=1.5) == Config(7, 1.5)
+    with pytest.raises(TypeError, match=r"Config: no setting named \['renamed'\]"):
+        configure(Config, loaded)

@@ -87,10 +87,11 @@ class CredentialsConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CredentialsConfig:
-        return cls(
-            secret_id=settings.secret_id,
-            secret_key=settings.secret_key,
-            session_token=settings.session_token,
+        from tiw_facade.settings import configure
+
+        return configure(
+            cls,
+            settings,
             profile=settings.credentials_file,
             profile_poll=settings.credentials_poll,
             pod=WebIdentityConfig.from_settings(settings),

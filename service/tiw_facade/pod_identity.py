@@ -75,15 +75,17 @@ class WebIdentityConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebIdentityConfig:
-        return cls(
+        from tiw_facade.settings import configure
+
+        return configure(
+            cls,
+            settings,
             region=settings.tke_region,
             provider_id=settings.tke_provider_id,
             token_file=settings.tke_web_identity_token_file,
             role_arn=settings.tke_role_arn,
-            sts_endpoint=settings.sts_endpoint,
             duration=settings.sts_duration,
             refresh_margin=settings.credentials_refresh_margin,
-            connect_timeout=settings.connect_timeout,
         )
 
     @property

@@ -17,9 +17,14 @@ import re
 import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tiw_facade import budget
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 DEFAULT_ENDPOINT = "https://tiw.tencentcloudapi.com"
 MIN_MEMORY_BUDGET = 16 << 20
@@ -791,6 +796,18 @@ def load(
                 f"{item.env} is required (or run `tiw-facade serve --emulator` to try the service)"
             )
     return Settings(**values)
+
+
+def configure(config: type[C], settings: Settings, **given: object) -> C:
+    """A component's config from the settings, field by field: a field named as a setting takes
+    that setting's value; the others (a setting named otherwise, a value made of several) are
+    ``given``. A field that is neither fails here, rather than keep its default unnoticed."""
+    names = {field.name for field in dataclasses.fields(config) if field.init}
+    unmapped = names - given.keys() - {field.name for field in dataclasses.fields(Settings)}
+    if unmapped:
+        raise TypeError(f"{config.__name__}: no setting named {sorted(unmapped)}: give their values")
+    values = {name: getattr(settings, name) for name in names - given.keys()}
+    return config(**values, **given)
 
 
 def markdown_table() -> str:

@@ -100,15 +100,9 @@ class ClientConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClientConfig:
-        return cls(
-            endpoint=settings.endpoint,
-            region=settings.region,
-            language=settings.language,
-            upstream_timeout=settings.upstream_timeout,
-            max_attempts=settings.max_attempts,
-            refresh_reserve=settings.refresh_reserve,
-            caller_weights=settings.caller_weights,
-        )
+        from tiw_facade.settings import configure
+
+        return configure(cls, settings)
 
     @property
     def host(self) -> str:

@@ -39,16 +39,10 @@ class Config:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Config:
-        return cls(
-            max_staleness=settings.max_staleness,
-            max_stale_on_saturation=settings.max_stale_on_saturation,
-            terminal_ttl=settings.cache_terminal_ttl,
-            not_found_ttl=settings.cache_not_found_ttl,
-            cache_entries=settings.cache_entries,
-            refresh_interest=settings.refresh_interest,
-            max_queue_wait=settings.max_queue_wait,
-            upstream_timeout=settings.upstream_timeout,
-        )
+        from tiw_facade.settings import configure
+
+        ttls = {"terminal_ttl": settings.cache_terminal_ttl, "not_found_ttl": settings.cache_not_found_ttl}
+        return configure(cls, settings, **ttls)
 
     @property
     def lifetimes(self) -> Lifetimes:

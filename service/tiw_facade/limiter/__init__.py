@@ -157,15 +157,9 @@ class LimiterConfig:
     @classmethod
     def from_settings(cls, settings: Settings) -> LimiterConfig:
         from tiw_facade import shared_redis
+        from tiw_facade.settings import configure
 
-        return cls(
-            rate_limit=settings.rate_limit,
-            max_queue_wait=settings.max_queue_wait,
-            max_queue_length=settings.max_queue_length,
-            redis=shared_redis.target(settings, "limiter"),
-            account=settings.account,
-            expected_replicas=settings.expected_replicas,
-        )
+        return configure(cls, settings, redis=shared_redis.target(settings, "limiter"))
 
     @property
     def degraded_limit(self) -> int:
