@@ -241,3 +241,23 @@ def test_a_config_takes_each_setting_of_its_name_and_fails_on_a_field_without_on
     assert configure(Config, loaded, renamed=1.5) == Config(7, 1.5)
     with pytest.raises(TypeError, match=r"Config: no setting named \['renamed'\]"):
         configure(Config, loaded)
+
+
+def test_every_components_config_maps_from_the_settings() -> None:
+    from tiw_facade.answers import Config as AnswersConfig
+    from tiw_facade.credentials import CredentialsConfig
+    from tiw_facade.idempotency import KeysConfig
+    from tiw_facade.limiter import LimiterConfig
+    from tiw_facade.pod_identity import WebIdentityConfig
+    from tiw_facade.tls import TlsFiles
+    from tiw_facade.upstream import ClientConfig
+
+    loaded = load(BASE | {"TIW_RATE_LIMIT": "7", "TIW_MAX_QUEUE_WAIT": "0.5"})
+    configs = [
+        kind.from_settings(loaded)
+        for kind in (AnswersConfig, CredentialsConfig, KeysConfig, LimiterConfig, WebIdentityConfig, TlsFiles)
+    ]
+    assert LimiterConfig.from_settings(loaded).rate_limit == 7
+    assert AnswersConfig.from_settings(loaded).max_queue_wait == 0.5
+    assert ClientConfig.from_settings(loaded).region == loaded.region
+    assert all(dataclasses.is_dataclass(config) for config in configs)

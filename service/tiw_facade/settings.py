@@ -803,7 +803,8 @@ def configure(config: type[C], settings: Settings, **given: object) -> C:
     that setting's value; the others (a setting named otherwise, a value made of several) are
     ``given``. A field that is neither fails here, rather than keep its default unnoticed."""
     names = {field.name for field in dataclasses.fields(config) if field.init}
-    unmapped = names - given.keys() - {field.name for field in dataclasses.fields(Settings)}
+    derived = {name for name, value in vars(Settings).items() if isinstance(value, property)}  # account
+    unmapped = names - given.keys() - {field.name for field in dataclasses.fields(Settings)} - derived
     if unmapped:
         raise TypeError(f"{config.__name__}: no setting named {sorted(unmapped)}: give their values")
     values = {name: getattr(settings, name) for name in names - given.keys()}
