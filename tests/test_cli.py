@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,3 +189,16 @@ def test_the_standalone_emulator_says_where_it_listens_and_which_key(
     port = unused_tcp_port_factory()
     line, stderr = _announced(["emulator", "--port", str(port)], port)
     _says_where_and_which_key(line, stderr, port)
+
+
+@pytest.mark.slow  # a process of its own
+def test_a_malformed_policy_at_start_is_one_line_naming_the_rule_and_field_and_exit_2(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "name: p\nallow_rules:\n  - name: readers\n    request: {sdk_app_ids: [1400000001, abc]}\n"
+    )
+    result = run_cli("serve", "--emulator", env={**CREDENTIALS, "TIW_AUTHZ_POLICY_FILE": str(policy)})
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the start's INFO lines, the one error
+    assert line.startswith("tiw-facade: authorization policy: ")
+    assert 'rule "readers"' in line and "request.sdk_app_ids[1]" in line

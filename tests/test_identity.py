@@ -72,11 +72,17 @@ async def test_only_listed_claimed_names_get_a_share_of_their_own(echo: grpc.aio
 @pytest.mark.parametrize(
     ("caller", "share"),
     [
-        (identity.Caller("billing", proven=False), "billing"),  # listed: the operator vouches for it
-        (identity.Caller("invented", proven=False), UNIDENTIFIED),
-        (identity.Caller(UNIDENTIFIED, proven=False), UNIDENTIFIED),
-        (identity.Caller("spiffe://td/ns/a/sa/b", proven=True), "spiffe://td/ns/a/sa/b"),  # not listed
-        (identity.Caller("billing", proven=True), "billing"),
+        (
+            identity.Caller("billing", identity.Proof.CLAIMED),
+            "billing",
+        ),  # listed: the operator vouches for it
+        (identity.Caller("invented", identity.Proof.CLAIMED), UNIDENTIFIED),
+        (identity.Caller(UNIDENTIFIED, identity.Proof.NONE), UNIDENTIFIED),
+        (
+            identity.Caller("spiffe://td/ns/a/sa/b", identity.Proof.CERTIFICATE),
+            "spiffe://td/ns/a/sa/b",
+        ),  # not listed
+        (identity.Caller("billing", identity.Proof.CERTIFICATE), "billing"),
     ],
 )
 def test_a_share_is_a_proven_or_listed_name(caller: identity.Caller, share: str) -> None:

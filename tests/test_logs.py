@@ -54,7 +54,7 @@ PROBE = textwrap.dedent(
     line = logs.LineTemplate(logging.getLogger("tiw_facade.rpc"), logging.INFO, "rpc",
                              {{"grpc_method": "/s/m"}}, LINE_FIELDS)
     for secret in {plain!r}, {escaped!r}:
-        line.emit("OK", 1.0, "Action", secret, secret)  # as TIW's RequestId and error code
+        line.emit("OK", 1.0, "Action", secret, secret, secret)  # as TIW's RequestId, code; a caller
         count += 1
 
     async def main():
@@ -141,6 +141,7 @@ def test_the_access_template_writes_the_line_extra_would(
         "tiw_action": "DescribeWhiteboardPush",
         "tiw_request_id": "6c4f8b40-5f8b-4d3c-9e31-2a1f6f1b9a77",
         "tiw_code": None,
+        "caller": "system:serviceaccount:classroom:lesson-service",
     }
     log.info("rpc", extra=fields)
     line = logs.LineTemplate(log, logging.INFO, "rpc", {"grpc_method": fields["grpc_method"]}, LINE_FIELDS)
@@ -163,7 +164,7 @@ def test_template_records_carry_their_fields_for_other_handlers() -> None:
     log.setLevel(logging.INFO)
     text = logging.Formatter("%(levelname)s %(name)s %(filename)s:%(lineno)d %(message)s %(grpc_code)s")
     logs.LineTemplate(log, logging.INFO, "rpc", {"grpc_method": "/s/m"}, LINE_FIELDS).emit(
-        "OK", 1.5, None, "rid", None
+        "OK", 1.5, None, "rid", None, None
     )
     [record] = records
     assert (record.grpc_method, record.grpc_code, record.tiw_request_id) == ("/s/m", "OK", "rid")  # type: ignore[attr-defined]

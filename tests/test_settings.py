@@ -261,3 +261,10 @@ def test_every_components_config_maps_from_the_settings() -> None:
     assert AnswersConfig.from_settings(loaded).max_queue_wait == 0.5
     assert ClientConfig.from_settings(loaded).region == loaded.region
     assert all(dataclasses.is_dataclass(config) for config in configs)
+
+
+def test_caller_weights_take_service_account_principals() -> None:
+    loaded = load(BASE | {"TIW_CALLER_WEIGHTS": "system:serviceaccount:billing:api=3,classroom=1"})
+    assert loaded.caller_weights == (("system:serviceaccount:billing:api", 3), ("classroom", 1))
+    with pytest.raises(SettingsError, match="system:serviceaccount:NAMESPACE:NAME"):
+        load(BASE | {"TIW_CALLER_WEIGHTS": "system:serviceaccount:Billing:api=3"})

@@ -11,7 +11,7 @@ cancel lands at the loop's next await.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 # Between cancels: long enough for a loop to reach its next await, short against a shutdown.
 RECANCEL_EVERY = 0.2
@@ -24,3 +24,27 @@ async def stop(tasks: Iterable[asyncio.Task[object] | asyncio.Task[None]]) -> No
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=RECANCEL_EVERY)
+
+
+class Every:
+    """``check()`` every ``seconds``, in a task of its own, from ``start()`` until ``aclose()``: the
+    loop of the files watched for a new version (credentials, the authorization policy)."""
+
+    def __init__(self, seconds: float, check: Callable[[], Awaitable[None]], name: str) -> None:
+        self._seconds = seconds
+        self._check = check
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            await stop([self._task])
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._seconds)
+            await self._check()

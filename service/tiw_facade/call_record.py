@@ -17,6 +17,9 @@ class CallRecord:
     action: str = ""
     request_id: str = ""  # TIW's RequestId of the answer (or of the error)
     tiw_code: str = ""  # TIW's error code, or the facade's own reason, of a failed call
+    caller: str = ""  # who called: a proven identity, a claimed name, or unidentified (identity.py)
+    task_id: str = ""  # the TaskID a create made (the audit trail's)
+    key_sha256: str = ""  # the SHA-256 of the call's idempotency-key, if it had one (never the key)
 
 
 CURRENT_CALL: contextvars.ContextVar[CallRecord] = contextvars.ContextVar("tiw_facade_call")
@@ -42,3 +45,6 @@ CURRENT_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("tiw_caller
 # or UNIDENTIFIED for every other caller together (a name a caller merely claims costs it nothing to
 # invent, so invented names must not each get a share). Set by identity.CallerCheck.
 CURRENT_SHARE: contextvars.ContextVar[str] = contextvars.ContextVar("tiw_share", default=UNIDENTIFIED)
+# The caller's proven identity (a service-account token's principal, a client certificate's name), or
+# None: idempotency keys are scoped by it. Set by identity.CallerCheck.
+CURRENT_PRINCIPAL: contextvars.ContextVar[str | None] = contextvars.ContextVar("tiw_principal", default=None)

@@ -17,6 +17,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
 from tiw_facade import __version__, settings
+from tiw_facade.authz_policy import PolicyError
 from tiw_facade.credentials import CredentialsError
 
 log = logging.getLogger("tiw_facade")
@@ -145,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except CredentialsError as exc:  # no source, a half-configured one, or a first STS call refused
         print(f"tiw-facade: credentials: {exc}", file=sys.stderr)
+        return 2
+    except PolicyError as exc:  # TIW_AUTHZ_POLICY_FILE unreadable or malformed (at start-up)
+        print(f"tiw-facade: authorization policy: {exc}", file=sys.stderr)
         return 2
 
 

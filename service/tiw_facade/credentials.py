@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import configparser
-import contextlib
 import dataclasses
 import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
-from tiw_facade import secret_files
+from tiw_facade import background, secret_files
 from tiw_facade.failures import CredentialsError
 from tiw_facade.metrics import Metrics
 from tiw_facade.pod_identity import STS_MAX_DURATION, WebIdentity, WebIdentityConfig
@@ -200,12 +199,11 @@ class ProfileFile:
     def __init__(self, path: str, *, poll: float, metrics: Metrics) -> None:
         self.path = path
         self.description = f"the profile file {path}"
-        self._poll = poll
         self._metrics = metrics
         self._credentials: Credentials | None = None
         self._seen: FileVersion | None = None  # the version the credentials came from
         self._rejected: FileVersion | None = None  # the latest version found invalid (logged once)
-        self._task: asyncio.Task[None] | None = None
+        self._polling = background.Every(poll, self.check, "credentials-file-watch")
 
     async def start(self) -> None:
         # At start an unreadable file is fatal: there is nothing older to serve with.
@@ -216,7 +214,7 @@ class ProfileFile:
         self._credentials, self._seen = credentials, version
         self._metrics.credentials_expiry.set(0)
         log.info("credentials", extra={"source": self.description, "secret_id": credentials.secret_id})
-        self._task = asyncio.create_task(self._watch(), name="credentials-file-watch")
+        self._polling.start()
 
     async def get(self) -> Credentials:
         if self._credentials is None:
@@ -224,16 +222,7 @@ class ProfileFile:
         return self._credentials
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll)
-            await self.check()
+        await self._polling.aclose()
 
     async def check(self) -> None:
         """Take a new version of the file into use if there is one and it is valid.

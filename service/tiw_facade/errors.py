@@ -60,6 +60,10 @@ FAILURE_CODES: dict[type[failures.FacadeError], grpc.StatusCode] = {
     failures.FacadeError: grpc.StatusCode.INTERNAL,
     failures.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     failures.CallerMismatch: grpc.StatusCode.PERMISSION_DENIED,
+    failures.NotAuthorized: grpc.StatusCode.PERMISSION_DENIED,
+    failures.AuthenticationFailed: grpc.StatusCode.UNAUTHENTICATED,
+    # The facade cannot check any token: its own trouble, which a retry (elsewhere) may outlast.
+    failures.KeysUnavailable: grpc.StatusCode.UNAVAILABLE,
     failures.IdempotencyKeyReused: grpc.StatusCode.INVALID_ARGUMENT,
     failures.IdempotencyInFlight: grpc.StatusCode.DEADLINE_EXCEEDED,
     failures.OutcomeUnknown: grpc.StatusCode.FAILED_PRECONDITION,

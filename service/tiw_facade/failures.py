@@ -224,6 +224,64 @@ class CallerMismatch(FacadeError):
         return {**super().metadata(), "caller": self.verified}
 
 
+class NotAuthorized(FacadeError):
+    """The authorization policy (TIW_AUTHZ_POLICY_FILE) does not let this caller make this call: a
+    deny rule matched (``rule`` names it) or no allow rule did. Nothing was sent. The message and
+    metadata name the rule, never the policy's content."""
+
+    reason = "NOT_AUTHORIZED"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self, rule: str | None, explanation: str) -> None:
+        super().__init__(f"not authorized: {explanation}")
+        self.rule = rule
+
+    def metadata(self) -> dict[str, str]:
+        found = super().metadata()
+        if self.rule:
+            found["rule"] = self.rule
+        return found
+
+
+class AuthnReason(enum.StrEnum):
+    """Why a caller's bearer token was refused: ``ErrorInfo.reason`` and the ``reason`` label of
+    ``tiw_authn_failures_total`` (every one of them primed at start-up)."""
+
+    MISSING_TOKEN = "MISSING_TOKEN"  # none sent where TIW_AUTH_REQUIRED asks for one
+    MALFORMED_TOKEN = "MALFORMED_TOKEN"  # not a JWT, not `Bearer`, or claims of the wrong type
+    UNSUPPORTED_ALGORITHM = "UNSUPPORTED_ALGORITHM"  # neither RS256 nor ES256 (`none`, HS256...)
+    UNKNOWN_KEY = "UNKNOWN_KEY"  # its kid is not among the issuer's keys, even after a refresh
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    EXPIRED = "EXPIRED"
+    NOT_YET_VALID = "NOT_YET_VALID"
+    WRONG_AUDIENCE = "WRONG_AUDIENCE"
+    WRONG_ISSUER = "WRONG_ISSUER"
+    NOT_A_SERVICE_ACCOUNT = "NOT_A_SERVICE_ACCOUNT"  # sub is not system:serviceaccount:NS:NAME
+    KEYS_UNAVAILABLE = "KEYS_UNAVAILABLE"  # the facade has no keys to check any token with
+
+
+class AuthenticationFailed(FacadeError):
+    """The caller's bearer token (a projected service-account token) is missing where one is
+    required, or fails a check: ``reason`` (an ``AuthnReason``) says which. The message never holds
+    the token, nor anything read from it. Nothing was sent."""
+
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self, reason: AuthnReason, detail: str) -> None:
+        super().__init__(f"authentication failed: {detail}")
+        self.reason = reason.value
+
+
+class KeysUnavailable(AuthenticationFailed):
+    """No token can be checked: the facade never got its issuer's keys (the key source has failed
+    since start-up). Not the caller's fault; another replica, or a retry later, may do."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            AuthnReason.KEYS_UNAVAILABLE, "the facade has no keys to verify tokens with yet; retry later"
+        )
+
+
 class _KeyFailure(FacadeError):
     """A failure about the request of one ``idempotency-key``: the caller gets the key's SHA-256 (never
     the key) in the metadata, and ``explanation`` (filled in with it) as the message."""
@@ -334,6 +392,7 @@ FACADE_FAILURES: tuple[type[FacadeError], ...] = (
     InvalidRequest,
     MalformedRequest,
     CallerMismatch,
+    NotAuthorized,
     IdempotencyKeyReused,
     IdempotencyInFlight,
     OutcomeUnknown,

@@ -28,7 +28,7 @@ from tiw_facade import answers as answers_module
 from tiw_facade import errors, idempotency, translate, validate
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
 from tiw_facade.answers import Answers, Served
-from tiw_facade.call_record import CallRecord, record_for
+from tiw_facade.call_record import CURRENT_PRINCIPAL, CallRecord, record_for
 from tiw_facade.failures import (
     FacadeError,
     InvalidRequest,
@@ -248,7 +248,7 @@ def _behavior(
             return response
         key = idempotency_key(context)
         attempt = functools.partial(client.call, tiw_request, deadline, seen_through)
-        hashed = idempotency.key_hash(key) if key is not None else ""
+        hashed = record.key_sha256 = idempotency.key_hash(key) if key is not None else ""
         late = functools.partial(_log_late, action, hashed)
         if key is None:
             return await client.see_through(attempt(), deadline, _still_waiting, late)
@@ -265,6 +265,7 @@ def _behavior(
             encode=_encode,
             decode=response_class.FromString,
             replayed=replayed,
+            owner=CURRENT_PRINCIPAL.get(),  # a proven caller's keys are its own
         )
 
     async def handle(
@@ -285,6 +286,8 @@ def _behavior(
             return None
         if not isinstance(response, bytes):
             record.request_id = getattr(response, "request_id", "")
+            if action in SEEN_THROUGH:  # the TaskID a create made, for the audit trail
+                record.task_id = getattr(response, "task_id", "")
         return response
 
     return handle

@@ -28,7 +28,7 @@ from tiw_facade.logs import LineTemplate
 from tiw_facade.metrics import MethodSeries, Metrics
 
 # The fields of an access-log line after ``grpc_method``, in the order ``_finish`` passes them.
-LINE_FIELDS = ("grpc_code", "duration_ms", "tiw_action", "tiw_request_id", "tiw_code")
+LINE_FIELDS = ("grpc_code", "duration_ms", "tiw_action", "tiw_request_id", "tiw_code", "caller")
 
 
 class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
@@ -210,6 +210,7 @@ def _finish(
             record.action or None,
             record.request_id or None,
             record.tiw_code or None,
+            record.caller or None,
         )
 
 

@@ -476,6 +476,32 @@ class Metrics:
             registry=r,
         )
 
+        # --- callers' bearer tokens (authn.py) ---
+        self.authn_failures = Counter(
+            "tiw_authn_failures_total",
+            "Calls refused because of their bearer token (a projected service-account token), by "
+            "reason (failures.AuthnReason: MISSING_TOKEN, EXPIRED, WRONG_AUDIENCE...).",
+            ("reason",),
+            registry=r,
+        )
+
+        # --- the authorization policy (authz.py); primed by authz.DecisionCounter with its rules ---
+        self.authz_decisions = LoopCounter(
+            "tiw_authz_decisions_total",
+            "Calls decided by the authorization policy (TIW_AUTHZ_POLICY_FILE), by decision (allow, "
+            "deny; would_deny in TIW_AUTHZ_MODE=audit) and rule (the deciding rule's name; none: no "
+            "allow rule matched; other: rules past the first 100 names).",
+            ("decision", "rule"),
+            registry=r,
+        )
+        # Unlabelled: present (0) from start-up, so an alert on its increase sees the first refusal.
+        self.authz_policy_reload_failures = Counter(
+            "tiw_authz_policy_reload_failures_total",
+            "Versions of the authorization policy file refused (malformed or unreadable): the last "
+            "good policy stays in use.",
+            registry=r,
+        )
+
     def prime(self, service: str, methods: Iterable[str], limit: int, backend: str) -> None:
         """Create every series that dashboards and alerts rely on, before the first call."""
         for method in methods:
@@ -496,6 +522,8 @@ class Metrics:
                 self.store_errors.labels(role=role, kind=kind)
         for owner, what in STORE_INVALID:
             self.store_invalid.labels(role=owner, what=what)
+        for reason in failures.AuthnReason:
+            self.authn_failures.labels(reason=reason.value)
 
     def prime_answers(self, actions: Iterable[str]) -> None:
         """Create the answer cache's series of the actions it serves, before the first call."""

@@ -27,16 +27,16 @@ import logging
 import math
 import signal
 import threading
-from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection
 
 from tiw_facade import __version__, credentials, identity, tls
 from tiw_facade.answers import SHARED_ACTIONS, Answers, shared_store
 from tiw_facade.answers import Config as AnswersConfig
+from tiw_facade.authn import AuthnConfig, TokenVerifier
+from tiw_facade.authz import Authorizer, AuthzConfig
 from tiw_facade.credentials import CredentialsConfig
 from tiw_facade.handler import SERVICE, build_handler, fetcher
 from tiw_facade.idempotency import Keys, KeysConfig
@@ -45,6 +45,7 @@ from tiw_facade.limiter import Limiter, LimiterConfig, create_limiter
 from tiw_facade.metrics import CallerSeries, Metrics
 from tiw_facade.pages import HEALTH_TIMEOUT, Answer, Exposition, Headers, Page, PageServer, listen, on_loop
 from tiw_facade.settings import Settings, variable
+from tiw_facade.standard_services import REFLECTION_V1, HealthServicer, add_reflection
 from tiw_facade.tencent_clock import TencentClock
 from tiw_facade.transport import AiohttpTransport
 from tiw_facade.upstream import ClientConfig, TiwClient
@@ -54,7 +55,6 @@ from tiw_facade.watcher import build_watcher
 log = logging.getLogger("tiw_facade.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 class BindError(OSError):
@@ -124,60 +124,6 @@ def tiw_transport(settings: Settings) -> AiohttpTransport:
     )
 
 
-class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc is untyped
-    """grpcio-health-checking's servicer, plus the List it advertises but answers UNIMPLEMENTED."""
-
-    async def List(
-        self, request: health_pb2.HealthListRequest, context: Any
-    ) -> health_pb2.HealthListResponse:
-        # _server_status is the base class's (annotated) table of every service set so far.
-        return health_pb2.HealthListResponse(
-            statuses={
-                service: health_pb2.HealthCheckResponse(status=status)
-                for service, status in self._server_status.items()
-            }
-        )
-
-
-def add_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
-    """Server reflection v1alpha (grpcio-reflection) and v1, which buf curl and grpcurl try first.
-
-    grpcio-reflection serves only v1alpha; v1 is the same protocol renamed, its messages
-    field-for-field identical, so the same servicer answers it through v1alpha's (de)serializers.
-    """
-    services = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
-    _describe_reflection_v1()
-    reflection.enable_server_reflection(services, server)
-    servicer = reflection.aio.ReflectionServicer(services)
-    info = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info}),)
-    )
-
-
-def _describe_reflection_v1() -> None:
-    """Put v1's schema in the default pool, so reflection can describe v1 itself (as buf curl asks).
-
-    It is v1alpha's file with the package renamed. Adding the same file again is a no-op.
-    """
-    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
-    file = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
-    file.name, file.package = "grpc/reflection/v1/reflection.proto", new.strip(".")
-    for message in file.message_type:  # the messages nest nothing
-        for field in message.field:
-            if field.type_name.startswith(old):  # assigning "" would set it: only message fields
-                field.type_name = field.type_name.replace(old, new)
-    for method in file.service[0].method:
-        method.input_type, method.output_type = (
-            t.replace(old, new) for t in (method.input_type, method.output_type)
-        )
-    descriptor_pool.Default().AddSerializedFile(file.SerializeToString())
-
-
 class FacadeServer:
     """One facade: start() binds and serves (port 0 picks a free port), stop() drains and closes."""
 
@@ -189,6 +135,7 @@ class FacadeServer:
         self.http_port = 0
         self._limiter: Limiter | None = None
         self.answers: Answers | None = None
+        self._gate: tuple[TokenVerifier | None, Authorizer | None] = (None, None)
         self._resources: contextlib.AsyncExitStack | None = None
         self._grace = settings.shutdown_grace
         self._serving = False
@@ -241,6 +188,7 @@ class FacadeServer:
             )
             resources.push_async_callback(answers.aclose)
             await answers.start()
+            self._gate = await self._start_gate(resources)
             # HTTP before gRPC, so it closes after the drain: probes and scrapes see it through.
             await self._start_http(resources)
             await self._start_grpc(resources, client, keys, answers)
@@ -260,6 +208,8 @@ class FacadeServer:
                 "rate_limit": settings.rate_limit,
                 "reflection": settings.reflection,
                 "tls": tls.TlsFiles.from_settings(settings).mode,
+                "authentication": "on" if self._gate[0] else "off",
+                "authorization": "on" if self._gate[1] else "off",
                 "version": __version__,
             },
         )
@@ -274,6 +224,8 @@ class FacadeServer:
             frozenset({SERVICE.full_name, WATCHER.full_name}),
             mutual=bool(settings.tls_client_ca_file),
             listed=(name for name, _ in settings.caller_weights),
+            verifier=self._gate[0],
+            authorizer=self._gate[1],
         )
         server = grpc.aio.server(
             # The observer first (outermost), so the calls CallerCheck refuses are counted and logged.
@@ -304,6 +256,24 @@ class FacadeServer:
                 f"{variable('grpc_port')}: cannot listen on {address} (in use, or no such local address)"
             ) from None
         await server.start()
+
+    async def _start_gate(
+        self, resources: contextlib.AsyncExitStack
+    ) -> tuple[TokenVerifier | None, Authorizer | None]:
+        """Token authentication and the authorization policy, each when its settings turn it on."""
+        verifier, authorizer = None, None
+        if (authn := AuthnConfig.from_settings(self.settings)).enabled:
+            verifier = TokenVerifier(authn, metrics=self.metrics)
+            resources.push_async_callback(verifier.aclose)
+            await verifier.start()
+        if (authz := AuthzConfig.from_settings(self.settings)).enabled:
+            methods = [
+                f"/{service.full_name}/{m.name}" for service in (SERVICE, WATCHER) for m in service.methods
+            ]
+            authorizer = Authorizer(authz, self.metrics, methods=methods)
+            resources.push_async_callback(authorizer.aclose)
+            await authorizer.start()  # a malformed policy fails the start (PolicyError)
+        return verifier, authorizer
 
     async def _drain(self, server: grpc.aio.Server) -> None:
         if self.answers is not None:

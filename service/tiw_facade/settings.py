@@ -12,6 +12,7 @@ flag), before anything listens; a URL's password is never echoed.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import sys
@@ -191,6 +192,31 @@ def base_url(raw: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def key_url(raw: str) -> str:
+    """Where the callers' token keys come from (an issuer, a JWKS URL): https, or plain http only to
+    this host (a local proxy, a test's server), since keys fetched in the clear from elsewhere could
+    be anyone's. No user:password@, no fragment."""
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise Invalid("must be an https URL")
+    if "@" in parts.netloc or parts.fragment:
+        raise Invalid("must not carry user:password@ or a #fragment")
+    _ = parts.port  # raises ValueError on a malformed port
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise Invalid("must be https (plain http only to localhost)")
+    return raw
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a URL's hostname) is this machine: ``localhost`` or a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def redis_address(raw: str) -> str:
     parts = urllib.parse.urlsplit(raw)
     if parts.scheme not in {"redis", "rediss", "unix"}:
@@ -257,6 +283,13 @@ def declare(
     """A ``Settings`` field: its default, and the Spec that ``load()``, the CLI and the README use."""
     spec = Spec(env, parse, help, required or default is dataclasses.MISSING, shown_default, flag, show)
     return dataclasses.field(default=default, repr=not secret, metadata={_SPEC: spec})
+
+
+# A name TIW_CALLER_WEIGHTS may list: a tiw-caller name, a SPIFFE ID, a service-account principal.
+CALLER_NAME = re.compile(
+    r"[A-Za-z0-9._-]{1,64}|spiffe://[!-<>-~]{1,2039}"
+    r"|system:serviceaccount:[a-z0-9.-]{1,253}:[a-z0-9.-]{1,253}"
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -494,7 +527,7 @@ class Settings:
     credentials_poll: float = declare(
         "TIW_CREDENTIALS_POLL",
         positive_float,
-        "Seconds between checks of the credentials file for a new version.",
+        "Seconds between checks of the credentials file (and of TIW_AUTHZ_POLICY_FILE) for a new version.",
         default=1.0,
     )
     tke_region: str = declare(
@@ -556,6 +589,59 @@ class Settings:
         shown_default="(empty: no client certificates)",
     )
 
+    # Callers' projected service-account tokens (authn.py): one source of their keys at most.
+    auth_issuer: str = declare(
+        "TIW_AUTH_ISSUER",
+        key_url,
+        "Issuer of the callers' service-account tokens (the cluster's `--service-account-issuer`): "
+        "a token's `iss` must equal it, and its keys are found through "
+        "`{issuer}/.well-known/openid-configuration`. Set one of this, TIW_AUTH_JWKS_URL and "
+        "TIW_AUTH_JWKS_FILE to accept `authorization: Bearer` tokens.",
+        default="",
+        shown_default="(empty: no tokens)",
+        show=shown_url,
+    )
+    auth_jwks_url: str = declare(
+        "TIW_AUTH_JWKS_URL",
+        key_url,
+        "URL of the token keys (a JWKS), instead of the issuer's discovery; `iss` is then not checked.",
+        default="",
+        show=shown_url,
+    )
+    auth_jwks_file: str = declare(
+        "TIW_AUTH_JWKS_FILE",
+        text,
+        "File of the token keys (a JWKS, JSON), re-read when it changes; `iss` is then not checked.",
+        default="",
+    )
+    auth_audience: str = declare(
+        "TIW_AUTH_AUDIENCE",
+        text,
+        "Audience a token must be for (its `aud`): the projected volume's `audience`.",
+        default="tiw-facade",
+    )
+    auth_required: bool = declare(
+        "TIW_AUTH_REQUIRED",
+        boolean,
+        "Refuse calls without a token (UNAUTHENTICATED `MISSING_TOKEN`); false: they are served as "
+        "unauthenticated. A token sent is checked either way.",
+        default=False,
+    )
+    auth_ca_file: str = declare(
+        "TIW_AUTH_CA_FILE",
+        text,
+        "PEM CA bundle trusted, besides the system's, to fetch the token keys (the cluster's CA "
+        "for an in-cluster issuer).",
+        default="",
+    )
+    auth_token_file: str = declare(
+        "TIW_AUTH_TOKEN_FILE",
+        text,
+        "File of a bearer token sent when fetching the token keys (the facade's own service-account "
+        "token, for an API server that asks for one), re-read on every fetch.",
+        default="",
+    )
+
     @staticmethod
     def _weights(raw: str) -> tuple[tuple[str, int], ...]:
         """``billing=3,classroom=1``: caller names (or SPIFFE IDs), each with a weight of 1 to 100."""
@@ -573,9 +659,13 @@ class Settings:
         found: dict[str, int] = {}
         for entry in filter(None, (part.strip() for part in raw.split(","))):
             name, equals, weight = (part.strip() for part in entry.rpartition("="))
-            # ASCII only, SPIFFE IDs included (the spec allows no more, and at most 2048 bytes).
-            if not equals or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}|spiffe://[!-<>-~]{1,2039}", name):
-                raise Invalid(f"{entry!r} is not caller=weight (a caller name or spiffe:// ID)")
+            # ASCII only, SPIFFE IDs included (the spec allows no more, and at most 2048 bytes), and
+            # the principals of service-account tokens (Kubernetes names: lowercase DNS labels).
+            if not equals or not re.fullmatch(CALLER_NAME, name):
+                raise Invalid(
+                    f"{entry!r} is not caller=weight (a caller name, a spiffe:// ID, or "
+                    "system:serviceaccount:NAMESPACE:NAME)"
+                )
             if name in reserved:
                 raise Invalid(f"{entry!r}: {name!r} is reserved ({reserved[name]}), not a caller name")
             if name in found:
@@ -595,11 +685,31 @@ class Settings:
     caller_weights: tuple[tuple[str, int], ...] = declare(
         "TIW_CALLER_WEIGHTS",
         _weights,
-        "Shares of the rate limit by caller (`tiw-caller`, or the client certificate's name), e.g. "
-        "`billing=3,classroom=1`, weights 1 to 100. A `tiw-caller` not named here shares one share "
+        "Shares of the rate limit by caller (`tiw-caller`, a client certificate's name, or a token's "
+        "`system:serviceaccount:NAMESPACE:NAME`), e.g. `billing=3,classroom=1`, weights 1 to 100. "
+        "A `tiw-caller` not named here shares one share "
         "with every other unproven caller; a certificate's name not named here weighs 1.",
         default=(),
         shown_default="(empty: certificates weigh 1, unproven callers share one)",
+    )
+
+    # Who may call what (authz.py): gRFC A43's policy, with the SdkAppIds a rule covers.
+    authz_policy_file: str = declare(
+        "TIW_AUTHZ_POLICY_FILE",
+        text,
+        "Authorization policy (gRFC A43's JSON, or the same in YAML, plus `request.sdk_app_ids`): "
+        "who may call which methods for which SdkAppIds, deny rules first; a denied call is "
+        "PERMISSION_DENIED `NOT_AUTHORIZED`, nothing sent. Re-read when it changes; a malformed "
+        "change is refused and the last good policy kept (docs/authentication.md).",
+        default="",
+        shown_default="(empty: no policy, every caller may call every method)",
+    )
+    authz_mode: str = declare(
+        "TIW_AUTHZ_MODE",
+        one_of("enforce", "audit", fold=str.lower),
+        "`enforce`: a call the policy denies is refused; `audit`: it is served, and logged and "
+        "counted as `would_deny`, to try a policy out before enforcing it.",
+        default="enforce",
     )
 
     idempotency_ttl: float = declare(
@@ -717,6 +827,25 @@ class Settings:
         # on connections of their own, so the count would not be about the claim.
         if self.idempotency_replicas and self.redis_cluster:
             raise SettingsError("TIW_IDEMPOTENCY_REPLICAS and TIW_REDIS_CLUSTER exclude each other")
+        key_sources = [
+            env
+            for env, value in (
+                ("TIW_AUTH_ISSUER", self.auth_issuer),
+                ("TIW_AUTH_JWKS_URL", self.auth_jwks_url),
+                ("TIW_AUTH_JWKS_FILE", self.auth_jwks_file),
+            )
+            if value
+        ]
+        if len(key_sources) > 1:
+            raise SettingsError(
+                f"{' and '.join(key_sources)} exclude each other: set one of TIW_AUTH_ISSUER, "
+                "TIW_AUTH_JWKS_URL and TIW_AUTH_JWKS_FILE"
+            )
+        if self.auth_required and not key_sources:
+            raise SettingsError(
+                "TIW_AUTH_REQUIRED needs the tokens' keys: set TIW_AUTH_ISSUER, TIW_AUTH_JWKS_URL "
+                "or TIW_AUTH_JWKS_FILE"
+            )
         # A bound left at 0 (unset) takes its share of the memory budget; one set explicitly wins.
         derived = budget.bounds(self.memory_budget, max_watches=self.max_watches or None)
         for field in dataclasses.fields(derived):

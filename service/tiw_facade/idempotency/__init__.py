@@ -159,14 +159,21 @@ class Keys:
         encode: Callable[[M], tuple[bytes, str]],
         decode: Callable[[bytes], M],
         replayed: Callable[[], Awaitable[None]],
+        owner: str | None = None,
     ) -> M:
         """``send()`` once for ``key`` and request fingerprint ``print_``, or the outcome recorded for it.
+
+        ``owner``: the caller's proven identity, whose keys are its own: another caller's same key
+        neither replays its answer nor blocks it. Without one (an unauthenticated caller), keys are
+        the account's, as they always were, so records made before authentication still hold.
+        Failures name the key by its own SHA-256 either way.
 
         ``see_through(work, deadline, overdue)`` runs the send on past the caller's deadline (and
         past its going away) so the outcome is recorded; ``encode`` gives an answer's bytes and
         RequestId, ``decode`` makes an answer of them; ``replayed`` is awaited before a replay.
         """
         hashed = key_hash(key)
+        name = hashed if owner is None else key_hash(f"{owner}\x00{key}")  # where the record lives
         while True:
             budget = (deadline - time.monotonic()) if deadline is not None else self._sender_budget
             mine = Record(
@@ -175,9 +182,9 @@ class Keys:
                 token=secrets.token_hex(16),
                 until=time.time() + max(budget, 0.0) + self._sender_budget + SETTLE_SLACK,
             )
-            found = await self._store_call(self.store.claim(self._scope, hashed, mine, self._ttl))
+            found = await self._store_call(self.store.claim(self._scope, name, mine, self._ttl))
             if found is None:
-                work = self._send_and_settle(hashed, mine, send, encode)
+                work = self._send_and_settle(name, hashed, mine, send, encode)
                 return await see_through(work, deadline, lambda: IdempotencyInFlight(hashed))
             while found is not None:
                 if found.fingerprint != print_:
@@ -191,12 +198,13 @@ class Keys:
                     if deadline <= time.monotonic():
                         raise IdempotencyInFlight(hashed)
                     wait = min(wait, deadline - time.monotonic())
-                await self._store_call(self.store.changed(self._scope, hashed, wait))
-                found = await self._store_call(self.store.get(self._scope, hashed))
+                await self._store_call(self.store.changed(self._scope, name, wait))
+                found = await self._store_call(self.store.get(self._scope, name))
             # Released (TIW did nothing): this call tries in its turn.
 
     async def _send_and_settle(
         self,
+        name: str,
         hashed: str,
         mine: Record,
         send: Callable[[], Awaitable[M]],
@@ -205,16 +213,16 @@ class Keys:
         try:
             response = await send()
         except BaseException as exc:
-            await self._settle(hashed, mine, settled_by(mine, exc))
+            await self._settle(name, hashed, mine, settled_by(mine, exc))
             raise
         answer, request_id = encode(response)
         record = dataclasses.replace(mine, state=State.ANSWERED, answer=answer, request_id=request_id)
-        await self._settle(hashed, mine, record)
+        await self._settle(name, hashed, mine, record)
         return response
 
-    async def _settle(self, hashed: str, mine: Record, record: Record | None) -> None:
+    async def _settle(self, name: str, hashed: str, mine: Record, record: Record | None) -> None:
         try:
-            await self.store.settle(self._scope, hashed, mine.token, record, self._ttl)
+            await self.store.settle(self._scope, name, mine.token, record, self._ttl)
         except STORE_ERRORS as exc:
             # The caller still gets the outcome; a retry finds the claim in flight until it lapses,
             # then OUTCOME_UNKNOWN: never a second send.
