@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.metrics import MetricWrapperBase
-from tiw_facade import __version__, settings
+from tiw_facade import __version__, authz, settings
+from tiw_facade._proto.tiw.facade.v1 import watcher_pb2
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
 from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY
 from tiw_facade.metrics import LoopCounter, LoopHistogram, Metrics
@@ -334,20 +336,25 @@ def test_the_memory_budget_fits_the_pod_limit(overlay: str) -> None:
     assert 65 * QUANTITY["Mi"] + effective_settings(overlay).memory_budget <= 0.9 * limit_bytes
 
 
+def assert_locked_down(pod: dict[str, Any]) -> None:
+    """The pod spec meets the "restricted" Pod Security Standard, mounts no API token unasked, and
+    bounds every container's resources."""
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod.get("automountServiceAccountToken") is False
+    for spec in pod["containers"]:
+        context = spec["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert "limits" in spec["resources"] and "requests" in spec["resources"]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_locked_down(overlay: str) -> None:
     for kind in ("Deployment", "StatefulSet"):
         for workload in objects(overlay, kind):
-            pod = workload["spec"]["template"]["spec"]
-            assert pod["securityContext"]["runAsNonRoot"] is True
-            assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-            assert pod.get("automountServiceAccountToken") is False
-            for spec in pod["containers"]:
-                context = spec["securityContext"]
-                assert context["readOnlyRootFilesystem"] is True
-                assert context["allowPrivilegeEscalation"] is False
-                assert context["capabilities"]["drop"] == ["ALL"]
-                assert "limits" in spec["resources"] and "requests" in spec["resources"]
+            assert_locked_down(workload["spec"]["template"]["spec"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -367,6 +374,23 @@ def test_services_reach_the_pods(overlay: str) -> None:
         assert grpc_port["name"] == "grpc" and grpc_port["appProtocol"]
         assert grpc_port["port"] == effective_settings(overlay).grpc_port
     assert one(overlay, "Service", "tiw-facade-headless")["spec"]["clusterIP"] == "None"
+
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_is_in_the_facades_namespace(overlay: str) -> None:
+    # A kustomization's `namespace:` covers its own resources and its bases', not an overlay's:
+    # an object without one lands in whatever namespace kubectl's context names.
+    (namespace,) = objects(overlay, "Namespace")
+    elsewhere = [
+        f"{doc['kind']}/{doc['metadata']['name']}"
+        for doc in render(f"overlays/{overlay}")
+        if doc["kind"] not in CLUSTER_SCOPED
+        and doc["metadata"].get("namespace") != namespace["metadata"]["name"]
+    ]
+    assert not elsewhere, f"not in namespace {namespace['metadata']['name']}: {elsewhere}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -516,6 +540,192 @@ def test_production_hpa_owns_the_replica_count_and_matches_expected_replicas() -
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_image_tag_is_the_package_version(overlay: str) -> None:
     assert container(overlay)["image"].rpartition(":")[2] == __version__
+
+
+# --- callers' tokens and the authorization policy (docs/authentication.md) ------------------------
+
+# production requires tokens and ships a policy; tke builds on it. single verifies no tokens.
+AUTH_OVERLAYS = ("production", "tke")
+EXAMPLE_CALLER = K8S / "examples" / "caller.yaml"
+# What scripts/check_deploy.sh validates the overlays against: the oldest supported, the newest bundled.
+K8S_VERSIONS = ("1.27.0", "1.37.0")
+SERVED_METHODS = tuple(
+    f"/{service.full_name}/{method.name}"
+    for service in (
+        tiw_pb2.DESCRIPTOR.services_by_name["TiwService"],
+        watcher_pb2.DESCRIPTOR.services_by_name["TaskWatcher"],
+    )
+    for method in service.methods
+)
+ISSUER_DISCOVERY = {
+    "apiGroup": "rbac.authorization.k8s.io",
+    "kind": "ClusterRole",
+    "name": "system:service-account-issuer-discovery",
+}
+
+
+def mounted_file(
+    pod: dict[str, Any], container_spec: dict[str, Any], path: str
+) -> tuple[dict[str, Any], str]:
+    """The volume that puts the file ``path`` into the container, and the file's name in it.
+
+    The volume is mounted whole and read-only: a subPath mount never sees the kubelet's updates (a
+    renewed token, an edited ConfigMap)."""
+    directory, _, name = path.rpartition("/")
+    mounts = [m for m in container_spec.get("volumeMounts", []) if m["mountPath"].rstrip("/") == directory]
+    assert len(mounts) == 1, f"{path}: expected one volume mounted at {directory}, found {len(mounts)}"
+    (mount,) = mounts
+    assert "subPath" not in mount and mount.get("readOnly") is True, mount
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume, name
+
+
+def projected_token(volume: dict[str, Any], name: str) -> dict[str, Any]:
+    """The serviceAccountToken source of a projected volume that writes the file ``name``."""
+    tokens: list[dict[str, Any]] = [
+        source["serviceAccountToken"]
+        for source in volume.get("projected", {}).get("sources", [])
+        if source.get("serviceAccountToken", {}).get("path") == name
+    ]
+    assert len(tokens) == 1, f"volume {volume['name']} projects no token as {name}"
+    return tokens[0]
+
+
+def example_caller() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(EXAMPLE_CALLER.read_text()) if doc]
+
+
+def principal_of(workload: dict[str, Any]) -> str:
+    """The name the facade knows a workload's pods by: their service account's."""
+    account = workload["spec"]["template"]["spec"]["serviceAccountName"]
+    return f"system:serviceaccount:{workload['metadata']['namespace']}:{account}"
+
+
+@pytest.mark.parametrize("overlay", AUTH_OVERLAYS)
+def test_the_facade_may_fetch_the_clusters_keys(overlay: str) -> None:
+    effective = effective_settings(overlay)
+    assert effective.auth_required
+    assert effective.auth_issuer or effective.auth_jwks_url
+    pod = deployment(overlay)["spec"]["template"]["spec"]
+    spec = container(overlay)
+    # Its own token, for the API server: no audience, so the API server's own (it refuses a token
+    # made for the callers' audience). And the cluster's CA, to trust the API server's certificate.
+    volume, name = mounted_file(pod, spec, effective.auth_token_file)
+    token = projected_token(volume, name)
+    assert "audience" not in token and token["expirationSeconds"] >= 600
+    volume, name = mounted_file(pod, spec, effective.auth_ca_file)
+    ca_items = [
+        item
+        for source in volume["projected"]["sources"]
+        if source.get("configMap", {}).get("name") == "kube-root-ca.crt"
+        for item in source["configMap"]["items"]
+    ]
+    assert {"key": "ca.crt", "path": name} in ca_items
+    # Allowed to read the discovery document and the keys, and nothing else.
+    namespace = deployment(overlay)["metadata"]["namespace"]
+    subject = {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": namespace}
+    bindings = [
+        binding
+        for kind in ("RoleBinding", "ClusterRoleBinding")
+        for binding in objects(overlay, kind)
+        if subject in binding.get("subjects", [])
+    ]
+    assert [binding["roleRef"] for binding in bindings] == [ISSUER_DISCOVERY]
+    assert bindings[0]["kind"] == "ClusterRoleBinding"  # the role is cluster-wide: non-resource URLs
+    # The API server's port: 443 behind most managed clusters' Service, 6443 with kubeadm.
+    labels = deployment(overlay)["spec"]["template"]["metadata"]["labels"]
+    egress_ports = {
+        p["port"]
+        for policy in objects(overlay, "NetworkPolicy")
+        if policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        for rule in policy["spec"].get("egress", [])
+        for p in rule.get("ports", [])
+    }
+    assert {443, 6443} <= egress_ports
+
+
+def test_single_verifies_no_tokens_and_holds_none() -> None:
+    effective = effective_settings("single")
+    assert not (effective.auth_issuer or effective.auth_jwks_url or effective.auth_jwks_file)
+    assert not effective.auth_required and not effective.authz_policy_file
+    assert not objects("single", "ClusterRoleBinding")
+    volumes = deployment("single")["spec"]["template"]["spec"]["volumes"]
+    assert not [volume for volume in volumes if "projected" in volume]
+
+
+@pytest.mark.parametrize("overlay", AUTH_OVERLAYS)
+def test_the_policy_is_valid_reloadable_and_does_what_its_comments_say(overlay: str) -> None:
+    effective = effective_settings(overlay)
+    assert effective.authz_policy_file and effective.authz_mode in authz.MODES
+    volume, name = mounted_file(
+        deployment(overlay)["spec"]["template"]["spec"], container(overlay), effective.authz_policy_file
+    )
+    # No content hash in the name: an edit updates this ConfigMap in place, the kubelet the mounted
+    # file, and the replicas reload it. A hashed name would restart every pod for each edit.
+    assert volume["configMap"]["name"] == "tiw-facade-authz-policy"
+    assert "items" not in volume["configMap"]
+    text = one(overlay, "ConfigMap", "tiw-facade-authz-policy")["data"][name]
+    # What the server does at start: a path that matches no served method is refused too.
+    policy = authz.parse_policy(text, filename=effective.authz_policy_file, methods=SERVED_METHODS)
+
+    tiw, watcher = "/tiw.v20190919.TiwService", "/tiw.facade.v1.TaskWatcher"
+    app, other_app = 1400000001, 1400000002
+    (caller,) = [doc for doc in example_caller() if doc["kind"] == "Deployment"]
+    lesson_service = principal_of(caller)
+    assert lesson_service == "system:serviceaccount:classroom:lesson-service"
+    # The example caller reads and watches, any app; never stops a push (the deny rule), never creates.
+    for method in ("DescribeSnapshotTask", "DescribeWhiteboardPush", "DescribeVideoGenerationTask"):
+        assert policy.decide(lesson_service, f"{tiw}/{method}", other_app).allowed, method
+    assert policy.decide(lesson_service, f"{watcher}/WatchSnapshotTask", app).allowed
+    stop = policy.decide(lesson_service, f"{tiw}/StopWhiteboardPush", app)
+    assert not stop.allowed and stop.rule == "classroom-never-stops-pushes"
+    assert not policy.decide(lesson_service, f"{tiw}/CreateSnapshotTask", app).allowed
+    # Only the recording operator stops pushes.
+    operator = "system:serviceaccount:recording:push-operator"
+    assert policy.decide(operator, f"{tiw}/StopWhiteboardPush", other_app).allowed
+    for principal in (
+        "system:serviceaccount:billing:invoice-renderer",
+        "system:serviceaccount:recording:other",
+    ):
+        assert not policy.decide(principal, f"{tiw}/StopWhiteboardPush", app).allowed, principal
+    # The invoice renderer creates snapshots for its own app only.
+    renderer = "system:serviceaccount:billing:invoice-renderer"
+    assert policy.decide(renderer, f"{tiw}/CreateSnapshotTask", app).allowed
+    assert not policy.decide(renderer, f"{tiw}/CreateSnapshotTask", other_app).allowed
+    # A caller that proved nothing may do nothing.
+    for method in SERVED_METHODS:
+        assert not policy.decide(None, method, app).allowed, method
+
+
+def test_the_example_caller_validates_and_is_admitted_with_a_token_for_the_facade() -> None:
+    documents = example_caller()
+    for document in documents:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(document, version, strict=True)  # raises, naming the field
+    (account,) = [doc for doc in documents if doc["kind"] == "ServiceAccount"]
+    (caller,) = [doc for doc in documents if doc["kind"] == "Deployment"]
+    pod = caller["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert caller["metadata"]["namespace"] == account["metadata"]["namespace"]
+    assert_locked_down(pod)
+    # The facade's NetworkPolicy admits its pods (from any namespace) to the gRPC port.
+    labels = caller["spec"]["template"]["metadata"]["labels"]
+    admitted = [
+        rule
+        for rule in one("production", "NetworkPolicy", "tiw-facade")["spec"]["ingress"]
+        if {p["port"] for p in rule["ports"]} == {"grpc"}
+        for peer in rule["from"]
+        if peer.get("namespaceSelector") == {}
+        and peer["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+    assert admitted
+    # The file the application reads holds a token for the facade's audience, renewed by the kubelet.
+    (spec,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in spec["env"]}
+    volume, name = mounted_file(pod, spec, env["FACADE_TOKEN_FILE"])
+    token = projected_token(volume, name)
+    assert token["audience"] == effective_settings("production").auth_audience
+    assert 600 <= token["expirationSeconds"] <= 86400  # the API server's minimum; a day at most
 
 
 # --- monitoring -------------------------------------------------------------------------------------
