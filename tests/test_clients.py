@@ -13,6 +13,12 @@ Each program runs once more against facades serving mutual TLS, with a client ce
 docs/tls.md quotes from these programs. A `--caller` the certificate does not name is refused, which
 shows the interceptor's name reaches the facade on unary calls and on the watch stream alike.
 
+And once more against facades that require a Kubernetes service-account token (TIW_AUTH_REQUIRED,
+keys from TIW_AUTH_JWKS_FILE), with `--token-file`: the call credentials that
+docs/authentication-clients.md quotes. The facade counts and audits the calls under the token's
+principal; without the file a call is refused UNAUTHENTICATED; and a file the kubelet's way replaced
+while a program runs reaches the facade on the program's next call.
+
 Needs go, mvn + java and node (scripts/install-clients installs their plugins and packages). In CI
 (CI=true) a missing toolchain fails these tests; elsewhere it skips them with the reason.
 """
@@ -20,17 +26,22 @@ Needs go, mvn + java and node (scripts/install-clients installs their plugins an
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import pathlib
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from cryptography import x509
 from support.certificates import Files, authority
 from support.facade import Facade, StartFacade
+from support.oidc import DEFAULT_AUDIENCE, OidcServer, service_account
+from support.waiting import wait_until
 from tiw_facade.emulator import Emulator, EmulatorConfig
 
 pytestmark = pytest.mark.slow
@@ -246,3 +257,139 @@ async def test_a_caller_the_certificate_does_not_name_is_refused(
     assert [(labels["grpc_method"], labels["grpc_code"]) for labels in refused] == [
         (method, "PermissionDenied")
     ]
+
+
+# --- Kubernetes service-account tokens (docs/authentication-clients.md) ---
+
+
+def _principal(language: str) -> str:
+    return service_account("clients", f"{language}-example")
+
+
+class ProjectedToken:
+    """A token file laid out as the kubelet writes a projected volume: ``token`` links to
+    ``..data/token``, ``..data`` to the directory of the current version, and a rotation writes a new
+    directory and swaps ``..data`` in one rename. A client must follow the links and notice the swap."""
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        directory.mkdir()
+        self.directory = directory
+        self.path = directory / "token"
+
+    def write(self, token: str) -> None:
+        version = self.directory / f"..{time.time_ns()}"
+        version.mkdir()
+        (version / "token").write_text(token)
+        staged = self.directory / "..data_tmp"
+        staged.symlink_to(version.name)
+        staged.replace(self.directory / "..data")
+        if not self.path.is_symlink():
+            self.path.symlink_to("..data/token")
+
+
+class Tokens:
+    """An issuer's keys, in the JWKS file the facades read (TIW_AUTH_JWKS_FILE: the issuer serves
+    nothing), and a caller's projected token file."""
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        self.issuer = OidcServer()
+        self.jwks_file = directory / "jwks.json"
+        self.issuer.write_jwks(self.jwks_file)
+        self.file = ProjectedToken(directory / "tiw-facade")
+
+    def project(self, principal: str, audience: str = DEFAULT_AUDIENCE) -> None:
+        """Put a token for ``principal`` and ``audience`` in the file, the kubelet's way."""
+        self.file.write(self.issuer.mint(sub=principal, aud=audience))
+
+
+@pytest.fixture
+def tokens(tmp_path: pathlib.Path) -> Tokens:
+    return Tokens(tmp_path)
+
+
+async def _token_facades(start_facade: StartFacade, tokens: Tokens, principal: str) -> tuple[Facade, Facade]:
+    auth = {"TIW_AUTH_JWKS_FILE": str(tokens.jwks_file), "TIW_AUTH_REQUIRED": "true"}
+    # Listed, so that the metrics by caller name it: an unlisted principal counts as `other`.
+    facade = await start_facade(**auth, TIW_CALLER_WEIGHTS=f"{principal}=1")
+    limited = await start_facade(**auth, **LIMITED)
+    return facade, limited
+
+
+def _refused_for(facade: Facade) -> list[tuple[str, float]]:
+    """The facade's authentication refusals so far, by reason."""
+    return [(labels["reason"], value) for labels, value in _samples(facade, "tiw_authn_failures_total")]
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("language", sorted(PROGRAMS))
+async def test_client_authenticates_with_its_service_account_token(
+    start_facade: StartFacade, tokens: Tokens, caplog: pytest.LogCaptureFixture, language: str
+) -> None:
+    principal = _principal(language)
+    tokens.project(principal)
+    facade, limited = await _token_facades(start_facade, tokens, principal)
+    caplog.set_level(logging.INFO, logger="tiw_facade.audit")
+    code, output = await _run(language, facade, limited, "--token-file", str(tokens.file.path))
+    print(output)
+    assert code == 0, output
+    assert f"{language} client: 11 checks passed" in output
+    # Every call that went to TIW was admitted as the token's principal, and as no one else; the
+    # changes it asked for (a create, a stop) are in the audit trail under that name, proven by it.
+    admitted = {labels["caller"] for labels, _ in _samples(facade, "tiw_limiter_caller_admitted_total")}
+    assert admitted == {principal}
+    audited = [vars(record) for record in caplog.records if record.name == "tiw_facade.audit"]
+    assert {(line["principal"], line["proven_by"]) for line in audited} == {(principal, "token")}
+    changed = {line["method"].rpartition("/")[2] for line in audited if line["outcome"] == "OK"}
+    assert changed == {"CreateSnapshotTask", "StopWhiteboardPush"}
+    assert _refused_for(facade) == []
+
+    # The same facade refuses a call without the token, and sends nothing to TIW for it.
+    code, output = await _run(language, facade, limited, "--only", "CreateSnapshotTask")
+    assert code == 1, output
+    assert "FAIL CreateSnapshotTask" in output
+    assert re.search("UNAUTHENTICATED|Unauthenticated", output), output
+    assert _refused_for(facade) == [("MISSING_TOKEN", 1.0)]
+    assert facade.emulator.stats()["CreateSnapshotTask"].tasks_created == 1  # the first run's
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("language", sorted(PROGRAMS))
+async def test_client_sends_the_token_the_kubelet_rotated_in(
+    start_facade: StartFacade, tokens: Tokens, language: str
+) -> None:
+    principal = _principal(language)
+    tokens.project(principal)
+    facade, limited = await _token_facades(start_facade, tokens, principal)
+
+    async def rotate() -> None:
+        # The deadline check's call (the program's second DescribeVideoGenerationTask), the last
+        # before the watch, has reached the facade with the first token and waits there for its
+        # 300 ms: the file is replaced now, before the watch starts. The new token is for another
+        # audience, so how the watch ends shows which token it carried. (All the checks run: with
+        # --only, a JVM's first call may not reach the facade within that deadline.)
+        await wait_until(lambda: _started(facade, "DescribeVideoGenerationTask") >= 2, within=RUN_TIMEOUT)
+        tokens.project(principal, audience="another-service")
+
+    rotation = asyncio.create_task(rotate())
+    try:
+        code, output = await _run(language, facade, limited, "--token-file", str(tokens.file.path))
+    finally:
+        rotated = rotation.done()
+        rotation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rotation
+    assert rotated, f"the deadline check's call never reached the facade:\n{output}"
+    assert code == 1, output
+    assert output.count("ok   ") == 10, output  # every check before the watch passed
+    assert "FAIL WatchSnapshotTask" in output
+    assert re.search("UNAUTHENTICATED|Unauthenticated", output), output
+    # Refused by the facade, for the new token's audience: the program read the replaced file.
+    assert _refused_for(facade) == [("WRONG_AUDIENCE", 1.0)]
+
+
+def _started(facade: Facade, method: str) -> float:
+    return sum(
+        value
+        for labels, value in _samples(facade, "grpc_server_started_total")
+        if labels["grpc_method"] == method
+    )

@@ -11,7 +11,9 @@
 //
 // Both facades are dialled alike: over TLS with -ca (the CA the facades' certificates chain to), over
 // mutual TLS with -cert and -key too, and with -caller every call carries that tiw-caller name
-// (docs/tls.md). -only runs just the checks whose name contains its text.
+// (docs/tls.md). With -token-file every call carries the Kubernetes service-account token that
+// file holds, as a bearer token (docs/authentication-clients.md). -only runs just the checks whose
+// name contains its text.
 package main
 
 import (
@@ -75,6 +77,7 @@ func main() {
 	caFile := flag.String("ca", "", "PEM CA bundle to verify the facades with: TLS instead of plaintext")
 	certFile := flag.String("cert", "", "PEM client certificate, with -key and -ca: mutual TLS")
 	keyFile := flag.String("key", "", "PEM private key of -cert")
+	tokenFile := flag.String("token-file", "", "a projected service-account token every call sends as a bearer token")
 	only := flag.String("only", "", "run only the checks whose name contains this text")
 	flag.Parse()
 	if *limited == "" || *admin == "" {
@@ -92,6 +95,14 @@ func main() {
 		// Every call of the connection: the unary calls, and the streams (a watch).
 		options = append(options, grpc.WithUnaryInterceptor(callerName(*caller)),
 			grpc.WithStreamInterceptor(streamCallerName(*caller)))
+	}
+	if *tokenFile != "" {
+		token := newTokenFile(*tokenFile)
+		if _, err := token.current(); err != nil { // a missing or empty file: say so before any call
+			fail("token file", err)
+		}
+		// Per-RPC credentials: every call of the connection, unary or a stream, sends the token.
+		options = append(options, grpc.WithPerRPCCredentials(token))
 	}
 	conn := dial(*target, options...)
 	defer conn.Close()

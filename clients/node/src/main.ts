@@ -11,7 +11,9 @@
 //
 // Both facades are dialled alike: over TLS with --ca (the CA the facades' certificates chain to), over
 // mutual TLS with --cert and --key too, and with --caller every call carries that tiw-caller name
-// (docs/tls.md). --only runs just the checks whose name contains its text.
+// (docs/tls.md). With --token-file every call carries the Kubernetes service-account token that
+// file holds, as a bearer token (docs/authentication-clients.md). --only runs just the checks whose
+// name contains its text.
 import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
@@ -36,6 +38,7 @@ import {
   type DescribeSnapshotTaskResponse,
 } from "./gen/tiw/v20190919/tiw";
 import { TaskWatcherClient } from "./gen/tiw/facade/v1/watcher";
+import { bearerToken, tokenReader, withCallCredentials } from "./token";
 
 // The emulator's seeded tasks: TIW's documented examples (see tests/test_rpcs.py).
 const SEED_SDK_APP_ID = 1400000001;
@@ -58,6 +61,7 @@ const { values: args } = parseArgs({
     ca: { type: "string" },
     cert: { type: "string" },
     key: { type: "string" },
+    "token-file": { type: "string" },
     only: { type: "string", default: "" },
   },
 });
@@ -65,7 +69,7 @@ const tlsFlagsAgree = !args.cert === !args.key && (!args.cert || !!args.ca);
 if (!args["limited-target"] || !args.emulator || !tlsFlagsAgree) {
   console.error(
     "usage: main.js --target HOST:PORT --limited-target HOST:PORT --emulator URL" +
-      " [--caller NAME] [--ca FILE [--cert FILE --key FILE]] [--only TEXT]",
+      " [--caller NAME] [--ca FILE [--cert FILE --key FILE]] [--token-file FILE] [--only TEXT]",
   );
   process.exit(2);
 }
@@ -89,6 +93,17 @@ const channelCredentials: ChannelCredentials = args.ca
     )
   : credentials.createInsecure();
 const options: Partial<ClientOptions> = args.caller ? { interceptors: [callerName(args.caller)] } : {};
+if (args["token-file"]) {
+  const token = tokenReader(args["token-file"]);
+  try {
+    token(); // a missing or empty file: say so before any call
+  } catch (error) {
+    console.error(`FAIL token file: ${error instanceof Error ? error.message : error}`);
+    process.exit(1);
+  }
+  // Call credentials on every call of every client, unary or streaming: each sends the token.
+  options.interceptors = [...(options.interceptors ?? []), withCallCredentials(bearerToken(token))];
+}
 const tiw = new TiwServiceClient(args.target!, channelCredentials, options);
 const watcher = new TaskWatcherClient(args.target!, channelCredentials, options);
 const limited = new TiwServiceClient(args["limited-target"], channelCredentials, options);

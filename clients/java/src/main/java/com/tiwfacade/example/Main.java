@@ -22,6 +22,7 @@ import com.tiwfacade.tiw.v20190919.StopWhiteboardPushRequest;
 import com.tiwfacade.tiw.v20190919.TiwServiceGrpc;
 import com.tiwfacade.tiw.v20190919.TiwServiceGrpc.TiwServiceBlockingStub;
 import io.grpc.ChannelCredentials;
+import io.grpc.CompositeChannelCredentials;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
@@ -41,6 +42,7 @@ import java.net.URI;
 import java.net.http.HttpClient;
 import java.net.http.HttpRequest;
 import java.net.http.HttpResponse;
+import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.HashMap;
 import java.util.Iterator;
@@ -63,7 +65,9 @@ import java.util.concurrent.TimeUnit;
  *
  * <p>Both facades are dialled alike: over TLS with --ca (the CA the facades' certificates chain to),
  * over mutual TLS with --cert and --key too, and with --caller every call carries that tiw-caller
- * name (docs/tls.md). --only runs just the checks whose name contains its text.
+ * name (docs/tls.md). With --token-file every call carries the Kubernetes service-account token that
+ * file holds, as a bearer token (docs/authentication-clients.md). --only runs just the checks whose
+ * name contains its text.
  */
 public final class Main {
   // The emulator's seeded tasks: TIW's documented examples (see tests/test_rpcs.py).
@@ -119,14 +123,26 @@ public final class Main {
     String ca = args.get("--ca");
     String cert = args.get("--cert");
     String key = args.get("--key");
+    String tokenFile = args.get("--token-file");
     String only = args.getOrDefault("--only", "");
     boolean tlsFlagsAgree = (cert == null) == (key == null) && (cert == null || ca != null);
     if (limitedTarget == null || emulator == null || !tlsFlagsAgree) {
       System.err.println("usage: Main --target HOST:PORT --limited-target HOST:PORT --emulator URL"
-          + " [--caller NAME] [--ca FILE [--cert FILE --key FILE]] [--only TEXT]");
+          + " [--caller NAME] [--ca FILE [--cert FILE --key FILE]] [--token-file FILE] [--only TEXT]");
       System.exit(2);
     }
     ChannelCredentials credentials = credentials(ca, cert, key);
+    if (tokenFile != null) {
+      TokenFileCredentials token = new TokenFileCredentials(Path.of(tokenFile));
+      try {
+        token.current(); // a missing or empty file: say so before any call
+      } catch (IOException e) {
+        System.err.println("FAIL token file: " + e);
+        System.exit(1);
+      }
+      // Call credentials on the channel: every call of every stub, unary or streaming, sends the token.
+      credentials = CompositeChannelCredentials.create(credentials, token);
+    }
     ManagedChannel channel = channel(target, credentials, caller);
     ManagedChannel limitedChannel = channel(limitedTarget, credentials, caller);
     Main main = new Main(channel, limitedChannel, emulator);
