@@ -5,6 +5,7 @@ Only fixtures and hooks live here; the helpers tests import are in tests/support
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -13,7 +14,7 @@ from redis.asyncio import Redis
 from support import inner_loop
 from support.facade import Facade, StartFacade, facade_environment
 from support.redis_server import RedisServer
-from tiw_facade import settings
+from tiw_facade import background, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
 from tiw_facade.emulator import Emulator, EmulatorConfig
 from tiw_facade.server import FacadeServer
@@ -55,6 +56,46 @@ async def start_facade(emulator: Emulator) -> AsyncIterator[StartFacade]:
     for facade in started:
         await facade.channel.close()
         await facade.server.stop(0)
+    if started:
+        await _no_facade_task_left()
+
+
+# How long the facades' leftover tasks get to end once cancelled, before the test fails naming them.
+LEFTOVER_GRACE = 10.0
+
+
+async def _no_facade_task_left() -> None:
+    """Cancel what the stopped facades left running, and fail naming it if it will not end.
+
+    A task of the facade (or of redis-py under it) still running once every facade stopped would
+    otherwise meet pytest-asyncio's own cancel at the loop's close, which waits forever for a task
+    that swallows its cancellation (redis-py can: background.py), hanging the whole run silently.
+    Tasks of the emulator and of the test itself are left to their own fixtures.
+    """
+    current = asyncio.current_task()
+    leftover = [
+        task
+        for task in asyncio.all_tasks()
+        if task is not current and not task.done() and _of_the_facade(task)
+    ]
+    if not leftover:
+        return
+    try:
+        await asyncio.wait_for(background.stop(leftover), LEFTOVER_GRACE)
+    except TimeoutError:
+        names = sorted({_where(task) for task in leftover if not task.done()})
+        pytest.fail(f"tasks still running {LEFTOVER_GRACE} s after the facades stopped: {names}")
+
+
+def _where(task: asyncio.Task[object]) -> str:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return f"{task.get_name()} ({code.co_filename}:{code.co_name})" if code else task.get_name()
+
+
+def _of_the_facade(task: asyncio.Task[object]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    where = code.co_filename if code else ""
+    return ("tiw_facade" in where and "emulator" not in where) or "/redis/" in where
 
 
 @pytest.fixture
