@@ -16,18 +16,17 @@ problem, never the policy) and counts ``tiw_authz_policy_reload_failures_total``
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final, Literal
 
-from tiw_facade import background, secret_files
+from tiw_facade import secret_files
 from tiw_facade.authz_parse import parse_policy
 from tiw_facade.authz_policy import NO_RULE, OTHER_RULE, Decision, Policy, PolicyError
 from tiw_facade.failures import CredentialsError
 from tiw_facade.metrics import Metrics
-from tiw_facade.secret_files import MISSING, FileVersion
+from tiw_facade.secret_files import FileVersion
 
 if TYPE_CHECKING:
     from tiw_facade.metrics import CounterValue
@@ -124,9 +123,11 @@ def _load(path: str, methods: tuple[str, ...] | None) -> tuple[FileVersion, Poli
     return version, parse_policy(text, filename=path, methods=methods)
 
 
-class PolicyFile:
+class PolicyFile(secret_files.WatchedFile[Policy]):
     """The policy of a file, polled for a new version; the last good one serves until a new one
     is valid."""
+
+    unusable = (PolicyError,)
 
     def __init__(
         self,
@@ -137,14 +138,11 @@ class PolicyFile:
         methods: Iterable[str] | None = None,
         on_change: Callable[[Policy], None] | None = None,
     ) -> None:
-        self.path = path
+        super().__init__(path, poll=poll, name="authz-policy-watch")
         self._metrics = metrics
         self._methods = tuple(methods) if methods is not None else None
         self._on_change = on_change
         self._policy: Policy | None = None
-        self._seen: FileVersion | None = None  # the version the policy came from
-        self._rejected: FileVersion | None = None  # the latest version found invalid (logged once)
-        self._polling = background.Every(poll, self.check, "authz-policy-watch")
 
     @property
     def policy(self) -> Policy:
@@ -152,52 +150,21 @@ class PolicyFile:
             raise PolicyError("the policy file was not read yet (start() not awaited)")
         return self._policy
 
-    async def start(self) -> None:
-        """Read the policy; ``PolicyError`` naming the file when it cannot be used. Then poll it."""
-        try:
-            version, policy = await asyncio.to_thread(_load, self.path, self._methods)
-        except PolicyError as exc:
-            raise PolicyError(f"{self.path}: {exc}") from None
-        self._install(version, policy)
-        log.info(
-            "authorization policy in use",
-            extra={"policy_file": self.path, "policy": policy.name, "rules": _counts(policy)},
-        )
-        self._polling.start()
+    def _load(self) -> tuple[FileVersion, Policy]:
+        return _load(self.path, self._methods)
 
-    async def aclose(self) -> None:
-        await self._polling.aclose()
-
-    async def check(self) -> None:
-        """Take a new version of the file into use if there is one and it is valid (the stat too in
-        a worker thread: whatever the path names now, the event loop never waits for it)."""
-        try:
-            version = await asyncio.to_thread(secret_files.version, self.path)
-        except OSError as exc:
-            self._reject(MISSING, secret_files.why(exc))
-            return
-        if version == self._seen:
-            return
-        try:
-            version, policy = await asyncio.to_thread(_load, self.path, self._methods)
-        except PolicyError as exc:
-            self._reject(version, str(exc))  # maybe half written: read again at the next poll
-            return
-        self._install(version, policy)
-        log.info(
-            "authorization policy file changed: the new policy is in use",
-            extra={"policy_file": self.path, "policy": policy.name, "rules": _counts(policy)},
-        )
-
-    def _install(self, version: FileVersion, policy: Policy) -> None:
+    def _adopt(self, policy: Policy, *, first: bool) -> None:
         if self._on_change is not None:
             self._on_change(policy)  # its series exist before the first decision under it
-        self._policy, self._seen, self._rejected = policy, version, None
+        self._policy = policy
+        log.info(
+            "authorization policy in use"
+            if first
+            else "authorization policy file changed: the new policy is in use",
+            extra={"policy_file": self.path, "policy": policy.name, "rules": _counts(policy)},
+        )
 
-    def _reject(self, version: FileVersion, why: str) -> None:
-        if version == self._rejected:
-            return
-        self._rejected = version
+    def _refused(self, why: str) -> None:
         self._metrics.authz_policy_reload_failures.inc()
         log.error(
             "authorization policy file ignored: the last good policy stays in use",

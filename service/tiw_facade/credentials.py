@@ -20,7 +20,6 @@ text that might hold one is ever logged.
 
 from __future__ import annotations
 
-import asyncio
 import configparser
 import dataclasses
 import logging
@@ -28,11 +27,11 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
-from tiw_facade import background, secret_files
+from tiw_facade import secret_files
 from tiw_facade.failures import CredentialsError
 from tiw_facade.metrics import Metrics
 from tiw_facade.pod_identity import STS_MAX_DURATION, WebIdentity, WebIdentityConfig
-from tiw_facade.secret_files import MISSING, FileVersion
+from tiw_facade.secret_files import FileVersion
 from tiw_facade.signing import TOKEN_TEXT, Credentials
 
 if TYPE_CHECKING:
@@ -193,69 +192,38 @@ def _load(path: str) -> tuple[FileVersion, Credentials]:
     return version, parse_profile(text)
 
 
-class ProfileFile:
+class ProfileFile(secret_files.WatchedFile[Credentials]):
     """A profile file, polled for a new version; the old credentials serve until a new one parses."""
 
+    unusable = (CredentialsError,)
+
     def __init__(self, path: str, *, poll: float, metrics: Metrics) -> None:
-        self.path = path
+        super().__init__(path, poll=poll, name="credentials-file-watch")
         self.description = f"the profile file {path}"
         self._metrics = metrics
         self._credentials: Credentials | None = None
-        self._seen: FileVersion | None = None  # the version the credentials came from
-        self._rejected: FileVersion | None = None  # the latest version found invalid (logged once)
-        self._polling = background.Every(poll, self.check, "credentials-file-watch")
-
-    async def start(self) -> None:
-        # At start an unreadable file is fatal: there is nothing older to serve with.
-        try:
-            version, credentials = await asyncio.to_thread(_load, self.path)
-        except CredentialsError as exc:
-            raise CredentialsError(f"{self.path}: {exc}") from None
-        self._credentials, self._seen = credentials, version
-        self._metrics.credentials_expiry.set(0)
-        log.info("credentials", extra={"source": self.description, "secret_id": credentials.secret_id})
-        self._polling.start()
 
     async def get(self) -> Credentials:
         if self._credentials is None:
             raise CredentialsError("the credentials file was not read yet (start() not awaited)")
         return self._credentials
 
-    async def aclose(self) -> None:
-        await self._polling.aclose()
+    def _load(self) -> tuple[FileVersion, Credentials]:
+        return _load(self.path)
 
-    async def check(self) -> None:
-        """Take a new version of the file into use if there is one and it is valid.
-
-        In a worker thread, even the stat: whatever the path now names (a FIFO, a huge file, a
-        stalled volume), the event loop serving the calls never waits for it.
-        """
-        try:
-            version = await asyncio.to_thread(secret_files.version, self.path)
-        except OSError as exc:
-            self._reject(MISSING, secret_files.why(exc))
-            return
-        if version == self._seen:
-            return
-        try:
-            version, credentials = await asyncio.to_thread(_load, self.path)
-        except CredentialsError as exc:
-            # Maybe half written: read again at the next poll, but say so once per version.
-            self._reject(version, str(exc))
-            return
-        previous = self._credentials
-        self._credentials, self._seen, self._rejected = credentials, version, None
-        if credentials != previous:
+    def _adopt(self, credentials: Credentials, *, first: bool) -> None:
+        previous, self._credentials = self._credentials, credentials
+        if first:
+            self._metrics.credentials_expiry.set(0)
+            log.info("credentials", extra={"source": self.description, "secret_id": credentials.secret_id})
+        elif credentials != previous:
             self._metrics.credentials_refreshes.inc()
             log.info(
                 "credentials file changed: new credentials in use",
                 extra={"source": self.description, "secret_id": credentials.secret_id},
             )
 
-    def _reject(self, version: FileVersion, why: str) -> None:
-        if version == self._rejected:
-            return
-        self._rejected = version
+    def _refused(self, why: str) -> None:
         self._metrics.credentials_refresh_failures.inc()
         log.warning(
             "credentials file ignored: the previous credentials stay in use",

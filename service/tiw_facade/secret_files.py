@@ -8,11 +8,15 @@ reading it whole would cost its size in memory and seconds of work.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
-from typing import Final
+from typing import Final, Generic, TypeVar
 
+from tiw_facade import background
 from tiw_facade.failures import CredentialsError
+
+T = TypeVar("T")
 
 MAX_FILE_BYTES: Final = 64 << 10
 
@@ -71,3 +75,69 @@ def read(path: str) -> tuple[FileVersion, str]:
 def why(exc: OSError) -> str:
     """What went wrong reading, without the path's content (there is none in an OSError's strerror)."""
     return f"cannot read ({exc.strerror or type(exc).__name__})"
+
+
+class WatchedFile(Generic[T]):
+    """A file read at ``start()``, then looked at every ``poll`` seconds and read again when its
+    version changed: the last good value serves until a new version loads. Every look, the stat
+    too, runs in a worker thread: whatever the path names now (a FIFO, a huge file, a stalled
+    volume), the event loop serving the calls never waits for it. A version that fails to load
+    (maybe half written) is read again at the next look, and reported once.
+
+    Subclasses say what loading is (``_load``, in a worker thread; raising one of ``unusable``),
+    and what taking a value into use (``_adopt``) and refusing a version (``_refused``) mean.
+    """
+
+    unusable: tuple[type[Exception], ...] = ()
+
+    def __init__(self, path: str, *, poll: float, name: str) -> None:
+        self.path = path
+        self._seen: FileVersion | None = None  # the version the value in use came from
+        self._rejected: FileVersion | None = None  # the latest version found unusable (reported once)
+        self._polling = background.Every(poll, self.check, name)
+
+    def _load(self) -> tuple[FileVersion, T]:
+        raise NotImplementedError
+
+    def _adopt(self, value: T, *, first: bool) -> None:
+        raise NotImplementedError
+
+    def _refused(self, why: str) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Read the file, then watch it. At start an unusable file is fatal: there is nothing older
+        to serve with; the error (one of ``unusable``) names the file."""
+        try:
+            found, value = await asyncio.to_thread(self._load)
+        except self.unusable as exc:
+            raise type(exc)(f"{self.path}: {exc}") from None
+        self._seen = found
+        self._adopt(value, first=True)
+        self._polling.start()
+
+    async def aclose(self) -> None:
+        await self._polling.aclose()
+
+    async def check(self) -> None:
+        """Take a new version of the file into use if there is one and it is usable."""
+        try:
+            found = await asyncio.to_thread(version, self.path)
+        except OSError as exc:
+            self._reject(MISSING, why(exc))
+            return
+        if found == self._seen:
+            return
+        try:
+            found, value = await asyncio.to_thread(self._load)
+        except self.unusable as exc:
+            self._reject(found, str(exc))
+            return
+        self._seen, self._rejected = found, None
+        self._adopt(value, first=False)
+
+    def _reject(self, version: FileVersion, reason: str) -> None:
+        if version == self._rejected:
+            return
+        self._rejected = version
+        self._refused(reason)
