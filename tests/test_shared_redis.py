@@ -122,7 +122,12 @@ def test_keys_of_every_role_share_the_account_hash_tag() -> None:
     assert all(tag in prefix for prefix in prefixes)
     # The limiter's and the records' names are those of earlier releases: a rolling upgrade's two
     # releases share one set of tokens and see every record.
-    assert prefixes == [f"tiw:limiter:{tag}", f"tiw:{tag}:answers", f"tiw-facade:idempotency:{tag}"]
+    assert prefixes == [
+        f"tiw:limiter:{tag}",
+        f"tiw:{tag}:answers",
+        f"tiw-facade:idempotency:{tag}",
+        f"tiw:{tag}:events",
+    ]
 
 
 # --- errors counted and logged by kind ---
@@ -255,5 +260,6 @@ def test_a_role_url_overrides_the_default_for_that_role_only() -> None:
         "limiter": "redis://a:6379/0",
         "answers": "redis://a:6379/0",
         "idempotency": "redis://b:6379/0",
+        "events": "redis://a:6379/0",
     }
     assert shared_redis.target(settings.Settings(), "limiter") is None

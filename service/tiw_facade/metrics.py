@@ -97,13 +97,35 @@ RETRY_REASONS: tuple[str, ...] = (
 REJECT_REASONS: tuple[str, ...] = ("deadline", "max_wait", "queue_full")
 
 # The roles of tiw_store_errors_total (the limiter's errors have a counter of their own).
-STORE_ROLES: tuple[shared_redis.Role, ...] = ("answers", "idempotency")
+STORE_ROLES: tuple[shared_redis.Role, ...] = ("answers", "idempotency", "events")
 # tiw_store_invalid_total's (role, what): data read from Redis that failed its check and was dropped.
 # A test keeps these equal to answers._shared.INVALID_WHATS; importing it here would load protobuf.
 STORE_INVALID: tuple[tuple[str, str], ...] = (
     *(("answers", what) for what in ("time", "fields", "payload", "key", "stamp", "schedule", "type")),
     ("limiter", "epoch"),
 )
+
+# The intake's paths (``tiw_callbacks_total``'s kind): /callbacks/<kind>; ``other`` for any other path.
+CALLBACK_KINDS: tuple[str, ...] = ("push", "snapshot", "video")
+# ``tiw_callbacks_total``'s result: taken, already taken (a replay or TIW's retry), or why it was
+# refused. callbacks.py's Refusal values; a test keeps the two equal.
+CALLBACK_RESULTS: tuple[str, ...] = (
+    "accepted",
+    "replayed",
+    "bad_sign",
+    "expired",
+    "too_far_ahead",
+    "unknown_app",
+    "too_large",
+    "bad_method",
+    "not_found",
+    "bad_json",
+    "bad_fields",
+    "unavailable",
+)
+# ``tiw_callback_confirms_total``'s outcome: a confirming Describe sent; one folded into the next
+# (within TIW_CALLBACK_CONFIRM_INTERVAL of the task's last); none sent (no quota, or TIW failed).
+CONFIRM_OUTCOMES: tuple[str, ...] = ("sent", "deferred", "failed")
 
 # go-grpc-prometheus (client_golang) exports no ``_created`` series; prometheus_client would add one
 # per counter and histogram child. The switch is process-wide and read at each scrape.
@@ -502,6 +524,37 @@ class Metrics:
             registry=r,
         )
 
+        # --- TIW's callbacks (callbacks.py) and the events they carry (events/) ---
+        self.callbacks = Counter(
+            "tiw_callbacks_total",
+            "Callbacks TIW posted to the intake, by kind (push, snapshot, video, other) and result: "
+            "accepted, replayed (already taken: TIW's retry or a replay), or why it was refused.",
+            ("kind", "result"),
+            registry=r,
+        )
+        self.callback_last_accepted = Gauge(
+            "tiw_callback_last_accepted_timestamp_seconds",
+            "When this replica last accepted a callback of the kind (Unix time; 0: never).",
+            ("kind",),
+            registry=r,
+        )
+        self.callback_confirms = Counter(
+            "tiw_callback_confirms_total",
+            "Describe requests callbacks asked for, by action and outcome: sent; deferred (within "
+            "TIW_CALLBACK_CONFIRM_INTERVAL of the task's last, folded into one at its end); failed.",
+            ("action", "outcome"),
+            registry=r,
+        )
+        self.answer_changes = Counter(
+            "tiw_answer_changes_total",
+            "Answers this replica got from TIW that differ from the one it held before, by action.",
+            ("action",),
+            registry=r,
+        )
+        self.event_watches_active = Gauge(
+            "tiw_event_watches_active", "WatchEvents streams open on this replica.", registry=r
+        )
+
     def prime(self, service: str, methods: Iterable[str], limit: int, backend: str) -> None:
         """Create every series that dashboards and alerts rely on, before the first call."""
         for method in methods:
@@ -530,9 +583,21 @@ class Metrics:
         for action in actions:
             self.answers_of(action)
             self.watches_active.labels(action=action).set(0)
+            self.answer_changes.labels(action=action)
         self.cache_entries.set(0)
         for reason in EVICTION_REASONS:
             self.cache_evictions.labels(reason=reason)
+
+    def prime_callbacks(self, actions: Iterable[str]) -> None:
+        """Create the callbacks' series (the intake's, and the confirms of ``actions``)."""
+        for kind in CALLBACK_KINDS:
+            for result in CALLBACK_RESULTS:
+                self.callbacks.labels(kind=kind, result=result)
+            self.callback_last_accepted.labels(kind=kind).set(0)
+        for action in actions:
+            for outcome in CONFIRM_OUTCOMES:
+                self.callback_confirms.labels(action=action, outcome=outcome)
+        self.event_watches_active.set(0)
 
     def answers_of(self, action: str) -> AnswerSeries:
         """The bound answer-cache children of one Describe action, made once."""

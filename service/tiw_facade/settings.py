@@ -237,6 +237,30 @@ def sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
     return tuple(nodes)
 
 
+def callback_keys(raw: str) -> tuple[tuple[int, str], ...]:
+    """``SdkAppId=key`` pairs separated by commas (or lines, in a file); an SdkAppId named twice
+    has both keys accepted, as during a rotation. Blank items and ``#`` comment lines are skipped."""
+    pairs = []
+    for line in raw.splitlines():
+        if line.strip().startswith("#"):
+            continue
+        for item in line.split(","):
+            if not item.strip():
+                continue
+            app, equals, key = item.strip().partition("=")
+            if not equals or not app.strip().isdigit() or not key.strip():
+                raise Invalid("must be SdkAppId=key pairs separated by commas, e.g. 1400000001=Xz4ZgayTr7")
+            pairs.append((int(app.strip()), key.strip()))
+    return tuple(pairs)
+
+
+def non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise Invalid("must be a number of seconds >= 0")
+    return value
+
+
 def redact_url(url: str) -> str:
     """``url`` without what may hold a password: its user information and its query (and fragment).
 
@@ -710,6 +734,87 @@ class Settings:
         "`enforce`: a call the policy denies is refused; `audit`: it is served, and logged and "
         "counted as `would_deny`, to try a policy out before enforcing it.",
         default="enforce",
+    )
+
+    # TIW's callbacks (callbacks.py) and the events they carry (events/, WatchEvents).
+    callback_port: int = declare(
+        "TIW_CALLBACK_PORT",
+        port,
+        "Port of the intake of TIW's callbacks (`POST /callbacks/push`, `/callbacks/snapshot`, "
+        "`/callbacks/video`), the one port meant for the internet; nothing else is served on it "
+        "(docs/callbacks.md).",
+        default=0,
+        shown_default="(0: no intake)",
+    )
+    callback_keys: tuple[tuple[int, str], ...] = declare(
+        "TIW_CALLBACK_KEYS",
+        callback_keys,
+        "The callback keys TIW signs with, `SdkAppId=key` pairs separated by commas; an SdkAppId "
+        "named twice has both keys accepted (a rotation). A callback for an SdkAppId without a key is "
+        "refused.",
+        default=(),
+        shown_default="(empty)",
+        secret=True,
+        flag=False,  # keys: never on a command line
+        show=lambda raw: "(not shown: it holds keys)",
+    )
+    callback_key_file: str = declare(
+        "TIW_CALLBACK_KEY_FILE",
+        text,
+        "A file of the same pairs (one per line or comma-separated), re-read when it changes, for "
+        "rotating a key without a restart; with TIW_CALLBACK_KEYS, both are accepted.",
+        default="",
+    )
+    callback_max_bytes: int = declare(
+        "TIW_CALLBACK_MAX_BYTES",
+        positive_int,
+        "Largest callback body accepted, in bytes; a larger one is refused 413 unread.",
+        default=65536,
+    )
+    callback_max_ahead: float = declare(
+        "TIW_CALLBACK_MAX_AHEAD",
+        positive_float,
+        "How far ahead of now, in seconds, a callback's `ExpireTime` may be; one further ahead is "
+        "refused (a signature meant to be replayed for ever).",
+        default=86400.0,
+    )
+    callback_confirm_interval: float = declare(
+        "TIW_CALLBACK_CONFIRM_INTERVAL",
+        positive_float,
+        "Seconds between two confirming Describe requests one task's callbacks may cause, across "
+        "replicas: a later callback within it is confirmed at its end, once.",
+        default=1.0,
+    )
+    refresh_after_with_callbacks: float = declare(
+        "TIW_REFRESH_AFTER_WITH_CALLBACKS",
+        non_negative_float,
+        "While callbacks of an action arrive (one in the last minute), its answers are refreshed "
+        "with spare quota once this many seconds old instead of at 90% of TIW_MAX_STALENESS, "
+        "returning quota to callers; 0: refresh as without callbacks.",
+        default=0.0,
+        shown_default="(0: as without callbacks)",
+    )
+    events_redis_url: str = declare(
+        "TIW_EVENTS_REDIS_URL",
+        redis_address,
+        "Redis for the events WatchEvents streams (a Redis Stream) and the callbacks already seen, "
+        "when not TIW_REDIS_URL's.",
+        default="",
+        shown_default="(TIW_REDIS_URL)",
+        secret=True,
+        show=shown_url,
+    )
+    events_retention: float = declare(
+        "TIW_EVENTS_RETENTION",
+        positive_float,
+        "Seconds an event is kept for WatchEvents subscribers resuming from a cursor.",
+        default=3600.0,
+    )
+    events_max: int = declare(
+        "TIW_EVENTS_MAX",
+        positive_int,
+        "Most events kept (in process, or per account in Redis), the oldest dropped first.",
+        default=100_000,
     )
 
     idempotency_ttl: float = declare(

@@ -1,7 +1,8 @@
 """The Redis that replicas share state through: where each role's is, how to connect, what failed.
 
-Three roles keep state in Redis, each possibly in a Redis of its own: the limiter's tokens
-(``limiter``), the Describe answers (``answers``) and the idempotency keys (``idempotency``). This
+Four roles keep state in Redis, each possibly in a Redis of its own: the limiter's tokens
+(``limiter``), the Describe answers (``answers``), the idempotency keys (``idempotency``) and TIW's
+events with the callbacks already seen (``events``). This
 module is the one place that knows
 
 - where a role's Redis is (``target``): a URL (``redis://``, ``rediss://``, ``unix://``), a master
@@ -43,8 +44,8 @@ from tiw_facade.settings import redact_url
 if TYPE_CHECKING:
     from tiw_facade.settings import Settings
 
-Role = Literal["limiter", "answers", "idempotency"]
-ROLES: tuple[Role, ...] = ("limiter", "answers", "idempotency")
+Role = Literal["limiter", "answers", "idempotency", "events"]
+ROLES: tuple[Role, ...] = ("limiter", "answers", "idempotency", "events")
 # What went wrong, for logs and the ``kind`` label: no connection (refused, reset, DNS, no master
 # known), no answer in time, or an answer that is an error (OOM, READONLY, NOSCRIPT, MASTERDOWN...).
 Kind = Literal["unreachable", "timeout", "refused"]
@@ -63,6 +64,7 @@ _PREFIXES: dict[Role, str] = {
     "limiter": "tiw:limiter:{{{tag}}}",
     "answers": "tiw:{{{tag}}}:answers",
     "idempotency": "tiw-facade:idempotency:{{{tag}}}",
+    "events": "tiw:{{{tag}}}:events",
 }
 _MAX_DETAIL = 200
 _PHRASES: dict[Kind, str] = {
@@ -102,7 +104,11 @@ def target(settings: Settings, role: Role) -> Target | None:
     given an evicting Redis of their own beside a durable Sentinel-watched one. Cluster applies to
     every role (one kind of Redis per deployment).
     """
-    own = {"answers": settings.answers_redis_url, "idempotency": settings.idempotency_redis_url}.get(role)
+    own = {
+        "answers": settings.answers_redis_url,
+        "idempotency": settings.idempotency_redis_url,
+        "events": settings.events_redis_url,
+    }.get(role)
     if own:
         return Target(own, settings.redis_timeout, cluster=settings.redis_cluster)
     if not settings.redis_url and not settings.redis_sentinels:
