@@ -5,7 +5,8 @@
 owned by none), ``_flights`` (what a flight does; ``_peers``: another replica's answer), ``_stores``
 (the process's ``_local`` and Redis's ``_shared``, with the fall-back, ``_contact``), ``_interest``
 (the keys callers and watchers want), ``_refresh`` (spare quota spent on them), ``_topics`` (the
-watches), ``_policy`` (TIW's facts) and ``_config`` (what the settings give them).
+watches), ``_confirm`` (TIW's callbacks as hints), ``_policy`` (TIW's facts) and ``_config`` (what
+the settings give them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tiw_facade import background
 from tiw_facade.answers import _policy
 from tiw_facade.answers._coalesce import Late
 from tiw_facade.answers._config import Config, shared_store
+from tiw_facade.answers._confirm import Confirmations
 from tiw_facade.answers._entries import Entry, Key, Served, Source
 from tiw_facade.answers._flights import Fetch, Flights
 from tiw_facade.answers._interest import Interest
@@ -32,6 +34,8 @@ from tiw_facade.failures import Outcome, RateLimited, ShuttingDown, UpstreamTime
 from tiw_facade.metrics import Metrics
 
 SHARED_ACTIONS = frozenset(_policy.RESPONSES)
+# An action's callbacks "flow" for this long after the last one (TIW_REFRESH_AFTER_WITH_CALLBACKS).
+CALLBACKS_FLOW_FOR = 60.0
 
 
 class Answers:
@@ -59,8 +63,24 @@ class Answers:
             fetch, self._stores, config, metrics=metrics, clock=clock, monotonic=monotonic
         )
         self._interest = Interest(self._stores, lasts=config.refresh_interest, max_keys=config.cache_entries)
+        self._callbacks_at: dict[str, float] = {}  # action -> monotonic() of its last callback
         self.refresher = Refresher(
-            self._stores, self._flights.refresh, self._interest.tell, config, clock=clock
+            self._stores,
+            self._flights.refresh,
+            self._interest.tell,
+            config,
+            clock=clock,
+            callbacks_flowing=self._callbacks_flowing,
+        )
+        self._confirmations = Confirmations(
+            self._stores,
+            self._flights.confirm,
+            self._topics.__contains__,
+            interval=config.callback_confirm_interval,
+            max_pending=config.cache_entries,
+            metrics=metrics,
+            clock=clock,
+            monotonic=monotonic,
         )
         self._background: list[asyncio.Task[None]] = []
 
@@ -86,6 +106,7 @@ class Answers:
 
     async def aclose(self) -> None:
         self.begin_drain()
+        await self._confirmations.aclose()
         await background.stop(self._background)
         # Each flight is bounded by its deadline; refreshes by TIW_UPSTREAM_TIMEOUT.
         await self._flights.coalescer.settle(self.config.upstream_timeout + 1)
@@ -150,6 +171,21 @@ class Answers:
         # is refreshed at once (its watchers learn the new state now, not at a caller's next call).
         await self._interest.tell()
         await self._stores.invalidate(Key.of(*target), at=self._clock())
+
+    def changed(self, action: str, sdk_app_id: int, task_id: str, *, received_at: float, here: bool) -> None:
+        """A callback (an event, ``events.Event``) said the task changed: ``here``, this replica took
+        it, and asks TIW again (``_confirm``: bounded, as a hint, never as a state); else another
+        replica did, and this one's watchers of the task get its answer at once."""
+        self._callbacks_at[action] = self._monotonic()
+        key = Key.of(action, _policy.REQUESTS[action](sdk_app_id=sdk_app_id, task_id=task_id))
+        if here:
+            self._confirmations.hint(key)
+        else:
+            self._confirmations.expect(key, since=received_at)
+
+    def _callbacks_flowing(self, action: str) -> bool:
+        at = self._callbacks_at.get(action)
+        return at is not None and self._monotonic() - at < CALLBACKS_FLOW_FOR
 
     async def watch(self, action: str, request: Message, *, deadline: float | None) -> Watch:
         """A watch of the task ``request`` asks about (see Watch; close it however the stream ends):

@@ -36,6 +36,8 @@ class Config:
     refresh_interest: float = 10.0  # TIW_REFRESH_INTEREST
     max_queue_wait: float = 5.0  # TIW_MAX_QUEUE_WAIT
     upstream_timeout: float = 10.0  # TIW_UPSTREAM_TIMEOUT
+    callback_confirm_interval: float = 1.0  # TIW_CALLBACK_CONFIRM_INTERVAL
+    refresh_after_with_callbacks: float = 0.0  # TIW_REFRESH_AFTER_WITH_CALLBACKS (0: as without)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Config:
@@ -61,6 +63,13 @@ class Config:
     def refresh_after(self) -> float:
         """How old an answer callers want is before spare quota refreshes it."""
         return REFRESH_AT * self.max_staleness
+
+    def refresh_after_for(self, callbacks_flowing: bool) -> float:
+        """``refresh_after``, or TIW_REFRESH_AFTER_WITH_CALLBACKS while callbacks of the action come
+        (they tell of changes; the periodic refresh is then the fall-back for a lost one)."""
+        if callbacks_flowing and self.refresh_after_with_callbacks > 0:
+            return max(self.refresh_after, self.refresh_after_with_callbacks)
+        return self.refresh_after
 
 
 def shared_store(settings: Settings, config: Config, metrics: Metrics | None) -> RedisAnswerStore | None:

@@ -11,7 +11,8 @@ stop) invalidated the key after the request began, and whose share a flight's sl
 started it (``call_record.CURRENT_SHARE``): its slot is queued under that caller's name in the limiter's
 fair share, as that caller's own request would be. Joiners add no request and are charged none.
 Nothing else of the starting caller goes along. A refresh's flight carries no share: spare slots
-are nobody's. docs/limiter.md, "Shared requests", has the reasons.
+are nobody's. A callback's confirmation (``confirm``) takes a spare slot if there is one, else
+queues as a share of its own, CALLBACKS_SHARE. docs/limiter.md, "Shared requests", has the reasons.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
+import hashlib
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from google.protobuf.message import Message
@@ -39,6 +43,10 @@ from tiw_facade.metrics import Metrics
 # ``spare`` and the limiter has no spare slot). The last argument is called once a slot is granted
 # (the request is then on its way). The handler supplies it (translation, retry policy).
 Fetch = Callable[[str, Message, "float | None", bool, Callable[[], None]], Awaitable[Message]]
+
+# The share a callback's confirmation queues under when no spare slot is free: one of its own, so a
+# flood of callbacks competes with callers as one caller would, never as all of them.
+CALLBACKS_SHARE = "tiw-callbacks"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,6 +79,11 @@ class Flights:
         self._metrics = metrics
         self._clock = clock
         self._monotonic = monotonic
+        # A digest of the last answer TIW gave for each key (RequestId aside), the most recent
+        # cache_entries keys: which answers changed (tiw_answer_changes_total, what tells an
+        # operator that tasks change while no callback comes).
+        self._last_content: OrderedDict[Key, bytes] = OrderedDict()
+        self._max_contents = config.cache_entries
         self.coalescer: Coalescer[Key, Landed] = Coalescer(
             unsent=given_up_unsent,
             again=(NoSpareQuota,),  # a refresh that found no spare quota: its joiners ask as callers
@@ -124,15 +137,46 @@ class Flights:
         self._metrics.answers_of(key.action).refreshed["ok"].inc()
         return True
 
+    async def confirm(self, key: Key) -> bool:
+        """Ask TIW for ``key`` again now, whatever the age of the answer kept (a callback said its
+        task changed): the answers kept are dropped everywhere first, so that no caller is served
+        one from before the change and no request begun before it is kept. True if TIW answered."""
+        # Requests begun before now are refused (one begun at this very instant, after the callback
+        # came, is not: it would be asked again for nothing on a clock that did not move).
+        await self._stores.invalidate(key, at=math.nextafter(self._clock(), -math.inf))
+        if key in self.coalescer:  # begun before the drop: its answer is refused, and it asks again
+            return True
+        request = _policy.REQUESTS[key.action].FromString(key.request)
+        deadline = self._monotonic() + self._refresh_timeout
+        fly = functools.partial(self._fly, key, request, deadline, spare=True, then_reserved=True)
+        flight = self.coalescer.start(key, fly, deadline, queued_under(CALLBACKS_SHARE))
+        await asyncio.wait((flight.task,))
+        try:
+            flight.task.result()
+        except FacadeError:
+            return False
+        return True
+
     async def _fly(
-        self, key: Key, request: Message, deadline: float | None, flight: Flight[Landed], *, spare: bool
+        self,
+        key: Key,
+        request: Message,
+        deadline: float | None,
+        flight: Flight[Landed],
+        *,
+        spare: bool,
+        then_reserved: bool = False,
     ) -> Landed:
         """One request to TIW for ``key`` (``spare``: a refresh, on spare quota, whose lease is taken
-        with its key), or the answer another replica's request got meanwhile."""
+        with its key; ``then_reserved``: a confirmation, on a spare slot if any, else a caller's),
+        or the answer another replica's request got meanwhile."""
         stores = self._stores
+        ask = functools.partial(
+            self._ask_tiw, key, request, deadline, flight, spare, then_reserved=then_reserved
+        )
         asked_at = self._clock()
         leased = False
-        if stores.shared is not None and stores.usable and not spare:
+        if stores.shared is not None and stores.usable and (not spare or then_reserved):
             try:
                 leased = await stores.shared.lease(key, self._lease_seconds)
                 if not leased:
@@ -145,7 +189,7 @@ class Flights:
             except StoreUnavailable as exc:
                 stores.failed(exc)
         try:
-            entry = await self._ask_tiw(key, request, deadline, flight, spare)
+            entry = await ask()
             if not await stores.keep(key, entry, asked_at):
                 newer = await self._newer(key, entry)
                 if newer is not None:
@@ -154,7 +198,7 @@ class Flights:
                 # request began, so its answer may predate the write; and callers who asked after the
                 # write may have joined this flight. Everyone gets an answer asked for after it.
                 asked_at = self._clock()
-                entry = await self._ask_tiw(key, request, deadline, flight, spare)
+                entry = await ask()
                 if not await stores.keep(key, entry, asked_at):
                     return Landed(entry, from_peer=False)  # invalidated again: right now, kept by nobody
             stores.publish(key, entry)
@@ -172,11 +216,23 @@ class Flights:
         return found if found is not None and found.answered_at > entry.answered_at else None
 
     async def _ask_tiw(
-        self, key: Key, request: Message, deadline: float | None, flight: Flight[Landed], spare: bool
+        self,
+        key: Key,
+        request: Message,
+        deadline: float | None,
+        flight: Flight[Landed],
+        spare: bool,
+        *,
+        then_reserved: bool = False,
     ) -> Entry:
         begun = self._clock()
         try:
-            response = await self._fetch(key.action, request, deadline, spare, flight.mark_sent)
+            try:
+                response = await self._fetch(key.action, request, deadline, spare, flight.mark_sent)
+            except NoSpareQuota:
+                if not then_reserved:
+                    raise
+                response = await self._fetch(key.action, request, deadline, False, flight.mark_sent)
         except TiwError as exc:
             if exc.code not in _policy.KEPT_ERRORS:
                 raise
@@ -186,12 +242,23 @@ class Flights:
                 error_code=exc.code,
                 error_message=exc.message,
             )
-        return Entry(
+        entry = Entry(
             answered_at=flight.sent_since(begun),
             request_id=getattr(response, "request_id", ""),
             payload=response.SerializeToString(),
             terminal=_policy.is_terminal(key.action, response),
         )
+        self._note_content(key, entry.payload)
+        return entry
+
+    def _note_content(self, key: Key, payload: bytes) -> None:
+        digest = hashlib.blake2b(_policy.content(key.action, payload), digest_size=8).digest()
+        before = self._last_content.pop(key, None)
+        self._last_content[key] = digest
+        if before is not None and before != digest:
+            self._metrics.answer_changes.labels(action=key.action).inc()
+        if len(self._last_content) > self._max_contents:
+            self._last_content.popitem(last=False)
 
 
 def given_up_unsent(exc: BaseException) -> bool:

@@ -5,7 +5,8 @@ replica, while it answers; else the process's), then a slot the direct calls lea
 (``Limiter.try_spare``, which keeps TIW_REFRESH_RESERVE slots free), then fetch it through the same
 flight a caller would join. Oldest answer first spreads the age of answers evenly when the quota
 cannot keep them all young, instead of some tasks starving; an answer younger than 90% of
-TIW_MAX_STALENESS is not refreshed (no quota spent on answers every caller would take anyway).
+TIW_MAX_STALENESS is not refreshed (no quota spent on answers every caller would take anyway), nor,
+while TIW's callbacks of the action come, younger than TIW_REFRESH_AFTER_WITH_CALLBACKS if set.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ class Refresher:
         *,
         actions: Sequence[str] = tuple(sorted(_policy.RESPONSES)),
         clock: Callable[[], float],
+        callbacks_flowing: Callable[[str], bool] = lambda action: False,
     ) -> None:
         self._stores = stores
         self._refresh = refresh
         self.tell = tell  # public: a test steps the refresher by tell() and once(action)
         self._actions = tuple(actions)
-        self._refresh_after = config.refresh_after
+        self._config = config
+        self._callbacks_flowing = callbacks_flowing
         self._lease_seconds = config.lease_seconds
         self._clock = clock
 
@@ -77,10 +80,9 @@ class Refresher:
         """Refresh one key if one is due and a spare slot is free; how long to pause before the next."""
         store = self._stores.schedule()
         now = self._clock()
+        after = self._config.refresh_after_for(self._callbacks_flowing(action))
         try:
-            key = await store.next_due(
-                action, older_than=now - self._refresh_after, lease=self._lease_seconds, now=now
-            )
+            key = await store.next_due(action, older_than=now - after, lease=self._lease_seconds, now=now)
         except StoreUnavailable as exc:
             self._stores.failed(exc)
             return IDLE

@@ -11,6 +11,8 @@ valid on a Cluster):
 ``...i:<key>``        the invalidation stamp: the latest ``at`` the key was invalidated at; kept
                       long after any request begun before it could still answer.
 ``...l:<key>``        the lease: the token of the store instance that holds it.
+``...h:<key>``        a callback's confirmation turn (``_confirm.py``): taken for
+                      TIW_CALLBACK_CONFIRM_INTERVAL by the replica confirming the key.
 ``...w:<action>``     sorted set of wanted keys, score = until when they are wanted.
 ``...s:<action>``     the refresh schedule: sorted set of wanted keys whose entry is neither
                       terminal nor an error, score = its answered_at (0: no entry yet).
@@ -62,6 +64,7 @@ KEY_TYPES = {
     "e": "hash",
     "i": "string",
     "l": "string",
+    "h": "string",
     "w": "zset",
     "s": "zset",
     "alive": "string",

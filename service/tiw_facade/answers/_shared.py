@@ -356,6 +356,19 @@ class RedisAnswerStore:
             self._rejected(WRONG_TYPE, key.action)
         return taken == 1
 
+    async def claim(self, key: Key, seconds: float) -> float:
+        """Take ``key``'s confirmation turn for ``seconds``, across replicas (``_confirm.py``): 0.0 if
+        taken, else the seconds until the turn another replica took ends."""
+        name = f"{self.prefix}h:{key.text()}"
+        with self._unavailable():
+            if await self._mending((name,), lambda: self._client.set(name, "1", nx=True, px=_ms(seconds))):
+                return 0.0
+            left = await self._client.pttl(name)
+            if left == -1:  # no expiry: no replica wrote it, and it would hold the turn for ever
+                await self._client.delete(name)
+                self._rejected(WRONG_TYPE, key.action)
+        return left / 1000 if left > 0 else 0.0  # gone meanwhile: the turn is free
+
     async def unlease(self, key: Key) -> None:
         await self._call(self._unlease(keys=(self.lease_key(key),), args=(self._token,)))
 

@@ -231,6 +231,10 @@ class Topics:
         self._deadlines = Deadlines()
         self.draining = False  # the facade stops: watches end with ShuttingDown, new ones are refused
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is watched here now."""
+        return key in self._topics
+
     def drain(self) -> None:
         self.draining = True
         self.wake_all()
