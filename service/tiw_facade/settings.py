@@ -121,6 +121,11 @@ def port(raw: str) -> int:
     return value
 
 
+def optional_port(raw: str) -> int | None:
+    """A port, or nothing (empty): a server that is off."""
+    return port(raw) if raw.strip() else None
+
+
 def positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value == float("inf"):
@@ -737,14 +742,14 @@ class Settings:
     )
 
     # TIW's callbacks (callbacks.py) and the events they carry (events/, WatchEvents).
-    callback_port: int = declare(
+    callback_port: int | None = declare(
         "TIW_CALLBACK_PORT",
-        port,
+        optional_port,
         "Port of the intake of TIW's callbacks (`POST /callbacks/push`, `/callbacks/snapshot`, "
         "`/callbacks/video`), the one port meant for the internet; nothing else is served on it "
-        "(docs/callbacks.md).",
-        default=0,
-        shown_default="(0: no intake)",
+        "(docs/callbacks.md). 0: any free port.",
+        default=None,
+        shown_default="(empty: no intake)",
     )
     callback_keys: tuple[tuple[int, str], ...] = declare(
         "TIW_CALLBACK_KEYS",
