@@ -14,6 +14,7 @@ protos make.
 from __future__ import annotations
 
 import filecmp
+import importlib.resources
 import pathlib
 import re
 import shutil
@@ -30,7 +31,9 @@ PACKAGE_PREFIX = "tiw_facade._proto."
 
 def generate(into: pathlib.Path) -> None:
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    args = ["protoc", f"-I{PROTOS}", f"--python_out={into}", f"--pyi_out={into}", f"--grpc_python_out={into}"]
+    # grpc_tools ships the well-known types (google/protobuf/timestamp.proto) beside protoc.
+    well_known = importlib.resources.files("grpc_tools") / "_proto"
+    args = ["protoc", f"-I{PROTOS}", f"-I{well_known}", f"--python_out={into}", f"--pyi_out={into}", f"--grpc_python_out={into}"]
     if protoc.main([*args, *sources]) != 0:
         raise SystemExit("protoc failed")
     packages = {str(pathlib.PurePosixPath(source).parent).replace("/", ".") for source in sources}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 # The kinds of event, by the intake's path (/callbacks/<kind>), and the Describe action that confirms
@@ -81,16 +82,47 @@ class EventLogUnavailable(Exception):
     """The log's Redis failed: nothing was taken (the intake answers 503, and TIW retries)."""
 
 
+# A cursor is a Redis Stream entry ID, ``<ms>-<seq>``, in both logs (the memory log makes them the
+# same way), so cursors look alike whichever log gave them out.
+Position = tuple[int, int]
+_CURSOR = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits: \d takes any script's
+_MAX_PART = 2**64 - 2  # below 2**64 in a Stream ID; and a read after 2**64 - 1 overflows
+# How long a callback's identity is remembered when its ExpireTime is already near or past: TIW's
+# retries of it come within seconds, not at its ExpireTime.
+MIN_SEEN_SECONDS = 60.0
+
+
+def parse_cursor(cursor: str) -> Position:
+    """The position ``cursor`` names; InvalidCursor when it is not of the logs' shape."""
+    found = _CURSOR.fullmatch(cursor)
+    if found is None:
+        raise InvalidCursor(f"not a cursor of this log: {cursor[:40]!r}")
+    ms, seq = int(found[1]), int(found[2])
+    if ms > _MAX_PART or seq > _MAX_PART:
+        raise InvalidCursor(f"not a cursor of this log: {cursor[:40]!r}")
+    return ms, seq
+
+
+def format_cursor(position: Position) -> str:
+    return f"{position[0]}-{position[1]}"
+
+
+def seen_seconds(event: Event, now: float, retention: float) -> float:
+    """How long the log remembers ``event``'s identity: until its ExpireTime (a replay of its Sign
+    is refused by the intake after that), at least ``MIN_SEEN_SECONDS``, at most ``retention``."""
+    return min(max(event.expire_time - now, MIN_SEEN_SECONDS), retention)
+
+
 class EventLog(Protocol):
     async def append(self, event: Event) -> Event | None:
         """Take ``event`` once: the event with its cursor, or None if one of its ``identity`` was
         taken within its ExpireTime (a replay, or TIW's retry). Raises EventLogUnavailable."""
         ...
 
-    def follow(self, after: str | None) -> AsyncIterator[Event]:
+    def follow(self, after: str | None) -> AsyncGenerator[Event, None]:
         """Every event after the cursor ``after`` (None: from now on), as they come, for ever.
         Raises CursorExpired, InvalidCursor, EventLogUnavailable (a Redis log keeps trying for a
-        while before it gives up)."""
+        while before it gives up). A generator: ``aclose()`` it (``contextlib.aclosing``) when done."""
         ...
 
     async def aclose(self) -> None: ...
