@@ -32,7 +32,7 @@ from tiw_facade.pod_identity import WebIdentity, WebIdentityConfig
 from tiw_facade.signing import Credentials
 from tiw_facade.transport import AiohttpTransport
 from tiw_facade.upstream import ClientConfig, Request, TiwClient
-from tiw_facade.watcher import build_watcher
+from tiw_facade.watcher import WatchSlots, build_watcher
 
 DEMO_KEY = Credentials(DEMO_SECRET_ID, DEMO_SECRET_KEY)
 DESCRIBE_PUSH: Request[dict[str, Any]] = Request(
@@ -182,7 +182,7 @@ async def test_the_watcher_streams_from_the_answers_within_its_cap(emulator: Emu
         answers = Answers(Config(), fetcher(client))
         await answers.start()
         try:
-            watcher = build_watcher(answers, Metrics.unobserved(), max_watches=1, max_watches_per_caller=1)
+            watcher = build_watcher(answers, Metrics.unobserved(), slots=WatchSlots(1, 1))
             async with grpc_server(watcher) as channel:
                 stub = watcher_pb2_grpc.TaskWatcherStub(channel)
                 ended_at_final = [m.status async for m in stub.WatchSnapshotTask(snapshot_watch(finished))]

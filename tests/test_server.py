@@ -62,6 +62,7 @@ async def test_health_list_reports_every_service(facade: Facade) -> None:
         "": health_pb2.HealthCheckResponse.SERVING,
         SERVICE: health_pb2.HealthCheckResponse.SERVING,
         "tiw.facade.v1.TaskWatcher": health_pb2.HealthCheckResponse.SERVING,
+        "tiw.facade.v1.EventStream": health_pb2.HealthCheckResponse.SERVING,
     }
 
 

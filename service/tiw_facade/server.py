@@ -1,16 +1,17 @@
-"""Assembly and lifecycle: the gRPC server (TiwService, TaskWatcher, health, reflection), the HTTP
-server (/metrics, /healthz), and a graceful stop.
+"""Assembly and lifecycle: the gRPC server (TiwService, TaskWatcher, EventStream, health,
+reflection), the HTTP server (/metrics, /healthz), the intake of TIW's callbacks, and a graceful stop.
 
 The one composition root: ``FacadeServer.start`` builds every store, client and background task
-(metrics, limiter, TIW transport, credentials source, idempotency keys, TIW client, answers, the
-handlers) from ``Settings``, each from the small config it takes (``X.from_settings``), and hands
-each its collaborators. No component reads ``Settings`` itself, so a test builds any of them alone.
+(metrics, limiter, TIW transport, credentials source, idempotency keys, TIW client, answers, event
+log and callback intake, the handlers) from ``Settings``, each from the small config it takes
+(``X.from_settings``), and hands each its collaborators. No component reads ``Settings`` itself, so
+a test builds any of them alone.
 
 The HTTP server (pages.py) runs in threads of its own, apart from the gRPC event loop.
 
 SIGTERM → health NOT_SERVING → new RPCs refused, in-flight ones drain within the grace period →
-HTTP server, answers, TIW client (once the calls it sees through end), idempotency keys, credentials
-source, TIW transport and limiter closed, in that order → exit 0.
+callback intake, event log, HTTP server, answers, TIW client (once the calls it sees through end),
+idempotency keys, credentials source, TIW transport and limiter closed, in that order → exit 0.
 
 Every resource registers its close on an AsyncExitStack the moment it is open, so a start that
 fails halfway closes what it opened, and one close that raises does not skip the others. The stack
@@ -27,17 +28,25 @@ import logging
 import math
 import signal
 import threading
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tiw_facade import __version__, credentials, identity, tls
+from tiw_facade import __version__, background, credentials, identity, tls
 from tiw_facade.answers import SHARED_ACTIONS, Answers, shared_store
 from tiw_facade.answers import Config as AnswersConfig
 from tiw_facade.authn import AuthnConfig, TokenVerifier
 from tiw_facade.authz import Authorizer, AuthzConfig
+from tiw_facade.callback_flow import CallbackFlow
+from tiw_facade.callback_intake import CallbackIntake
+from tiw_facade.callbacks import CallbackKeys
 from tiw_facade.credentials import CredentialsConfig
+from tiw_facade.event_watch import SERVICE as EVENTS
+from tiw_facade.event_watch import event_stream_handler
+from tiw_facade.events import EventLog
+from tiw_facade.events._open import open_log
 from tiw_facade.handler import SERVICE, build_handler, fetcher
 from tiw_facade.idempotency import Keys, KeysConfig
 from tiw_facade.interceptor import RpcObserver
@@ -50,7 +59,7 @@ from tiw_facade.tencent_clock import TencentClock
 from tiw_facade.transport import AiohttpTransport
 from tiw_facade.upstream import ClientConfig, TiwClient
 from tiw_facade.watcher import SERVICE as WATCHER
-from tiw_facade.watcher import build_watcher
+from tiw_facade.watcher import WatchSlots, build_watcher
 
 log = logging.getLogger("tiw_facade.server")
 
@@ -133,10 +142,12 @@ class FacadeServer:
         self.health = HealthServicer()
         self.grpc_port = 0
         self.http_port = 0
+        self.callback_port: int | None = None  # the intake's bound port, when TIW_CALLBACK_PORT is set
         self._limiter: Limiter | None = None
         self.answers: Answers | None = None
         self._gate: tuple[TokenVerifier | None, Authorizer | None] = (None, None)
         self._resources: contextlib.AsyncExitStack | None = None
+        self._drain_events: list[Callable[[], None]] = []
         self._grace = settings.shutdown_grace
         self._serving = False
 
@@ -156,6 +167,9 @@ class FacadeServer:
             metrics.prime_answers(sorted(SHARED_ACTIONS))
             for method in WATCHER.methods:
                 metrics.method("server_stream", WATCHER.full_name, method.name)
+            for method in EVENTS.methods:
+                metrics.method("server_stream", EVENTS.full_name, method.name)
+            metrics.prime_callbacks(sorted(SHARED_ACTIONS))
             transport = tiw_transport(settings)
             resources.push_async_callback(transport.aclose)
             await transport.start()
@@ -191,10 +205,11 @@ class FacadeServer:
             self._gate = await self._start_gate(resources)
             # HTTP before gRPC, so it closes after the drain: probes and scrapes see it through.
             await self._start_http(resources)
-            await self._start_grpc(resources, client, keys, answers)
+            events = await self._start_events(resources, answers)
+            await self._start_grpc(resources, client, keys, answers, events)
             self._resources = resources.pop_all()
 
-        for service in ("", SERVICE.full_name, WATCHER.full_name):
+        for service in ("", SERVICE.full_name, WATCHER.full_name, EVENTS.full_name):
             await self.health.set(service, SERVING)
         self._serving = True
         log.info(
@@ -210,18 +225,56 @@ class FacadeServer:
                 "tls": tls.TlsFiles.from_settings(settings).mode,
                 "authentication": "on" if self._gate[0] else "off",
                 "authorization": "on" if self._gate[1] else "off",
+                "callback_port": self.callback_port,
                 "version": __version__,
             },
         )
 
+    async def _start_events(self, resources: contextlib.AsyncExitStack, answers: Answers) -> EventLog:
+        """The event log (Redis's stream, or this process's ring), this replica's follower of it, and
+        the intake of TIW's callbacks when TIW_CALLBACK_PORT is set. Closed before the answers (the
+        hints they give run there) and after the gRPC drain (WatchEvents streams read the log)."""
+        settings = self.settings
+        log_ = open_log(settings, self.metrics)
+        resources.push_async_callback(log_.aclose)
+        flow = CallbackFlow(log_, answers)
+        follower = asyncio.create_task(flow.run(), name="callbacks-follower")
+        resources.push_async_callback(background.stop, [follower])
+        if settings.callback_port is None:
+            return log_
+        keys = CallbackKeys.from_settings(settings)
+        resources.push_async_callback(keys.aclose)
+        await keys.start()  # an unusable key file fails the start, naming it
+        intake = CallbackIntake(
+            keys,
+            flow.take,
+            metrics=self.metrics,
+            max_bytes=settings.callback_max_bytes,
+            max_ahead=settings.callback_max_ahead,
+        )
+        resources.push_async_callback(intake.aclose)
+        try:
+            self.callback_port = await intake.start(settings.bind_host.strip("[]"), settings.callback_port)
+        except OSError as exc:
+            raise BindError(
+                f"{variable('callback_port')}: cannot listen on {settings.bind_host}:"
+                f"{settings.callback_port} ({exc.strerror or exc})"
+            ) from None
+        return log_
+
     async def _start_grpc(
-        self, resources: contextlib.AsyncExitStack, client: TiwClient, keys: Keys, answers: Answers
+        self,
+        resources: contextlib.AsyncExitStack,
+        client: TiwClient,
+        keys: Keys,
+        answers: Answers,
+        events: EventLog,
     ) -> None:
         settings = self.settings
         quiet = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1})
         secured = tls.server_credentials(tls.TlsFiles.from_settings(settings))  # None: plaintext
         callers = identity.CallerCheck(
-            frozenset({SERVICE.full_name, WATCHER.full_name}),
+            frozenset({SERVICE.full_name, WATCHER.full_name, EVENTS.full_name}),
             mutual=bool(settings.tls_client_ca_file),
             listed=(name for name, _ in settings.caller_weights),
             verifier=self._gate[0],
@@ -235,16 +288,16 @@ class FacadeServer:
         )
         resources.push_async_callback(self._drain, server)
         server.add_generic_rpc_handlers((build_handler(client, keys, answers),))
-        watcher = build_watcher(
-            answers,
-            self.metrics,
-            max_watches=settings.max_watches,
-            max_watches_per_caller=settings.max_watches_per_caller,
-        )
-        server.add_generic_rpc_handlers((watcher,))
+        slots = WatchSlots(settings.max_watches, settings.max_watches_per_caller)
+        server.add_generic_rpc_handlers((build_watcher(answers, self.metrics, slots=slots),))
+        event_stream, drain_events = event_stream_handler(events, self.metrics, slots=slots)
+        self._drain_events.append(drain_events)
+        server.add_generic_rpc_handlers((event_stream,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
-            add_reflection(server, (SERVICE.full_name, WATCHER.full_name, health.SERVICE_NAME))
+            add_reflection(
+                server, (SERVICE.full_name, WATCHER.full_name, EVENTS.full_name, health.SERVICE_NAME)
+            )
         address = f"{settings.bind_host}:{settings.grpc_port}"
         try:
             if secured is None:
@@ -268,7 +321,9 @@ class FacadeServer:
             await verifier.start()
         if (authz := AuthzConfig.from_settings(self.settings)).enabled:
             methods = [
-                f"/{service.full_name}/{m.name}" for service in (SERVICE, WATCHER) for m in service.methods
+                f"/{service.full_name}/{m.name}"
+                for service in (SERVICE, WATCHER, EVENTS)
+                for m in service.methods
             ]
             authorizer = Authorizer(authz, self.metrics, methods=methods)
             resources.push_async_callback(authorizer.aclose)
@@ -278,6 +333,8 @@ class FacadeServer:
     async def _drain(self, server: grpc.aio.Server) -> None:
         if self.answers is not None:
             self.answers.begin_drain()  # open watches end UNAVAILABLE now, not when the grace runs out
+        for drain in self._drain_events:
+            drain()
         await server.stop(self._grace)
 
     async def _start_http(self, resources: contextlib.AsyncExitStack) -> None:

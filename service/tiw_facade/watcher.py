@@ -61,9 +61,11 @@ def describe_method(method: MethodDescriptor) -> MethodDescriptor:
     return describe
 
 
-class _Slots:
+class WatchSlots:
     """The watches this process holds open: TIW_MAX_WATCHES in all, TIW_MAX_WATCHES_PER_CALLER by
     share (``call_record.CURRENT_SHARE``: a proven or listed caller, or every other caller together).
+    Task watches and WatchEvents streams (event_watch.py) take slots of the same two caps: they cost
+    a replica alike (mostly grpc's state of an open stream), and budget.py sizes the caps for both.
 
     One event loop: no lock. A share is counted only while it holds a stream, so the table is never
     larger than the streams open, however many names callers bring.
@@ -97,13 +99,9 @@ class _Slots:
             del self.by_share[share]
 
 
-def build_watcher(
-    answers: Answers, metrics: Metrics, *, max_watches: int, max_watches_per_caller: int
-) -> grpc.GenericRpcHandler:
-    """The generic handler serving every RPC of TaskWatcher from ``answers``: at most ``max_watches``
-    streams open at once (TIW_MAX_WATCHES), ``max_watches_per_caller`` of them by one caller's share
-    (TIW_MAX_WATCHES_PER_CALLER)."""
-    slots = _Slots(max_watches, max_watches_per_caller)
+def build_watcher(answers: Answers, metrics: Metrics, *, slots: WatchSlots) -> grpc.GenericRpcHandler:
+    """The generic handler serving every RPC of TaskWatcher from ``answers``, each stream holding
+    one of ``slots``."""
     handlers = {}
     for method in SERVICE.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -117,7 +115,7 @@ def build_watcher(
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
 
 
-def _behavior(action: str, answers: Answers, slots: _Slots, metrics: Metrics) -> Stream:
+def _behavior(action: str, answers: Answers, slots: WatchSlots, metrics: Metrics) -> Stream:
     active = metrics.watches_active.labels(action=action)
 
     async def stream(
