@@ -33,7 +33,14 @@ def generate(into: pathlib.Path) -> None:
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     # grpc_tools ships the well-known types (google/protobuf/timestamp.proto) beside protoc.
     well_known = importlib.resources.files("grpc_tools") / "_proto"
-    args = ["protoc", f"-I{PROTOS}", f"-I{well_known}", f"--python_out={into}", f"--pyi_out={into}", f"--grpc_python_out={into}"]
+    args = [
+        "protoc",
+        f"-I{PROTOS}",
+        f"-I{well_known}",
+        f"--python_out={into}",
+        f"--pyi_out={into}",
+        f"--grpc_python_out={into}",
+    ]
     if protoc.main([*args, *sources]) != 0:
         raise SystemExit("protoc failed")
     packages = {str(pathlib.PurePosixPath(source).parent).replace("/", ".") for source in sources}
