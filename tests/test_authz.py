@@ -866,3 +866,34 @@ def test_the_cli_reports_a_malformed_policy_in_one_line_with_exit_2(
         f'tiw-facade: authorization policy: {path}: policy rule "a" (allow_rules[0]): source.principals: '
         "must not be empty (leave it out of source to match any)\n"
     )
+
+
+def test_a_subscription_is_judged_by_its_one_sdk_app_id_and_several_as_unknown() -> None:
+    """WatchEvents filters on a set of SdkAppIds. With one, a rule restricted to SdkAppIds judges it
+    as a call for that one; with several or none (every application's events), the SdkAppId is
+    unknown, which only a rule for every SdkAppId allows: a caller allowed one application's
+    events never gets another's by asking for all of them."""
+    from tiw_facade._proto.tiw.facade.v1 import events_pb2
+    from tiw_facade.access import Call
+
+    method = "/tiw.facade.v1.EventStream/WatchEvents"
+    assert Call(method, events_pb2.WatchEventsRequest(sdk_app_ids=[APP])).sdk_app_id == APP
+    assert Call(method, events_pb2.WatchEventsRequest(sdk_app_ids=[APP, OTHER_APP])).sdk_app_id is None
+    assert Call(method, events_pb2.WatchEventsRequest()).sdk_app_id is None
+    policy = parse_policy(
+        json.dumps(
+            {
+                "name": "events",
+                "allow_rules": [
+                    {
+                        "name": "classroom-events",
+                        "source": {"principals": [CLASSROOM]},
+                        "request": {"paths": [method], "sdk_app_ids": [APP]},
+                    }
+                ],
+            }
+        )
+    )
+    assert policy.decide(CLASSROOM, method, APP).allowed
+    assert not policy.decide(CLASSROOM, method, None).allowed
+    assert not policy.decide(CLASSROOM, method, OTHER_APP).allowed

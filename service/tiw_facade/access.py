@@ -39,6 +39,11 @@ class Call:
     @property
     def sdk_app_id(self) -> int | None:
         value = self._field("sdk_app_id")
+        if value is None:
+            # WatchEvents filters on a set of SdkAppIds: one is judged as a call for it; several, or
+            # none (every SdkAppId's events), as unknown, which only a rule for every SdkAppId allows.
+            many = self._field("sdk_app_ids")
+            value = many[0] if many is not None and len(many) == 1 else None
         return value if isinstance(value, int) and value else None
 
     @property
