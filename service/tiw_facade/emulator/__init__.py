@@ -8,11 +8,13 @@ succeeds on all five actions; that is its proof. It owns the demo credentials (`
     emulator = Emulator(EmulatorConfig(snapshot_seconds=0.1))
     url = await emulator.start()            # http://127.0.0.1:PORT
     emulator.add_fault(Fault(FaultKind.DROP, action="CreateSnapshotTask", count=1))
+    emulator.add_callback_fault(CallbackFault(CallbackFaultKind.DUPLICATE, count=1))
     ...
     await emulator.stop()
 """
 
 from tiw_facade.emulator.admin import ADMIN_PREFIX
+from tiw_facade.emulator.callbacks import CallbackFault, CallbackFaultKind, CallbackStats
 from tiw_facade.emulator.config import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY, EmulatorConfig
 from tiw_facade.emulator.protocol import REQUESTS, VERSION
 from tiw_facade.emulator.server import Emulator
@@ -30,6 +32,9 @@ __all__ = [
     "SEED_SDK_APP_ID",
     "VERSION",
     "ActionStats",
+    "CallbackFault",
+    "CallbackFaultKind",
+    "CallbackStats",
     "Emulator",
     "EmulatorConfig",
     "Fault",

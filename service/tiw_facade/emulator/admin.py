@@ -1,6 +1,6 @@
 """The emulator's admin endpoints under ``/_emulator``: unsigned, never rate limited, each one a
-part of ``Emulator``'s Python API over JSON (stats, faults, reset, tasks), for a process that runs
-the emulator in another (``tiw-facade emulator``, the benchmarks)."""
+part of ``Emulator``'s Python API over JSON (stats, faults, reset, tasks, the callbacks' faults and
+stats), for a process that runs the emulator in another (``tiw-facade emulator``, the benchmarks)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from tiw_facade.emulator.callbacks import CallbackFault
 from tiw_facade.emulator.traffic import Fault
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ ADMIN_PREFIX: Final = "/_emulator"
 # kind, then each kind's own (its durations, in seconds from now, non-negative).
 _TASK_FIELDS: Final = (("TaskId", "task_id", str), ("SdkAppId", "sdk_app_id", int))
 _KIND_FIELDS: Final[Mapping[str, tuple[tuple[str, str, type | tuple[type, ...]], ...]]] = {
-    "snapshot": (("RunSeconds", "run_seconds", (int, float)),),
+    "snapshot": (("RunSeconds", "run_seconds", (int, float)), ("CallbackURL", "callback_url", str)),
     "push": (
         ("RoomId", "room_id", int),
         ("PrepareSeconds", "prepare_seconds", (int, float)),
@@ -49,6 +50,10 @@ class Admin:
         router.add_post(f"{ADMIN_PREFIX}/reset", self._reset)
         router.add_post(f"{ADMIN_PREFIX}/tasks", self._add_task)
         router.add_get(f"{ADMIN_PREFIX}/tasks", self._tasks)
+        router.add_get(f"{ADMIN_PREFIX}/callbacks/stats", self._callback_stats)
+        router.add_get(f"{ADMIN_PREFIX}/callbacks/faults", self._callback_faults)
+        router.add_post(f"{ADMIN_PREFIX}/callbacks/faults", self._add_callback_fault)
+        router.add_delete(f"{ADMIN_PREFIX}/callbacks/faults", self._clear_callback_faults)
 
     async def _stats(self, request: web.Request) -> web.Response:
         emulator = self._emulator
@@ -74,14 +79,32 @@ class Admin:
         self._emulator.clear_faults(request.query.get("action"))
         return await self._faults(request)
 
+    async def _callback_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(dataclasses.asdict(self._emulator.callback_stats()))
+
+    async def _callback_faults(self, request: web.Request) -> web.Response:
+        faults = self._emulator.callback_faults()
+        return web.json_response({"faults": [dataclasses.asdict(f) for f in faults]})
+
+    async def _add_callback_fault(self, request: web.Request) -> web.Response:
+        try:
+            self._emulator.add_callback_fault(CallbackFault.from_json(await _json_object(request)))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return await self._callback_faults(request)
+
+    async def _clear_callback_faults(self, request: web.Request) -> web.Response:
+        self._emulator.clear_callback_faults(request.query.get("event_type"))
+        return await self._callback_faults(request)
+
     async def _reset(self, request: web.Request) -> web.Response:
         self._emulator.reset()
         return web.json_response({"reset": True})
 
     async def _add_task(self, request: web.Request) -> web.Response:
         """``{"Kind": "snapshot" | "push" | "video", "TaskId"?: str, "SdkAppId"?: int, ...}``: then
-        ``RunSeconds`` (snapshot), ``RoomId``, ``PrepareSeconds``, ``PushSeconds`` (push), ``RoomId``,
-        ``QueueSeconds``, ``ProcessSeconds`` (video), all optional."""
+        ``RunSeconds``, ``CallbackURL`` (snapshot), ``RoomId``, ``PrepareSeconds``, ``PushSeconds``
+        (push), ``RoomId``, ``QueueSeconds``, ``ProcessSeconds`` (video), all optional."""
         try:
             document = await _json_object(request)
             kind = document.pop("Kind", None)

@@ -46,6 +46,23 @@ class EmulatorConfig:
     # call), and the longest life of the temporary credentials it issues, whatever is asked.
     web_identity_tokens: frozenset[str] = frozenset()
     sts_max_seconds: float = 43200.0
+    # TIW's callbacks (callbacks.py). `callback_url`: a base URL for every SdkAppId and kind, e.g.
+    # the facade's intake, posted to at <base>/callbacks/push, <base>/callbacks/snapshot and
+    # <base>/callbacks/video ("": none, unless the Set...Callback actions or a snapshot's CallbackURL
+    # give one). `callback_key`: the key signing every SdkAppId's callbacks unless the
+    # Set...CallbackKey actions set another ("": unsigned, `Sign` is "").
+    callback_url: str = ""
+    callback_key: str = field(default="", repr=False)
+    # A callback's ExpireTime is its Timestamp plus this many seconds (TIW: some minutes).
+    callback_expire_seconds: int = 300
+    # Each callback: posted at most `callback_attempts` times (TIW retries anything but a 200), the
+    # first retry `callback_retry_seconds` after a failure, each later one twice as long after.
+    callback_attempts: int = 4
+    callback_retry_seconds: float = 1.0
+    callback_timeout: float = 3.0
+    # The longest the sender sleeps, in real seconds, before it reads `clock` again: a clock a test
+    # moves by hand (or a wall clock stepped) is noticed within it.
+    callback_poll_seconds: float = 0.25
 
     def __post_init__(self) -> None:
         if self.rate_limit < 1 or self.rate_window <= 0:
@@ -60,3 +77,9 @@ class EmulatorConfig:
             raise ValueError("task durations must not be negative")
         if self.sts_max_seconds <= 0:
             raise ValueError("sts_max_seconds must be positive")
+        if self.callback_url and not self.callback_url.startswith(("http://", "https://")):
+            raise ValueError("callback_url must be an http:// or https:// URL (or empty: none)")
+        if self.callback_attempts < 1 or self.callback_expire_seconds < 0:
+            raise ValueError("callback_attempts must be >= 1 and callback_expire_seconds >= 0")
+        if self.callback_retry_seconds < 0 or self.callback_timeout <= 0 or self.callback_poll_seconds <= 0:
+            raise ValueError("callback_retry_seconds must be >= 0, callback_timeout and poll_seconds > 0")

@@ -1,6 +1,7 @@
 """TIW's ``POST /`` as the emulator answers it: the gateway's checks, in its order (version,
 region, signature, temporary key, rate limit), the faults injected, then the action itself
-(``tasks``), in TIW's envelopes (``protocol``). STS's one action shares the address."""
+(``tasks``, or ``callbacks``' four Set… actions), in TIW's envelopes (``protocol``). STS's one
+action shares the address."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Final
 from aiohttp import web
 
 from tiw_facade import signing
-from tiw_facade.emulator import protocol, sts
+from tiw_facade.emulator import callbacks, protocol, sts
 from tiw_facade.emulator.config import EmulatorConfig
 from tiw_facade.emulator.protocol import EmulatedTiwError
 from tiw_facade.emulator.task_states import Fields
@@ -53,12 +54,14 @@ class Gateway:
         tasks: TaskStore,
         faults: Faults,
         token_service: sts.SecurityTokenService,
+        callback_routes: callbacks.CallbackRoutes,
     ) -> None:
         self.config = config
         self._clock = config.clock
         self._tasks = tasks
         self._faults = faults
         self.sts = token_service
+        self._callback_routes = callback_routes
         self._verifier = signing.Verifier(self._secret_key, max_skew=config.max_clock_skew)
         # Accepted TIW requests per SecretId that signed them: which key a client used, and when.
         self.signers: collections.Counter[str] = collections.Counter()
@@ -69,7 +72,7 @@ class Gateway:
     def reset(self) -> None:
         """Fresh counters for every action, and no signer seen."""
         config = self.config
-        handlers = self._tasks.handlers
+        handlers = {**self._tasks.handlers, **self._callback_routes.handlers}
         self._actions = {
             name: _Action(
                 schema,
@@ -77,7 +80,7 @@ class Gateway:
                 ActionTraffic(config.rate_limit, config.rate_window, config.arrival_history),
                 creates_task=name == protocol.CREATE_SNAPSHOT_TASK,
             )
-            for name, schema in protocol.REQUESTS.items()
+            for name, schema in (*protocol.REQUESTS.items(), *callbacks.REQUESTS.items())
         }
         self.signers.clear()
 

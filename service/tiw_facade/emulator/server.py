@@ -1,5 +1,5 @@
 """The emulator's HTTP server: its lifecycle and its Python API. TIW's ``POST /`` is ``gateway``'s;
-the ``/_emulator/...`` admin endpoints are ``admin``'s."""
+the ``/_emulator/...`` admin endpoints are ``admin``'s; the callbacks it sends are ``callbacks``'s."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from aiohttp import web
 
 from tiw_facade.emulator import sts
 from tiw_facade.emulator.admin import Admin
+from tiw_facade.emulator.callbacks import CallbackFault, CallbackSender, CallbackStats
 from tiw_facade.emulator.config import EmulatorConfig
 from tiw_facade.emulator.gateway import Gateway
 from tiw_facade.emulator.task_states import TaskRecord
@@ -32,8 +33,11 @@ class Emulator:
         self._clock = self.config.clock
         self.sts = sts.SecurityTokenService(self.config)
         self.tasks = TaskStore(self.config)
+        # TIW's callbacks, sent while the server runs; `callbacks.routes` are the Set...Callback
+        # actions' per SdkAppId, `callbacks.wake()` for a test that has just moved its clock.
+        self.callbacks = CallbackSender(self.config, self.tasks)
         self._faults = Faults()
-        self._gateway = Gateway(self.config, self.tasks, self._faults, self.sts)
+        self._gateway = Gateway(self.config, self.tasks, self._faults, self.sts, self.callbacks.routes)
         # Accepted TIW requests per SecretId that signed them: which key a client used, and when.
         self.signers = self._gateway.signers
         # Tasks the five actions cannot create, added now (by the emulator's clock) unless told when;
@@ -61,6 +65,7 @@ class Emulator:
             await runner.cleanup()
             raise
         self._runner = runner
+        await self.callbacks.start()
         bound_port = runner.addresses[0][1]
         self.url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
         logger.debug("TIW emulator listening on %s", self.url)  # the CLI says where, and with which key
@@ -69,6 +74,7 @@ class Emulator:
     async def stop(self) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None
+            await self.callbacks.stop()
             self._gateway.stopping.set()
             await runner.cleanup()
             self._gateway.stopping = asyncio.Event()
@@ -93,10 +99,13 @@ class Emulator:
     # --- the Python API of faults, stats and tasks ---
 
     def reset(self) -> None:
-        """Forget tasks, counters and faults; seed the documented example tasks again."""
+        """Forget tasks, counters and faults, the callbacks' too; seed the documented example tasks
+        again. Their changes from now on are sent as callbacks, none before."""
+        now = self._clock()
         self._gateway.reset()
         self._faults.clear()
-        self.tasks.reset(self._clock())
+        self.callbacks.reset(now)  # before the seed, which it must hear of
+        self.tasks.reset(now)
 
     def add_fault(self, fault: Fault) -> None:
         self._faults.add(fault)
@@ -109,6 +118,18 @@ class Emulator:
 
     def stats(self) -> dict[str, ActionStats]:
         return self._gateway.stats()
+
+    def add_callback_fault(self, fault: CallbackFault) -> None:
+        self.callbacks.faults.add(fault)
+
+    def clear_callback_faults(self, event_type: str | None = None) -> None:
+        self.callbacks.faults.clear(event_type)
+
+    def callback_faults(self) -> list[CallbackFault]:
+        return self.callbacks.faults.active()
+
+    def callback_stats(self) -> CallbackStats:
+        return self.callbacks.stats()
 
     def arrivals(self, action: str) -> list[float]:
         """Accepted arrival times of ``action`` (the latest ``config.arrival_history``)."""

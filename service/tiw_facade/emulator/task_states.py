@@ -32,6 +32,7 @@ class SnapshotTask:
     created: float
     finishes: float
     snapshots: list[str]
+    callback_url: str = ""  # CreateSnapshotTask's CallbackURL: where its callback goes, if given
 
     def describe(self, now: float) -> Fields:
         if now < self.finishes:
@@ -165,6 +166,9 @@ def video_info(**values: Any) -> Fields:
     }
     info.update(values)
     return info
+
+
+Task = SnapshotTask | PushTask | VideoTask
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from tiw_facade.emulator.task_states import (
     Fields,
     PushTask,
     SnapshotTask,
+    Task,
     TaskRecord,
     VideoTask,
     video_info,
@@ -35,6 +36,10 @@ def _new_task_id() -> str:
     return "".join(random.choices(_TASK_ID_ALPHABET, k=20))
 
 
+def _ignore_change(kind: str, sdk_app_id: int, task_id: str) -> None:
+    pass
+
+
 def _not_found(task_id: str) -> EmulatedTiwError:
     return EmulatedTiwError("InvalidParameter.TaskNotFound", f"The task `{task_id}` does not exist.")
 
@@ -47,6 +52,9 @@ class TaskStore:
     snapshots: dict[tuple[int, str], SnapshotTask] = field(default_factory=dict)
     pushes: dict[tuple[int, str], PushTask] = field(default_factory=dict)
     videos: dict[tuple[int, str], VideoTask] = field(default_factory=dict)
+    # Told (kind, SdkAppId, task ID) when a task is added or stopped, i.e. when its changes of state
+    # are new: the callback sender (callbacks.py) wakes to send those due.
+    on_change: Callable[[str, int, str], None] = field(default=_ignore_change, repr=False, compare=False)
 
     @property
     def handlers(self) -> Mapping[str, Callable[[Fields, float], Fields]]:
@@ -61,7 +69,13 @@ class TaskStore:
     # --- the five actions (parameters already checked against protocol.REQUESTS) ---
 
     def create_snapshot(self, params: Fields, now: float) -> Fields:
-        return {"TaskID": self.add_snapshot(sdk_app_id=params["SdkAppId"], cos=params.get("COS"), now=now)}
+        task_id = self.add_snapshot(
+            sdk_app_id=params["SdkAppId"],
+            cos=params.get("COS"),
+            callback_url=params.get("CallbackURL", ""),
+            now=now,
+        )
+        return {"TaskID": task_id}
 
     def describe_snapshot(self, params: Fields, now: float) -> Fields:
         task = self.snapshots.get((params["SdkAppId"], params["TaskID"]))
@@ -80,6 +94,7 @@ class TaskStore:
                 f"The task `{task.task_id}` has already stopped.",
             )
         task.stopped, task.finish_reason = now, "USER_CALL"
+        self.on_change("push", params["SdkAppId"], task.task_id)
         # TIW answers with the JSON text of the backup push task's own stop call.
         return {"Backup": json.dumps({"RequestId": str(uuid.uuid4())}, separators=(",", ":"))}
 
@@ -105,9 +120,11 @@ class TaskStore:
         sdk_app_id: int = SEED_SDK_APP_ID,
         cos: Fields | None = None,
         run_seconds: float | None = None,
+        callback_url: str = "",
         now: float | None = None,
     ) -> str:
-        """A snapshot task, Running for ``run_seconds`` (default ``snapshot_seconds``), then Finished."""
+        """A snapshot task, Running for ``run_seconds`` (default ``snapshot_seconds``), then Finished;
+        its callback goes to ``callback_url`` if given (else to ``config.callback_url``'s)."""
         now = self.config.clock() if now is None else now
         task_id = task_id or str(uuid.uuid4())
         if cos is None:
@@ -118,8 +135,9 @@ class TaskStore:
         images = [f"{base}{task_id}/{index}.png" for index in range(1, self.config.snapshot_images + 1)]
         run = self.config.snapshot_seconds if run_seconds is None else run_seconds
         self.snapshots[sdk_app_id, task_id] = SnapshotTask(
-            task_id, created=now, finishes=now + run, snapshots=images
+            task_id, created=now, finishes=now + run, snapshots=images, callback_url=callback_url
         )
+        self.on_change("snapshot", sdk_app_id, task_id)
         return task_id
 
     def add_push(
@@ -139,6 +157,7 @@ class TaskStore:
         starts = now + (self.config.push_prepare_seconds if prepare_seconds is None else prepare_seconds)
         ends = None if push_seconds is None else starts + push_seconds
         self.pushes[sdk_app_id, task_id] = PushTask(task_id, room_id, starts=starts, created=now, ends=ends)
+        self.on_change("push", sdk_app_id, task_id)
         return task_id
 
     def add_video(
@@ -180,7 +199,19 @@ class TaskStore:
             [video_info(**video) for video in videos],
             created=now,
         )
+        self.on_change("video", sdk_app_id, task_id)
         return task_id
+
+    def task(self, kind: str, sdk_app_id: int, task_id: str) -> Task | None:
+        """The task of ``kind`` (snapshot, push, video), if it exists."""
+        tasks: Mapping[tuple[int, str], Task]
+        if kind == "snapshot":
+            tasks = self.snapshots
+        elif kind == "push":
+            tasks = self.pushes
+        else:
+            tasks = self.videos
+        return tasks.get((sdk_app_id, task_id))
 
     def records(self) -> list[TaskRecord]:
         """Every task's changes of state (those still to come included: their times are fixed)."""
