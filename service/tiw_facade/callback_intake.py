@@ -43,6 +43,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from tiw_facade import events
 from tiw_facade.callbacks import CallbackKeys, Refusal, Refused, verify
 from tiw_facade.metrics import Metrics
+from tiw_facade.pages import listen
 
 log = logging.getLogger("tiw_facade.callback_intake")
 
@@ -123,21 +124,25 @@ class CallbackIntake:
         self._runner: web.ServerRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0: any free port); the port bound."""
+        """Listen on ``host:port`` (0: any free port; ``[::]`` every interface of both families, as
+        the other servers listen for TIW_BIND_HOST); the port bound."""
         if self._runner is not None:
             raise RuntimeError("the callback intake is already running")
+        # The socket made as the HTTP pages' is: asyncio would bind "::" to IPv6 alone.
+        listener = listen(host, port)
         # No access log: every answer is counted, and refusals are logged (rate-limited) below.
         server = web.Server(self._handle, access_log=None, lingering_time=LINGER)
         # A stop waits for answers in progress as long as one may take (the event log's time-out).
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self._take_timeout)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.SockSite(runner, listener).start()
         except BaseException:
+            listener.close()
             await runner.cleanup()
             raise
         self._runner = runner
-        bound: int = runner.addresses[0][1]
+        bound: int = listener.getsockname()[1]
         log.info("callback intake listening", extra={"host": host, "port": bound})
         return bound
 

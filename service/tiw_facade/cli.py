@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import urllib.parse
@@ -19,6 +20,9 @@ from typing import Any, NoReturn
 from tiw_facade import __version__, settings
 from tiw_facade.authz_policy import PolicyError
 from tiw_facade.credentials import CredentialsError
+
+# `serve --emulator`'s intake of the emulator's callbacks (TIW_CALLBACK_PORT unless set).
+DEMO_CALLBACK_PORT = 8081
 
 log = logging.getLogger("tiw_facade")
 
@@ -73,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--port", type=int, default=8090, help="0: any free port (default: 8090)")
     emulator.add_argument("--rate-limit", type=int, default=20, help="requests per second per action")
     emulator.add_argument(
+        "--callback-url",
+        default="",
+        metavar="URL",
+        help="post the tasks' callbacks to URL/callbacks/push|snapshot|video (a facade's intake), "
+        "signed with TIW_EMULATOR_CALLBACK_KEY (default: the demo callback key, docs/emulator.md)",
+    )
+    emulator.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
     from tiw_facade import call
@@ -102,11 +113,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
 def load_settings(args: argparse.Namespace) -> settings.Settings:
     if not args.emulator:
         return settings.load(overrides=_overrides(args))
-    from tiw_facade.emulator import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY
+    from tiw_facade.emulator import (
+        DEMO_CALLBACK_KEY,
+        DEMO_CALLBACK_SDK_APP_IDS,
+        DEMO_REGION,
+        DEMO_SECRET_ID,
+        DEMO_SECRET_KEY,
+    )
 
-    # The emulator accepts only its demo key; the region is the caller's to choose.
+    # The emulator accepts only its demo key; the region is the caller's to choose. Its callbacks
+    # come to the intake on 8081 (beside `make serve`'s 8080 and 50051), signed with the demo key.
     demo = {"secret_id": DEMO_SECRET_ID, "secret_key": DEMO_SECRET_KEY, "session_token": ""}
-    return settings.load(overrides={**_overrides(args), **demo}, defaults={"region": DEMO_REGION})
+    callbacks = {
+        "callback_port": str(DEMO_CALLBACK_PORT),
+        "callback_keys": ",".join(f"{app}={DEMO_CALLBACK_KEY}" for app in DEMO_CALLBACK_SDK_APP_IDS),
+    }
+    defaults = {"region": DEMO_REGION, **callbacks}
+    return settings.load(overrides={**_overrides(args), **demo}, defaults=defaults)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "emulator":
         logs.configure(args.log_level)
         try:
-            return _run(_emulator(args.host, args.port, args.rate_limit))
+            return _run(_emulator(args.host, args.port, args.rate_limit, args.callback_url))
         except OSError as exc:  # a busy port
             log.error("cannot start", extra={"error": f"--port {args.port}: {exc.strerror or exc}"})
             return 1
@@ -135,9 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     # Each Redis URL whole and its password alone: a library may log either.
-    urls = (config.redis_url, config.answers_redis_url, config.idempotency_redis_url)
+    urls = (config.redis_url, config.answers_redis_url, config.idempotency_redis_url, config.events_redis_url)
     passwords = tuple(urllib.parse.urlsplit(url).password or "" for url in urls)
-    secrets = (config.secret_key, config.session_token, *urls, *passwords)
+    callback_keys = tuple(key for _, key in config.callback_keys)
+    secrets = (config.secret_key, config.session_token, *urls, *passwords, *callback_keys)
     logs.configure(config.log_level, secrets=secrets)
     try:
         return _run(_serve(config, with_emulator=args.emulator, emulator_port=args.emulator_port or 0))
@@ -175,9 +199,12 @@ async def _serve(config: settings.Settings, *, with_emulator: bool, emulator_por
 
     if not with_emulator:
         return await serve(config)
-    from tiw_facade.emulator import Emulator, EmulatorConfig
+    from tiw_facade.emulator import DEMO_CALLBACK_KEY, Emulator, EmulatorConfig
 
-    emulator = Emulator(EmulatorConfig())
+    # Its callbacks go to the facade's intake, whose port must be known now (0 would be chosen later).
+    port = config.callback_port
+    callback_url = f"http://127.0.0.1:{port}" if port else ""
+    emulator = Emulator(EmulatorConfig(callback_url=callback_url, callback_key=DEMO_CALLBACK_KEY))
     try:
         url = await emulator.start("127.0.0.1", emulator_port)
     except OSError as exc:  # main() logs it; the message names the flag
@@ -189,10 +216,13 @@ async def _serve(config: settings.Settings, *, with_emulator: bool, emulator_por
         await emulator.stop()  # after the facade drained: in-flight calls still reach it
 
 
-async def _emulator(host: str, port: int, rate_limit: int) -> int:
-    from tiw_facade.emulator import Emulator, EmulatorConfig
+async def _emulator(host: str, port: int, rate_limit: int, callback_url: str = "") -> int:
+    from tiw_facade.emulator import DEMO_CALLBACK_KEY, Emulator, EmulatorConfig
 
-    emulator = Emulator(EmulatorConfig(rate_limit=rate_limit))
+    # The key from the environment only: a command line is visible in `ps`.
+    key = os.environ.get("TIW_EMULATOR_CALLBACK_KEY", "") or DEMO_CALLBACK_KEY
+    config = EmulatorConfig(rate_limit=rate_limit, callback_url=callback_url.rstrip("/"), callback_key=key)
+    emulator = Emulator(config)
     # Handlers of its own, as `serve` has: SIGTERM stops it as Ctrl-C does, and Ctrl-C works even
     # when SIGINT came in ignored (a background job of a script), where Python installs no handler.
     stop = asyncio.Event()

@@ -254,7 +254,7 @@ class FacadeServer:
         )
         resources.push_async_callback(intake.aclose)
         try:
-            self.callback_port = await intake.start(settings.bind_host.strip("[]"), settings.callback_port)
+            self.callback_port = await intake.start(settings.bind_host, settings.callback_port)
         except OSError as exc:
             raise BindError(
                 f"{variable('callback_port')}: cannot listen on {settings.bind_host}:"

@@ -15,7 +15,14 @@ succeeds on all five actions; that is its proof. It owns the demo credentials (`
 
 from tiw_facade.emulator.admin import ADMIN_PREFIX
 from tiw_facade.emulator.callbacks import CallbackFault, CallbackFaultKind, CallbackStats
-from tiw_facade.emulator.config import DEMO_REGION, DEMO_SECRET_ID, DEMO_SECRET_KEY, EmulatorConfig
+from tiw_facade.emulator.config import (
+    DEMO_CALLBACK_KEY,
+    DEMO_CALLBACK_SDK_APP_IDS,
+    DEMO_REGION,
+    DEMO_SECRET_ID,
+    DEMO_SECRET_KEY,
+    EmulatorConfig,
+)
 from tiw_facade.emulator.protocol import REQUESTS, VERSION
 from tiw_facade.emulator.server import Emulator
 from tiw_facade.emulator.tasks import SEED_SDK_APP_ID
@@ -26,6 +33,8 @@ ACTIONS = tuple(REQUESTS)
 __all__ = [
     "ACTIONS",
     "ADMIN_PREFIX",
+    "DEMO_CALLBACK_KEY",
+    "DEMO_CALLBACK_SDK_APP_IDS",
     "DEMO_REGION",
     "DEMO_SECRET_ID",
     "DEMO_SECRET_KEY",

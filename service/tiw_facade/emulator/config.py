@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 DEMO_SECRET_ID = "AKIDdemoTIWfacadeEMULATOR"
 DEMO_SECRET_KEY = "demo-secret-key-for-the-embedded-emulator"
 DEMO_REGION = "ap-guangzhou"
+# The key the emulator signs its callbacks with under `serve --emulator` (and `tiw-facade emulator
+# --callback-url` unless TIW_EMULATOR_CALLBACK_KEY is set), and the applications whose callbacks the
+# facade of `serve --emulator` accepts with it: the seeded tasks' and the examples'.
+DEMO_CALLBACK_KEY = "demo-callback-key-for-the-emulator"
+DEMO_CALLBACK_SDK_APP_IDS = (1400000001, 1400123480, 1400127230)
 
 
 def _demo_credentials() -> Mapping[str, str]:
