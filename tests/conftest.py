@@ -16,7 +16,7 @@ from support.facade import Facade, StartFacade, facade_environment
 from support.redis_server import RedisServer
 from tiw_facade import background, settings
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2_grpc
-from tiw_facade.emulator import Emulator, EmulatorConfig
+from tiw_facade.emulator import DEMO_CALLBACK_KEY, Emulator, EmulatorConfig
 from tiw_facade.server import FacadeServer
 
 # The inner loop's guard (tests/support/inner_loop.py): with --max-unmarked-seconds, which only
@@ -28,9 +28,14 @@ pytest_configure = inner_loop.pytest_configure
 @pytest.fixture
 async def emulator() -> AsyncIterator[Emulator]:
     # Short state durations so tests can watch tasks move without waiting long.
+    # Callbacks signed with the demo key, sent only where a test points them (none by default).
     instance = Emulator(
         EmulatorConfig(
-            snapshot_seconds=0.3, push_prepare_seconds=0.3, video_queue_seconds=0.2, video_process_seconds=0.3
+            snapshot_seconds=0.3,
+            push_prepare_seconds=0.3,
+            video_queue_seconds=0.2,
+            video_process_seconds=0.3,
+            callback_key=DEMO_CALLBACK_KEY,
         )
     )
     await instance.start("127.0.0.1", 0)

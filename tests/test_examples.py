@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from support.facade import Facade, StartFacade
+from tiw_facade.emulator import DEMO_CALLBACK_KEY, DEMO_CALLBACK_SDK_APP_IDS
 
 # Each test runs a command-line program as a process of its own: left to `make test`.
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples" / "python"
 
 
-async def run_example(name: str, facade: Facade) -> str:
+async def run_example(name: str, facade: Facade, *options: str) -> str:
     """The example's stdout; it must succeed with nothing on stderr. Asynchronous: the facade under
     test shares this event loop."""
     process = await asyncio.create_subprocess_exec(
@@ -26,6 +27,7 @@ async def run_example(name: str, facade: Facade) -> str:
         str(EXAMPLES / name),
         "--target",
         facade.target,
+        *options,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -36,7 +38,13 @@ async def run_example(name: str, facade: Facade) -> str:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"create_and_describe.py", "answer_metadata.py", "watch.py", "retry_create.py"}
+    tested = {
+        "create_and_describe.py",
+        "answer_metadata.py",
+        "watch.py",
+        "retry_create.py",
+        "watch_events.py",
+    }
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
 
 
@@ -73,3 +81,24 @@ async def test_retry_create(facade: Facade) -> None:
         match = re.fullmatch(r"created (\S+)", created)
         assert match, created
         assert again == f"the same key again: {match[1]} (replayed)"
+
+
+async def test_watch_events(start_facade: StartFacade, tmp_path: Path) -> None:
+    """The task's callback, posted by the emulator to the facade's intake, reaches the subscriber;
+    the second run resumes after the cursor the first kept, and gets its own task's event."""
+    keys = ",".join(f"{app}={DEMO_CALLBACK_KEY}" for app in DEMO_CALLBACK_SDK_APP_IDS)
+    facade = await start_facade(TIW_CALLBACK_PORT="0", TIW_CALLBACK_KEYS=keys)
+    intake = f"http://127.0.0.1:{facade.server.callback_port}/callbacks/snapshot"
+    cursor = tmp_path / "cursor"
+    tasks = []
+    for _ in range(2):
+        out = await run_example(
+            "watch_events.py", facade, "--callback-url", intake, "--cursor-file", str(cursor)
+        )
+        *events, described = out.splitlines()
+        task, status = described.split(": ")
+        assert events == [f"event SnapshotTaskFinished of {task}"], out
+        assert status == "Finished"
+        tasks.append(task)
+        assert cursor.read_text()
+    assert tasks[0] != tasks[1]
