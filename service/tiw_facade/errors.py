@@ -73,6 +73,8 @@ FAILURE_CODES: dict[type[failures.FacadeError], grpc.StatusCode] = {
     failures.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     failures.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     failures.TooManyWatches: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    failures.CursorExpired: grpc.StatusCode.OUT_OF_RANGE,
+    failures.EventsUnavailable: grpc.StatusCode.UNAVAILABLE,
     failures.UpstreamFailure: grpc.StatusCode.UNAVAILABLE,
     failures.UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     failures.Unexpected: grpc.StatusCode.INTERNAL,

@@ -21,9 +21,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
 
-from tiw_facade import errors
+from tiw_facade import errors, failures
 from tiw_facade._proto.tiw.facade.v1 import events_pb2
 from tiw_facade.call_record import CURRENT_SHARE, record_for
 from tiw_facade.events import (
@@ -36,7 +35,7 @@ from tiw_facade.events import (
     InvalidCursor,
     parse_cursor,
 )
-from tiw_facade.failures import FacadeError, InvalidRequest, Outcome, ShuttingDown
+from tiw_facade.failures import FacadeError, InvalidRequest, ShuttingDown
 from tiw_facade.handler import Undecodable, lenient_deserializer, valid_request
 from tiw_facade.metrics import Metrics
 from tiw_facade.watcher import WatchSlots
@@ -46,30 +45,6 @@ METHOD = "WatchEvents"  # the access log's and the errors' ``action``
 MAX_FILTER_VALUES = 100  # values in each of a request's filters
 
 Stream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[events_pb2.Event]]
-
-
-class CursorTooOld(FacadeError):
-    """The request's cursor names a place the log no longer holds: events after it may be gone."""
-
-    reason = "CURSOR_EXPIRED"
-    code = grpc.StatusCode.OUT_OF_RANGE
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the cursor is older than the events the log keeps (TIW_EVENTS_RETENTION, TIW_EVENTS_MAX), "
-            "or the log lost them: subscribe without a cursor, and Describe the tasks you care about"
-        )
-
-
-class EventsUnavailable(FacadeError):
-    """The log could not be read for long (its Redis down): subscribe again with the last cursor."""
-
-    reason = "EVENTS_UNAVAILABLE"
-    outcome = Outcome.NOT_SENT
-    code = grpc.StatusCode.UNAVAILABLE
-
-    def __init__(self) -> None:
-        super().__init__("the event log is unavailable; subscribe again, with the last cursor, later")
 
 
 class _Streams:
@@ -147,7 +122,7 @@ def _behavior(log: EventLog, streams: _Streams, metrics: Metrics) -> Stream:
         except Exception as exc:  # every failure becomes a status; CancelledError is not an Exception
             failure = _facade_failure(exc)
             record.tiw_code = failure.reason if isinstance(failure, FacadeError) else "INTERNAL"
-            errors.answer(context, _status(failure))
+            errors.answer(context, errors.status_for(failure, action=METHOD))
 
     return stream
 
@@ -201,21 +176,9 @@ def message(event: Event) -> events_pb2.Event:
 def _facade_failure(exc: Exception) -> Exception:
     """The log's exceptions as the facade's failures; the others as they are."""
     if isinstance(exc, CursorExpired):
-        return CursorTooOld()
+        return failures.CursorExpired()
     if isinstance(exc, InvalidCursor):  # checked before, so a log's disagreement: the caller's cursor
         return InvalidRequest([("cursor", "is not a cursor of this log")])
     if isinstance(exc, EventLogUnavailable | StopAsyncIteration):
-        return EventsUnavailable()
+        return failures.EventsUnavailable()
     return exc
-
-
-def _status(failure: Exception) -> grpc.Status:
-    code = getattr(failure, "code", None)
-    if isinstance(failure, FacadeError) and isinstance(code, grpc.StatusCode):
-        # Failures of this service alone, which errors.FAILURE_CODES does not list.
-        metadata = {"action": METHOD, **failure.metadata()}
-        info = error_details_pb2.ErrorInfo(
-            reason=failure.reason, domain=errors.FACADE_DOMAIN, metadata=metadata
-        )
-        return errors.build_status(code, str(failure), [info])
-    return errors.status_for(failure, action=METHOD)

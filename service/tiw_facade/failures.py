@@ -106,6 +106,31 @@ class ShuttingDown(FacadeError):
         super().__init__("the facade is shutting down; retry on another replica")
 
 
+class CursorExpired(FacadeError):
+    """A WatchEvents cursor names a place the event log no longer holds: events after it may be
+    gone (older than its retention, past its bound, or its Redis lost them)."""
+
+    reason = "CURSOR_EXPIRED"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the cursor is older than the events the log keeps (TIW_EVENTS_RETENTION, TIW_EVENTS_MAX), "
+            "or the log lost them: subscribe without a cursor, and Describe the tasks you care about"
+        )
+
+
+class EventsUnavailable(FacadeError):
+    """The event log could not be read for long (its Redis down): subscribe again, with the last
+    cursor, later."""
+
+    reason = "EVENTS_UNAVAILABLE"
+    outcome = Outcome.NOT_SENT
+
+    def __init__(self) -> None:
+        super().__init__("the event log is unavailable; subscribe again, with the last cursor, later")
+
+
 class TooManyWatches(FacadeError):
     """A watch stream over one of a replica's caps: the replica's own (TIW_MAX_WATCHES), or the
     caller's share of it (TIW_MAX_WATCHES_PER_CALLER, given ``caller``); watch from another, or later.
@@ -401,6 +426,8 @@ FACADE_FAILURES: tuple[type[FacadeError], ...] = (
     RateLimited,
     TooManyWatches,
     ShuttingDown,
+    CursorExpired,
+    EventsUnavailable,
     UpstreamUnreachable,
     UpstreamTimeout,
     UpstreamConnectionLost,
