@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 from support.redis_server import RedisServer
 from tiw_facade import shared_redis
-from tiw_facade.events import CursorExpired, Event, EventLog, EventLogUnavailable, InvalidCursor
+from tiw_facade.events import (
+    CursorExpired,
+    Event,
+    EventLog,
+    EventLogUnavailable,
+    InvalidCursor,
+    counted_bytes,
+)
 from tiw_facade.events._memory import MemoryEventLog
 from tiw_facade.events._redis import RedisEventLog, connect_log
 from tiw_facade.metrics import Metrics
@@ -43,7 +50,7 @@ async def make_log(request: pytest.FixtureRequest) -> AsyncIterator[MakeLog]:
             server = request.getfixturevalue("shared_server")
             where = shared_redis.Target(server.url, 0.5)
             made = connect_log(
-                where, account=account, retention=retention, max_events=max_events, metrics=None
+                where, account=account, retention=retention, max_events=max_events, metrics=None, **options
             )
         logs.append(made)
         return made
@@ -149,6 +156,29 @@ async def test_beyond_max_events_the_oldest_are_dropped_and_their_cursors_expire
         await anext(log.follow(cursors[0]))
     async with aclosing(log.follow(cursors[1])) as events:  # the newest dropped: nothing after it lost
         assert [e.timestamp for e in await take(events, 3)] == [3, 4, 5]
+
+
+async def test_beyond_max_bytes_the_oldest_are_dropped_and_a_flood_stops_there(make_log: MakeLog) -> None:
+    """A leaked signature lets anyone post distinct events until it expires: the bytes kept stop at
+    TIW_EVENTS_MAX_BYTES whatever the count, the oldest dropped first, a large one kept alone."""
+    large = b"x" * 3000
+    each = counted_bytes(event(0, body=large))
+    log = make_log(max_bytes=each * 3)
+    taken = [await log.append(event(n, body=large)) for n in range(10)]
+    cursors = [item.cursor for item in taken if item is not None]
+    async with aclosing(log.follow(cursors[6])) as newest:  # the last three are held
+        assert [item.timestamp for item in await take(newest, 3)] == [7, 8, 9]
+    with pytest.raises(CursorExpired):
+        async with aclosing(log.follow(cursors[5])) as dropped_ones:
+            await anext(dropped_ones)
+    huge = await log.append(event(10, body=b"y" * (each * 4)))  # over the bound alone: kept alone
+    assert huge is not None
+    async with aclosing(log.follow(cursors[9])) as last:
+        assert [item.timestamp for item in await take(last, 1)] == [10]
+    small = await log.append(event(11))  # the huge one goes; the count stays right after it
+    assert small is not None
+    async with aclosing(log.follow(huge.cursor)) as after:
+        assert [item.timestamp for item in await take(after, 1)] == [11]
 
 
 async def test_events_older_than_the_retention_are_dropped(make_log: MakeLog) -> None:

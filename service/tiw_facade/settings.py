@@ -36,6 +36,10 @@ MIN_MEMORY_BUDGET = 16 << 20
 # 2560mb, the idempotency records' worst case 1.93 GiB) it stays well within the ~580 MiB left over.
 # About 70,000 answers of ~600 bytes (answers/_scripts.py, ENTRY_OVERHEAD).
 DEFAULT_SHARED_ANSWERS_MAX_BYTES = 128 << 20
+# The events a log keeps (TIW_EVENTS_MAX_BYTES), in process or per account in Redis: with TIW's
+# bodies of about 1 KiB, some 13,000 events; a flood of large bodies under a leaked signature stops
+# there. events/ counts them (``counted_bytes``).
+DEFAULT_EVENTS_MAX_BYTES = 16 << 20
 MIN_SHARED_ANSWERS_MAX_BYTES = 64 << 10
 _DERIVED = budget.bounds(budget.DEFAULT_BUDGET)  # what the README states as the defaults
 _SPEC = "tiw_facade.setting"  # the metadata key of a field's Spec
@@ -165,6 +169,14 @@ def shared_answers_size(raw: str) -> int:
     value = _bytes(raw, "128Mi")
     if value < MIN_SHARED_ANSWERS_MAX_BYTES:
         raise Invalid(f"must be at least {MIN_SHARED_ANSWERS_MAX_BYTES >> 10}Ki")
+    return value
+
+
+def events_size(raw: str) -> int:
+    """The events' bound: bytes as ``_bytes`` reads them, at least 64Ki."""
+    value = _bytes(raw, "16Mi")
+    if value < 64 << 10:
+        raise Invalid("must be at least 64Ki")
     return value
 
 
@@ -820,6 +832,14 @@ class Settings:
         positive_int,
         "Most events kept (in process, or per account in Redis), the oldest dropped first.",
         default=100_000,
+    )
+    events_max_bytes: int = declare(
+        "TIW_EVENTS_MAX_BYTES",
+        events_size,
+        "Most bytes of events kept (`Ki`, `Mi`, `Gi` suffixes; bodies and fields, in process or per "
+        "account in Redis), the oldest dropped first: a flood of large callbacks stops there.",
+        default=DEFAULT_EVENTS_MAX_BYTES,
+        shown_default=f"{DEFAULT_EVENTS_MAX_BYTES >> 20}Mi",
     )
 
     idempotency_ttl: float = declare(

@@ -51,6 +51,17 @@ class Event:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+def counted_bytes(event: Event) -> int:
+    """What an event counts against a log's bound in bytes (TIW_EVENTS_MAX_BYTES): its body and
+    fields, and what keeping one costs besides (measured loosely; a bound, not an account)."""
+    return len(event.body) + len(event.event_type) + len(event.task_id) + EVENT_OVERHEAD
+
+
+# Keeping an event costs this much beyond its body and strings: the entry's other fields, its ID and
+# the structure holding it (a Stream's listpack entry, or a tuple and a dataclass in process).
+EVENT_OVERHEAD = 256
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Filter:
     """Which events a subscriber wants; an empty field matches any."""

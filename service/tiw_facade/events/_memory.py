@@ -20,10 +20,12 @@ from tiw_facade.events import (
     Event,
     EventLogUnavailable,
     Position,
+    counted_bytes,
     format_cursor,
     parse_cursor,
     seen_seconds,
 )
+from tiw_facade.settings import DEFAULT_EVENTS_MAX_BYTES
 
 ORIGIN: Position = (0, 0)  # before every event of every log
 # Identities remembered at most (besides those of the events held): the memory must be bounded, and
@@ -36,12 +38,21 @@ def _ms(seconds: float) -> int:
 
 
 class MemoryEventLog:
-    """``EventLog`` in this process: at most ``max_events`` events, none older than ``retention``
-    seconds. One event loop: no lock."""
+    """``EventLog`` in this process: at most ``max_events`` events and ``max_bytes`` of them
+    (``events.counted_bytes``), none older than ``retention`` seconds. One event loop: no lock."""
 
-    def __init__(self, *, retention: float, max_events: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        retention: float,
+        max_events: int,
+        max_bytes: int = DEFAULT_EVENTS_MAX_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._retention = retention
         self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._clock = clock
         self._events: deque[tuple[Position, Event]] = deque()
         # The log's birth: every cursor it gives out is after it.
@@ -69,6 +80,7 @@ class MemoryEventLog:
         self._last = (ms, 0) if ms > self._last[0] else (self._last[0], self._last[1] + 1)
         taken = dataclasses.replace(event, cursor=format_cursor(self._last))
         self._events.append((self._last, taken))
+        self._bytes += counted_bytes(taken)
         self._trim(now)
         self._appended.set()
         self._appended = asyncio.Event()
@@ -105,8 +117,13 @@ class MemoryEventLog:
 
     def _trim(self, now: float) -> None:
         oldest = (_ms(now - self._retention), 0)
-        while self._events and (len(self._events) > self._max_events or self._events[0][0] < oldest):
-            self._dropped = self._events.popleft()[0]
+        while self._events and (
+            len(self._events) > self._max_events
+            or (self._bytes > self._max_bytes and len(self._events) > 1)  # one too large is kept alone
+            or self._events[0][0] < oldest
+        ):
+            self._dropped, dropped = self._events.popleft()
+            self._bytes -= counted_bytes(dropped)
 
     def _forget_seen(self, now: float) -> None:
         expiries = self._seen_expiries

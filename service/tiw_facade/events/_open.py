@@ -20,11 +20,16 @@ def open_log(settings: Settings, metrics: Metrics | None) -> EventLog:
     """The log, not yet connected (a Redis one connects on first use); ``aclose()`` it at the end."""
     where = shared_redis.target(settings, "events")
     if where is None:
-        return MemoryEventLog(retention=settings.events_retention, max_events=settings.events_max)
+        return MemoryEventLog(
+            retention=settings.events_retention,
+            max_events=settings.events_max,
+            max_bytes=settings.events_max_bytes,
+        )
     return connect_log(
         where,
         account=settings.account,
         retention=settings.events_retention,
         max_events=settings.events_max,
+        max_bytes=settings.events_max_bytes,
         metrics=metrics,
     )

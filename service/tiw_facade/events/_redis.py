@@ -2,12 +2,12 @@
 
 Keys, under ``shared_redis.prefix("events", account)``:
 
-- ``:log``, the Stream: one entry per event (fields kind, app, type, task, ts, exp, body, at), its
-  ID the event's cursor;
+- ``:log``, the Stream: one entry per event (fields kind, app, type, task, ts, exp, body, at, and n,
+  its counted size), its ID the event's cursor;
 - ``:seen:<identity>``, one per event taken, expiring when TIW may no longer retry it: the dedupe;
 - ``:meta``, a hash: ``birth``, the ID of the first entry of this Stream (a cursor before it was
-  given out by a Stream since lost: Redis lost its data, or evicted it), and ``floor``, the newest
-  entry trimmed (every entry after it is held).
+  given out by a Stream since lost: Redis lost its data, or evicted it), ``floor``, the newest
+  entry trimmed (every entry after it is held), and ``bytes``, the entries' counted sizes summed.
 
 Appending is one script (``APPEND``): the dedupe, the XADD and the trimming together, so a retry
 after a failure between them can neither lose the event nor take it twice. The script trims itself
@@ -36,10 +36,12 @@ from tiw_facade.events import (
     CursorExpired,
     Event,
     EventLogUnavailable,
+    counted_bytes,
     format_cursor,
     parse_cursor,
     seen_seconds,
 )
+from tiw_facade.settings import DEFAULT_EVENTS_MAX_BYTES
 
 if TYPE_CHECKING:
     from tiw_facade.metrics import Metrics
@@ -71,7 +73,11 @@ end
 """
 
 # KEYS: log, seen, meta. ARGV: how long the identity is remembered (ms), the most entries kept, the
-# retention (ms), then the entry's fields. The new entry's ID, or false for an identity already seen.
+# retention (ms), the most bytes kept, then the entry's fields (its counted size among them, ``n``).
+# The new entry's ID, or false for an identity already seen. The oldest entries are dropped while
+# the log is over any bound: count, age (from the new entry's ID: Redis's clock, which made every
+# ID) or bytes (``meta.bytes``, the sum of the entries' ``n``; an entry without one counts 0). Never
+# the new entry: one event larger than the bound is kept alone.
 APPEND = (
     _IDS
     + """
@@ -79,29 +85,44 @@ if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
   return false
 end
 local born = redis.call('EXISTS', KEYS[1]) == 0
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
 if born then
-  redis.call('HSET', KEYS[3], 'birth', id)
+  redis.call('HSET', KEYS[3], 'birth', id, 'bytes', 0)
   redis.call('HDEL', KEYS[3], 'floor')
 end
--- The newest entry to drop: by count, the last of the excess; by age, the newest older than the
--- retention (measured from this entry's ID: Redis's clock, the one that made every ID).
-local drop = nil
-local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
-if excess > 0 then
-  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
-  drop = oldest[#oldest][1]
+local size = 0
+for i = 5, #ARGV - 1, 2 do
+  if ARGV[i] == 'n' then size = tonumber(ARGV[i + 1]) or 0 end
 end
-local ms = parts(id)
-local aged = redis.call('XREVRANGE', KEYS[1], '(' .. string.format('%d', ms - tonumber(ARGV[3])) .. '-0',
-                        '-', 'COUNT', 1)
-if #aged > 0 and (drop == nil or older(drop, aged[1][1])) then
-  drop = aged[1][1]
+local total = redis.call('HINCRBY', KEYS[3], 'bytes', size)
+local length = redis.call('XLEN', KEYS[1])
+local max_entries, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[4])
+local cutoff = parts(id) - tonumber(ARGV[3])
+local drop, dropped, freed = nil, 0, 0
+local from = '-'
+while true do
+  local batch = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', 64)
+  local done = #batch == 0
+  for _, entry in ipairs(batch) do
+    local over = length - dropped > max_entries or total - freed > max_bytes or parts(entry[1]) < cutoff
+    if entry[1] == id or not over then
+      done = true
+      break
+    end
+    local counted = 0
+    for i = 1, #entry[2] - 1, 2 do
+      if entry[2][i] == 'n' then counted = tonumber(entry[2][i + 1]) or 0 end
+    end
+    drop, dropped, freed = entry[1], dropped + 1, freed + counted
+  end
+  if done then break end
+  from = '(' .. batch[#batch][1]
 end
 if drop then
   local dms, dseq = parts(drop)
   redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', dms, dseq + 1))
   redis.call('HSET', KEYS[3], 'floor', drop)
+  redis.call('HINCRBY', KEYS[3], 'bytes', -freed)
 end
 return id
 """
@@ -141,6 +162,7 @@ def _fields(event: Event) -> list[str | bytes | int]:
         *("exp", event.expire_time),
         *("body", event.body),
         *("at", repr(event.received_at)),
+        *("n", counted_bytes(event)),
     ]
 
 
@@ -177,6 +199,7 @@ class RedisEventLog:
         account: str,
         retention: float,
         max_events: int,
+        max_bytes: int = DEFAULT_EVENTS_MAX_BYTES,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         where: str = "(unnamed)",
@@ -187,6 +210,7 @@ class RedisEventLog:
         self._reader = reader
         self._retention = retention
         self._max_events = max_events
+        self._max_bytes = max_bytes
         self._errors = metrics.store_errors if metrics is not None else None
         self._clock = clock
         self._give_up_after = give_up_after
@@ -208,7 +232,7 @@ class RedisEventLog:
         now = self._clock()
         keys = (self.stream_key, f"{self._seen_prefix}{event.identity}", self.meta_key)
         seen_ms = max(1, int(seen_seconds(event, now, self._retention) * 1000))
-        args = (seen_ms, self._max_events, int(self._retention * 1000), *_fields(event))
+        args = (seen_ms, self._max_events, int(self._retention * 1000), self._max_bytes, *_fields(event))
         try:
             taken = await self._append(keys=keys, args=args)
         except shared_redis.ERRORS as exc:
@@ -343,7 +367,13 @@ def _stream_entries(reply: Any) -> list[Any]:
 
 
 def connect_log(
-    where: shared_redis.Target, *, account: str, retention: float, max_events: int, metrics: Metrics | None
+    where: shared_redis.Target,
+    *,
+    account: str,
+    retention: float,
+    max_events: int,
+    max_bytes: int = DEFAULT_EVENTS_MAX_BYTES,
+    metrics: Metrics | None,
 ) -> RedisEventLog:
     """The log on ``where``'s Redis, with its two clients (none connects before first use)."""
     return RedisEventLog(
@@ -352,6 +382,7 @@ def connect_log(
         account=account,
         retention=retention,
         max_events=max_events,
+        max_bytes=max_bytes,
         metrics=metrics,
         where=where.where,
     )
