@@ -16,7 +16,10 @@ The questions, each answered with ratios against a baseline measured in the same
   without a served call, utilization before, during and after, and a keyed create retried after
   the failover answered with the first task, created once;
 - local: answers that need no upstream call (validation failures, immediate RESOURCE_EXHAUSTED)
-  vs a bare grpc.aio echo server.
+  vs a bare grpc.aio echo server;
+- answers: callers polling at 25x the quota, 10,000 watch streams, the cache hit;
+- callbacks: a task's change to every watcher on two replicas, and the Describe requests TIW gets,
+  with TIW's callbacks vs polling alone in the same run (and with the periodic refresh slowed).
 
 Every role (emulator, facade, echo server, load generator) runs in its own OS process.
 """

@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--only SUITES] [--profile] [--output FILE]``.
 
-SUITES: comma-separated, of overhead, quota, fairness, failover, local, answers (all by default).
+SUITES: comma-separated, of overhead, quota, fairness, failover, local, answers, callbacks (all by
+default).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import answers, failover, fairness, local, overhead, profiling, quota, report
+from bench import answers, callbacks, failover, fairness, local, overhead, profiling, quota, report
 from bench.common import Budget, Section
 from bench.procs import ROOT, BenchError, Processes
 
@@ -24,6 +25,7 @@ SUITES: dict[str, Callable[[Processes, Budget], Section]] = {
     "failover": failover.run,
     "local": local.run,
     "answers": answers.run,
+    "callbacks": callbacks.run,
 }
 BENCH_DIR = Path(__file__).resolve().parent
 FULL_OUTPUT = BENCH_DIR / "RESULTS.md"

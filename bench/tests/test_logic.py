@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from bench import answers, fairness, heap, local, mirror, overhead, quota
+from bench import answers, callbacks, fairness, heap, local, mirror, overhead, quota
 from bench.calls import (
     ACTIONS,
     CREATE_SNAPSHOT_TASK,
@@ -350,3 +350,112 @@ def test_the_heap_table_ranks_files_by_how_much_their_shares_differ() -> None:
         ("tiw_facade/watcher.py", 500.0, 0.0),
         ("bench/roles.py", 0.0, 300.0),
     ]
+
+
+# --- callbacks: from each change to each watcher, and the requests it cost -----------------------
+
+
+def stream(task: int, *seen: tuple[float, str], code: str = "OK") -> answers.Stream:
+    return answers.Stream(task, 0.0, 100.0, code, len(seen), [list(s) for s in seen])
+
+
+def push_task(*changes: tuple[float, str]) -> answers.Task:
+    return answers.Task(KINDS[DESCRIBE_WHITEBOARD_PUSH], "push-1", [(0.0, "PREPARED"), *changes])
+
+
+def test_each_watcher_receives_a_change_at_its_first_message_of_that_state_or_a_later_one() -> None:
+    task = push_task((10.0, "PUSHING"), (20.0, "STOPPED"))
+    streams = [
+        stream(0, (1.0, "PREPARED"), (10.2, "PUSHING"), (20.5, "STOPPED")),
+        # This one skipped PUSHING: its STOPPED is the receipt of both changes.
+        stream(0, (1.0, "PREPARED"), (21.0, "STOPPED")),
+    ]
+    found = callbacks.receipts([task], streams, 5.0, 30.0)
+    assert [r.delays for r in found] == [pytest.approx([0.2, 11.0]), pytest.approx([0.5, 1.0])]
+    assert [r.by_every_watcher for r in found] == [pytest.approx(11.0), pytest.approx(1.0)]
+    # The creation is no change; the first change has no previous one, the second its gap.
+    assert [r.since_previous for r in found] == [math.inf, pytest.approx(10.0)]
+
+
+def test_a_change_outside_the_window_is_not_counted_and_one_never_shown_is_never_seen() -> None:
+    task = push_task((10.0, "PUSHING"), (20.0, "STOPPED"))
+    cut = stream(0, (1.0, "PREPARED"), (10.1, "PUSHING"), code="UNAVAILABLE")
+    [late] = callbacks.receipts([task], [cut], 15.0, 30.0)
+    assert late.delays == [math.inf] and late.by_every_watcher == math.inf
+    assert late.since_previous == pytest.approx(10.0)  # the previous change counts, in the window or not
+    unwatched = callbacks.receipts([task], [], 0.0, 30.0)
+    assert [r.by_every_watcher for r in unwatched] == [math.inf, math.inf]
+    assert not callbacks.ended_final(cut, [task])
+    assert callbacks.ended_final(stream(0, (1.0, "PREPARED"), (20.1, "STOPPED")), [task])
+
+
+def test_changes_close_to_their_previous_one_are_set_apart() -> None:
+    close = push_task((10.0, "PUSHING"), (10.4, "STOPPED"))
+    apart = push_task((12.0, "PUSHING"), (14.0, "STOPPED"))
+    streams = [
+        stream(0, (10.01, "PUSHING"), (11.0, "STOPPED")),
+        stream(1, (12.02, "PUSHING"), (14.03, "STOPPED")),
+    ]
+    found = callbacks.receipts([close, apart], streams, 0.0, 30.0)
+    none = quota.Snapshot(0.0, {}, [], {})
+    run = callbacks.Run(callbacks.CALLBACKS, [close, apart], streams, (0.0, 30.0), none, none, none, {})
+    f = callbacks.Figures(run, found, requests_of(0, 0, 0), seconds=10.0)
+    assert f.changes == 4 and f.changes_per_second == pytest.approx(0.4)
+    assert sorted(f.every) == pytest.approx([0.01, 0.02, 0.03, 0.6])
+    assert sorted(f.apart) == pytest.approx([0.01, 0.02, 0.03])  # not the STOPPED 0.4 s after PUSHING
+
+
+def requests_of(at_tiw: float, refreshes: float, confirms: float) -> callbacks.Requests:
+    action = DESCRIBE_SNAPSHOT_TASK
+    return callbacks.Requests({action: at_tiw}, {action: refreshes}, {action: confirms})
+
+
+def test_requests_are_per_second_in_the_window_from_both_replicas_metrics() -> None:
+    metrics_before = [
+        'tiw_refreshes_total{action="DescribeSnapshotTask",outcome="ok"} 10',
+        'tiw_refreshes_total{action="DescribeSnapshotTask",outcome="ok"} 5\n'
+        'tiw_callback_confirms_total{action="DescribeSnapshotTask",outcome="sent"} 1',
+    ]
+    metrics_after = [
+        'tiw_refreshes_total{action="DescribeSnapshotTask",outcome="ok"} 20\n'
+        'tiw_refreshes_total{action="DescribeSnapshotTask",outcome="failed"} 2',
+        'tiw_refreshes_total{action="DescribeSnapshotTask",outcome="ok"} 13\n'
+        'tiw_callback_confirms_total{action="DescribeSnapshotTask",outcome="sent"} 11\n'
+        'tiw_callback_confirms_total{action="DescribeSnapshotTask",outcome="deferred"} 7',
+    ]
+    first = quota.Snapshot(100.0, stats(DescribeSnapshotTask=5), metrics_before, {})
+    second = quota.Snapshot(110.0, stats(DescribeSnapshotTask=45), metrics_after, {})
+    made = callbacks.requests(first, second)
+    assert made.at_tiw[DESCRIBE_SNAPSHOT_TASK] == pytest.approx(4.0)
+    assert made.refreshes[DESCRIBE_SNAPSHOT_TASK] == pytest.approx(2.0)  # (20 - 10 + 2 + 13 - 5) / 10
+    assert made.confirms[DESCRIBE_SNAPSHOT_TASK] == pytest.approx(1.0)  # sent only
+    assert made.total == pytest.approx(4.0) and made.at_tiw[DESCRIBE_WHITEBOARD_PUSH] == 0.0
+
+
+def test_callbacks_may_cost_one_request_per_change_over_polling_alone_and_no_more() -> None:
+    polling = requests_of(10.0, 10.0, 0.0)
+    assert callbacks.within_one_per_change(requests_of(12.0, 6.0, 6.0), polling, changes_per_second=2.0)
+    assert not callbacks.within_one_per_change(requests_of(12.1, 6.0, 6.1), polling, changes_per_second=2.0)
+
+
+def test_each_replica_gets_its_own_generator_holding_half_of_every_tasks_watchers() -> None:
+    specs = [callbacks.watch_spec(kind, f"t-{kind.name}") for kind in callbacks.KINDS]
+    commands = callbacks.watch_commands(["a:1", "b:2"], specs, begin=1.0, seconds=5.0)
+    assert [c["targets"] for c in commands] == [["a:1"], ["b:2"]]
+    for command in commands:
+        first, last = command["streams"]
+        # Stream i watches task i mod len(specs): each generator's streams cover every task equally.
+        watched = Counter(i % len(specs) for i in range(first, last))
+        assert watched == {task: callbacks.WATCHERS_PER_TASK // callbacks.REPLICAS for task in range(3)}
+    assert [s["method"].rsplit("/", 1)[1] for s in specs] == [
+        "WatchSnapshotTask",
+        "WatchWhiteboardPush",
+        "WatchVideoGenerationTask",
+    ]
+    assert specs[1]["params"] == {"request": {"SdkAppId": PUSH_SDK_APP_ID, "TaskId": "t-push"}}
+
+
+def test_the_facades_hold_the_emulators_callback_key_for_every_sdk_app_id_the_tasks_use() -> None:
+    pairs = dict(pair.split("=") for pair in callbacks.callback_keys().split(","))
+    apps = {str(PARAMS[kind.action]["SdkAppId"]) for kind in callbacks.KINDS}
+    assert set(pairs) == apps and set(pairs.values()) == {callbacks.CALLBACK_KEY}
