@@ -23,7 +23,7 @@ from tiw_facade.callbacks import (
     verify,
 )
 from tiw_facade.events import Event
-from tiw_facade.metrics import CALLBACK_RESULTS
+from tiw_facade.metrics import CALLBACK_RESULTS, Metrics
 
 APP = 1400000001
 KEY = "Xz4ZgayTr7rMgWQrH"
@@ -236,13 +236,16 @@ async def test_a_malformed_version_keeps_the_last_good_keys_with_one_error_line(
 ) -> None:
     path = tmp_path / "keys"
     path.write_text(f"{APP}={KEY}\n")
-    keys = await started(path)
+    metrics = Metrics("test")
+    keys = CallbackKeys(key_file=str(path), poll=3600.0, metrics=metrics)
+    await keys.start()
     try:
         with caplog.at_level(logging.INFO, logger="tiw_facade.callbacks"):
             publish(path, broken)
-            for _ in range(3):  # looked at again and again: one line
+            for _ in range(3):  # looked at again and again: one line, counted once
                 await keys.check_file()
         assert keys.keys_for(APP) == (KEY,)
+        assert metrics.registry.get_sample_value("tiw_callback_key_reload_failures_total") == 1
         (record,) = caplog.records
         assert record.levelno == logging.ERROR
         line = logs.JsonFormatter().format(record)

@@ -19,12 +19,15 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Iterable
-from typing import Final
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final
 
 from tiw_facade import events, secret_files, settings
 from tiw_facade.failures import CredentialsError
 from tiw_facade.secret_files import FileVersion
+
+if TYPE_CHECKING:
+    from tiw_facade.metrics import Metrics
 
 log = logging.getLogger("tiw_facade.callbacks")
 
@@ -97,9 +100,10 @@ class _KeyFile(secret_files.WatchedFile[KeyPairs]):
 
     unusable = (KeyFileError,)
 
-    def __init__(self, path: str, *, poll: float, keys: CallbackKeys) -> None:
+    def __init__(self, path: str, *, poll: float, keys: CallbackKeys, refused: Callable[[], None]) -> None:
         super().__init__(path, poll=poll, name="callback-keys-watch")
         self._keys = keys
+        self._count_refusal = refused
 
     def _load(self) -> tuple[FileVersion, KeyPairs]:
         return _load_key_file(self.path)
@@ -112,6 +116,7 @@ class _KeyFile(secret_files.WatchedFile[KeyPairs]):
         )
 
     def _refused(self, why: str) -> None:
+        self._count_refusal()
         log.error(
             "callback key file ignored: its last good keys stay in use",
             extra={"key_file": self.path, "error": why},
@@ -138,15 +143,22 @@ class CallbackKeys:
     the old one, without a restart when the keys are in the file."""
 
     def __init__(
-        self, pairs: Iterable[tuple[int, str]] = (), *, key_file: str = "", poll: float = KEY_FILE_POLL
+        self,
+        pairs: Iterable[tuple[int, str]] = (),
+        *,
+        key_file: str = "",
+        poll: float = KEY_FILE_POLL,
+        metrics: Metrics | None = None,
     ) -> None:
         self._fixed: KeyPairs = tuple(pairs)
         self._keys = _by_app(self._fixed)
-        self._file = _KeyFile(key_file, poll=poll, keys=self) if key_file else None
+        failures = metrics.callback_key_reload_failures if metrics is not None else None
+        refused = failures.inc if failures is not None else lambda: None
+        self._file = _KeyFile(key_file, poll=poll, keys=self, refused=refused) if key_file else None
 
     @classmethod
-    def from_settings(cls, config: settings.Settings) -> CallbackKeys:
-        return cls(config.callback_keys, key_file=config.callback_key_file)
+    def from_settings(cls, config: settings.Settings, metrics: Metrics | None = None) -> CallbackKeys:
+        return cls(config.callback_keys, key_file=config.callback_key_file, metrics=metrics)
 
     def keys_for(self, sdk_app_id: int) -> tuple[str, ...]:
         """The keys a callback of ``sdk_app_id`` may be signed with; () if none."""

@@ -524,7 +524,10 @@ class Metrics:
             registry=r,
         )
 
-        # --- TIW's callbacks (callbacks.py) and the events they carry (events/) ---
+        self._callback_metrics(r)
+
+    def _callback_metrics(self, r: CollectorRegistry) -> None:
+        """TIW's callbacks (callbacks.py) and the events they carry (events/)."""
         self.callbacks = Counter(
             "tiw_callbacks_total",
             "Callbacks TIW posted to the intake, by kind (push, snapshot, video, other) and result: "
@@ -549,6 +552,13 @@ class Metrics:
             "tiw_answer_changes_total",
             "Answers this replica got from TIW that differ from the one it held before, by action.",
             ("action",),
+            registry=r,
+        )
+        # Unlabelled: present (0) from start-up, so an alert on its increase sees the first refusal.
+        self.callback_key_reload_failures = Counter(
+            "tiw_callback_key_reload_failures_total",
+            "Versions of the callback key file (TIW_CALLBACK_KEY_FILE) refused (malformed, empty or "
+            "unreadable): the last good keys stay in use.",
             registry=r,
         )
         self.event_watches_active = Gauge(

@@ -242,7 +242,7 @@ class FacadeServer:
         resources.push_async_callback(background.stop, [follower])
         if settings.callback_port is None:
             return log_
-        keys = CallbackKeys.from_settings(settings)
+        keys = CallbackKeys.from_settings(settings, self.metrics)
         resources.push_async_callback(keys.aclose)
         await keys.start()  # an unusable key file fails the start, naming it
         intake = CallbackIntake(
