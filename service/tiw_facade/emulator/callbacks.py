@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import enum
 import hashlib
 import heapq
@@ -38,6 +37,7 @@ from tiw_facade.emulator.config import EmulatorConfig
 from tiw_facade.emulator.protocol import EmulatedTiwError, Kind, Param
 from tiw_facade.emulator.task_states import Fields, PushTask, SnapshotTask, Task
 from tiw_facade.emulator.tasks import TaskStore
+from tiw_facade.emulator.traffic import FaultList, fault_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -228,49 +228,23 @@ class CallbackFault:
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> CallbackFault:
         """A fault from the admin endpoint's JSON, field names as in this class."""
-        unknown = set(document) - set(_JSON_TYPES)
-        if unknown:
-            raise ValueError(f"unknown callback fault fields: {sorted(unknown)}")
-        for name, value in document.items():
-            if value is None and name in {"event_type", "count"}:
-                continue
-            if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[name]):
-                raise ValueError(f"callback fault field {name!r} has the wrong type")
-        try:
-            return cls(**document)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(str(exc)) from None
+        return fault_from_json(
+            cls, document, _JSON_TYPES, may_be_null={"event_type", "count"}, what="callback fault"
+        )
 
 
-class CallbackFaults:
-    """The active faults; the newest that matches a callback, and whose chance comes up, applies."""
+class CallbackFaults(FaultList[CallbackFault]):
+    """The active faults of callbacks; the newest for the event's type (or every type), and whose
+    chance comes up, applies."""
 
     def __init__(self) -> None:
-        self._faults: list[CallbackFault] = []
-        self._random = random.Random()
-
-    def add(self, fault: CallbackFault) -> None:
-        # A copy: `take` counts down `count`, which must not change the caller's object.
-        self._faults.append(dataclasses.replace(fault))
-
-    def clear(self, event_type: str | None = None) -> None:
-        """Clear every fault, or only those added for ``event_type``."""
-        self._faults = [] if event_type is None else [f for f in self._faults if f.event_type != event_type]
-
-    def take(self, event_type: str) -> CallbackFault | None:
-        for index in range(len(self._faults) - 1, -1, -1):
-            fault = self._faults[index]
-            if fault.event_type not in (None, event_type) or self._random.random() >= fault.probability:
-                continue
-            if fault.count is not None:
-                fault.count -= 1
-                if fault.count == 0:
-                    del self._faults[index]
-            return fault
-        return None
-
-    def active(self) -> list[CallbackFault]:
-        return [dataclasses.replace(f) for f in self._faults]
+        chance = random.Random()
+        super().__init__(
+            lambda fault: fault.event_type,
+            lambda fault, event_type: (
+                fault.event_type in (None, event_type) and chance.random() < fault.probability
+            ),
+        )
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 
 def max_in_any_window(timestamps: Iterable[float], window: float = 1.0) -> int:
@@ -127,43 +127,66 @@ class Fault:
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> Fault:
         """A fault from the admin endpoint's JSON, field names as in this class."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(document) - names
-        if unknown:
-            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
-        for name, value in document.items():
-            if value is None and name in {"action", "count"}:
-                continue
-            if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[name]):
-                raise ValueError(f"fault field {name!r} has the wrong type")
-        try:
-            return cls(**document)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(str(exc)) from None
+        return fault_from_json(cls, document, _JSON_TYPES, may_be_null={"action", "count"})
 
 
-class Faults:
-    """The active faults; the newest matching one applies to a request."""
+class Counted(Protocol):
+    count: int | None
 
-    def __init__(self) -> None:
-        self._faults: list[Fault] = []
+
+F = TypeVar("F", bound=Counted)
+
+
+def fault_from_json(
+    cls: Callable[..., F],
+    document: Mapping[str, Any],
+    types: Mapping[str, type | tuple[type, ...]],
+    *,
+    may_be_null: set[str],
+    what: str = "fault",
+) -> F:
+    """A fault of ``cls`` from an admin endpoint's JSON: only the fields ``types`` names, each of its
+    type (never a boolean for a number; null only for ``may_be_null``), then ``cls``'s own checks.
+    Every refusal is a ValueError saying why."""
+    unknown = set(document) - set(types)
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {sorted(unknown)}")
+    for name, value in document.items():
+        if value is None and name in may_be_null:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types[name]):
+            raise ValueError(f"{what} field {name!r} has the wrong type")
+    try:
+        return cls(**document)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+class FaultList(Generic[F]):
+    """The active faults of one kind: the newest that applies (``applies(fault, target)``) is taken,
+    counting it against its ``count``; ``scope(fault)`` is the target it was added for (None: all)."""
+
+    def __init__(self, scope: Callable[[F], str | None], applies: Callable[[F, str], bool]) -> None:
+        self._faults: list[F] = []
+        self._scope = scope
+        self._applies = applies
 
     def __bool__(self) -> bool:
         return bool(self._faults)
 
-    def add(self, fault: Fault) -> None:
+    def add(self, fault: F) -> None:
         # A copy: `take` counts down `count`, which must not change the caller's object.
-        self._faults.append(dataclasses.replace(fault))
+        self._faults.append(dataclasses.replace(fault))  # type: ignore[type-var]
 
-    def clear(self, action: str | None = None) -> None:
-        """Clear every fault, or only those added for ``action``."""
-        self._faults = [] if action is None else [f for f in self._faults if f.action != action]
+    def clear(self, target: str | None = None) -> None:
+        """Clear every fault, or only those added for ``target``."""
+        self._faults = [] if target is None else [f for f in self._faults if self._scope(f) != target]
 
-    def take(self, action: str) -> Fault | None:
-        """The fault for this request, if any, counting it against the fault's ``count``."""
+    def take(self, target: str) -> F | None:
+        """The fault for ``target``'s next request (or callback), if any."""
         for index in range(len(self._faults) - 1, -1, -1):
             fault = self._faults[index]
-            if fault.action is None or fault.action == action:
+            if self._applies(fault, target):
                 if fault.count is not None:
                     fault.count -= 1
                     if fault.count == 0:
@@ -171,5 +194,12 @@ class Faults:
                 return fault
         return None
 
-    def active(self) -> list[Fault]:
-        return [dataclasses.replace(f) for f in self._faults]
+    def active(self) -> list[F]:
+        return [dataclasses.replace(f) for f in self._faults]  # type: ignore[type-var]
+
+
+class Faults(FaultList[Fault]):
+    """The active faults of requests; the newest for the request's action (or every action) applies."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda fault: fault.action, lambda fault, action: fault.action in (None, action))
