@@ -22,7 +22,6 @@ import aiohttp
 
 from tiw_facade import secret_files
 from tiw_facade.authn_keys import KeySet, KeySourceError, parse_jwks
-from tiw_facade.failures import CredentialsError
 from tiw_facade.secret_files import FileVersion
 from tiw_facade.settings import is_loopback, key_url, redact_url
 
@@ -137,9 +136,7 @@ class HttpFetcher:
     async def _token(self) -> str:
         try:
             _, text = await asyncio.to_thread(secret_files.read, self._token_file)
-        except OSError as exc:
-            raise KeySourceError(f"TIW_AUTH_TOKEN_FILE: {secret_files.why(exc)}") from None
-        except CredentialsError as exc:
+        except secret_files.Unreadable as exc:
             raise KeySourceError(f"TIW_AUTH_TOKEN_FILE: {exc}") from None
         token = text.strip()
         if not token or any(c.isspace() or not c.isprintable() for c in token):
@@ -218,9 +215,9 @@ class JwksFile:
             if if_changed and await asyncio.to_thread(secret_files.version, self.path) == self._seen:
                 return None
             version, text = await asyncio.to_thread(secret_files.read, self.path)
-        except OSError as exc:
+        except OSError as exc:  # the stat of a file gone
             raise KeySourceError(secret_files.why(exc)) from None
-        except CredentialsError as exc:
+        except secret_files.Unreadable as exc:
             raise KeySourceError(str(exc)) from None
         try:
             document = json.loads(text)

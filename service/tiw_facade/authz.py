@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Final, Literal
 from tiw_facade import secret_files
 from tiw_facade.authz_parse import parse_policy
 from tiw_facade.authz_policy import NO_RULE, OTHER_RULE, Decision, Policy, PolicyError
-from tiw_facade.failures import CredentialsError
 from tiw_facade.metrics import Metrics
 from tiw_facade.secret_files import FileVersion
 
@@ -116,9 +115,7 @@ def _load(path: str, methods: tuple[str, ...] | None) -> tuple[FileVersion, Poli
     """The file's version and policy, or ``PolicyError``; in a worker thread (reading, parsing)."""
     try:
         version, text = secret_files.read(path)  # a regular file, of at most 64 KiB, never blocking
-    except OSError as exc:
-        raise PolicyError(secret_files.why(exc)) from None
-    except CredentialsError as exc:  # secret_files' word for "not a file to read"
+    except secret_files.Unreadable as exc:
         raise PolicyError(str(exc)) from None
     return version, parse_policy(text, filename=path, methods=methods)
 

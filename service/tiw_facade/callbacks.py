@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
 from tiw_facade import events, secret_files, settings
-from tiw_facade.failures import CredentialsError
 from tiw_facade.secret_files import FileVersion
 
 if TYPE_CHECKING:
@@ -80,9 +79,7 @@ def _load_key_file(path: str) -> tuple[FileVersion, KeyPairs]:
     """The key file's version and pairs, or ``KeyFileError``; in a worker thread (reading, parsing)."""
     try:
         version, text = secret_files.read(path)  # a regular file, of at most 64 KiB, never blocking
-    except OSError as exc:
-        raise KeyFileError(secret_files.why(exc)) from None
-    except CredentialsError as exc:  # secret_files' word for "not a file to read"
+    except secret_files.Unreadable as exc:
         raise KeyFileError(str(exc)) from None
     try:
         pairs = settings.callback_keys(text)

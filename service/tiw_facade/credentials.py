@@ -187,8 +187,8 @@ def _load(path: str) -> tuple[FileVersion, Credentials]:
     """The profile file's version and credentials, or ``CredentialsError``; in a worker thread."""
     try:
         version, text = secret_files.read(path)
-    except OSError as exc:
-        raise CredentialsError(secret_files.why(exc)) from None
+    except secret_files.Unreadable as exc:
+        raise CredentialsError(str(exc)) from None
     return version, parse_profile(text)
 
 

@@ -233,9 +233,7 @@ class WebIdentity:
         try:
             # The kubelet rotates it: read it each time, with the profile file's care.
             _, text = await asyncio.to_thread(secret_files.read, self._token_file)
-        except OSError as exc:
-            raise CredentialsError(f"TKE_WEB_IDENTITY_TOKEN_FILE: {secret_files.why(exc)}") from None
-        except CredentialsError as exc:
+        except secret_files.Unreadable as exc:
             raise CredentialsError(f"TKE_WEB_IDENTITY_TOKEN_FILE: {exc}") from None
         token = text.strip()
         if not token:

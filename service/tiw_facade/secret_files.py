@@ -14,7 +14,6 @@ import stat
 from typing import Final, Generic, TypeVar
 
 from tiw_facade import background
-from tiw_facade.failures import CredentialsError
 
 T = TypeVar("T")
 
@@ -34,11 +33,16 @@ def version(path: str) -> FileVersion:
     return _version_of(os.stat(path))  # follows the symlinks to the file of the current version
 
 
+class Unreadable(Exception):
+    """A file that cannot be read as a secret file; the message says why, never with its content.
+    Each reader turns it into its own error (a credentials, policy or key file's)."""
+
+
 def _check_shape(status: os.stat_result) -> None:
     if not stat.S_ISREG(status.st_mode):
-        raise CredentialsError("not a regular file")
+        raise Unreadable("not a regular file")
     if status.st_size > MAX_FILE_BYTES:
-        raise CredentialsError(f"larger than {MAX_FILE_BYTES} bytes")
+        raise Unreadable(f"larger than {MAX_FILE_BYTES} bytes")
 
 
 def read(path: str) -> tuple[FileVersion, str]:
@@ -50,8 +54,15 @@ def read(path: str) -> tuple[FileVersion, str]:
     device from being opened at all; O_NONBLOCK and the check of the open descriptor cover a FIFO
     put in place between the two; the read itself is bounded, for a file growing meanwhile. The
     version is the open file's, so that a swap during the read is noticed at the next poll.
-    Raises OSError, or CredentialsError (never with the content).
+    Raises Unreadable (never with the content).
     """
+    try:
+        return _read(path)
+    except OSError as exc:
+        raise Unreadable(why(exc)) from None
+
+
+def _read(path: str) -> tuple[FileVersion, str]:
     _check_shape(os.stat(path))
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
@@ -65,11 +76,11 @@ def read(path: str) -> tuple[FileVersion, str]:
     finally:
         os.close(fd)
     if left <= 0:
-        raise CredentialsError(f"larger than {MAX_FILE_BYTES} bytes")
+        raise Unreadable(f"larger than {MAX_FILE_BYTES} bytes")
     try:
         return _version_of(status), b"".join(chunks).decode()
     except UnicodeDecodeError:
-        raise CredentialsError("not UTF-8 text") from None
+        raise Unreadable("not UTF-8 text") from None
 
 
 def why(exc: OSError) -> str:
