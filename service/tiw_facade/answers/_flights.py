@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import enum
 import functools
 import hashlib
 import math
@@ -43,6 +44,15 @@ from tiw_facade.metrics import Metrics
 # ``spare`` and the limiter has no spare slot). The last argument is called once a slot is granted
 # (the request is then on its way). The handler supplies it (translation, retry policy).
 Fetch = Callable[[str, Message, "float | None", bool, Callable[[], None]], Awaitable[Message]]
+
+
+class Asking(enum.Enum):
+    """Who a flight asks TIW for, which sets the quota its request takes and who holds the lease."""
+
+    CALLER = "caller"  # a caller's slot, queued under its share; the flight takes the key's lease
+    REFRESH = "refresh"  # a spare slot or nothing; the refresher took the lease with the key
+    CONFIRM = "confirm"  # a spare slot if any, else one of CALLBACKS_SHARE; the flight takes the lease
+
 
 # The share a callback's confirmation queues under when no spare slot is free: one of its own, so a
 # flood of callbacks competes with callers as one caller would, never as all of them.
@@ -100,7 +110,7 @@ class Flights:
         share, and whether that caller started it (see ``Coalescer.share``)."""
         return await self.coalescer.share(
             key,
-            functools.partial(self._fly, key, request, deadline, spare=False),
+            functools.partial(self._fly, key, request, deadline, Asking.CALLER),
             deadline=deadline,
             arrival=arrival,
             bound=bound,
@@ -119,7 +129,7 @@ class Flights:
         request = _policy.REQUESTS[key.action].FromString(key.request)  # a refresh has only the key
         deadline = self._monotonic() + self._refresh_timeout
         flight = self.coalescer.start(
-            key, functools.partial(self._fly, key, request, deadline, spare=True), deadline
+            key, functools.partial(self._fly, key, request, deadline, Asking.REFRESH), deadline
         )
         try:
             await asyncio.wait((flight.task,))
@@ -148,7 +158,7 @@ class Flights:
             return True
         request = _policy.REQUESTS[key.action].FromString(key.request)
         deadline = self._monotonic() + self._refresh_timeout
-        fly = functools.partial(self._fly, key, request, deadline, spare=True, then_reserved=True)
+        fly = functools.partial(self._fly, key, request, deadline, Asking.CONFIRM)
         flight = self.coalescer.start(key, fly, deadline, queued_under(CALLBACKS_SHARE))
         await asyncio.wait((flight.task,))
         try:
@@ -162,21 +172,16 @@ class Flights:
         key: Key,
         request: Message,
         deadline: float | None,
+        asking: Asking,
         flight: Flight[Landed],
-        *,
-        spare: bool,
-        then_reserved: bool = False,
     ) -> Landed:
-        """One request to TIW for ``key`` (``spare``: a refresh, on spare quota, whose lease is taken
-        with its key; ``then_reserved``: a confirmation, on a spare slot if any, else a caller's),
-        or the answer another replica's request got meanwhile."""
+        """One request to TIW for ``key``, for ``asking``, or the answer another replica's request
+        got meanwhile."""
         stores = self._stores
-        ask = functools.partial(
-            self._ask_tiw, key, request, deadline, flight, spare, then_reserved=then_reserved
-        )
+        ask = functools.partial(self._ask_tiw, key, request, deadline, flight, asking)
         asked_at = self._clock()
         leased = False
-        if stores.shared is not None and stores.usable and (not spare or then_reserved):
+        if stores.shared is not None and stores.usable and asking is not Asking.REFRESH:
             try:
                 leased = await stores.shared.lease(key, self._lease_seconds)
                 if not leased:
@@ -204,7 +209,7 @@ class Flights:
             stores.publish(key, entry)
             return Landed(entry, from_peer=False)
         finally:
-            if leased or spare:
+            if leased or asking is not Asking.CALLER:
                 await stores.unlease(key)
 
     async def _newer(self, key: Key, entry: Entry) -> Entry | None:
@@ -221,16 +226,15 @@ class Flights:
         request: Message,
         deadline: float | None,
         flight: Flight[Landed],
-        spare: bool,
-        *,
-        then_reserved: bool = False,
+        asking: Asking,
     ) -> Entry:
         begun = self._clock()
         try:
             try:
+                spare = asking is not Asking.CALLER
                 response = await self._fetch(key.action, request, deadline, spare, flight.mark_sent)
             except NoSpareQuota:
-                if not then_reserved:
+                if asking is not Asking.CONFIRM:
                     raise
                 response = await self._fetch(key.action, request, deadline, False, flight.mark_sent)
         except TiwError as exc:
