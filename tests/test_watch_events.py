@@ -4,8 +4,6 @@ generated stub, over the in-process log or a real redis-server shared by two "re
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import suppress
@@ -15,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from support.events import event
 from support.redis_server import RedisServer
 from support.rich_status import details, error_info
 from support.waiting import wait_until
@@ -73,24 +72,6 @@ async def start() -> AsyncIterator[Callable[..., Any]]:
         await server.stop(0)
     for log in logs:
         await log.aclose()
-
-
-def event(
-    n: int, *, kind: str = "snapshot", task_id: str = "task-1", app: int = APP, **changes: Any
-) -> Event:
-    body = json.dumps({"SdkAppId": app, "Timestamp": n, "EventData": {"TaskId": task_id}}).encode()
-    fields: dict[str, Any] = {
-        "kind": kind,
-        "sdk_app_id": app,
-        "event_type": "TranscodeFinished",
-        "task_id": task_id,
-        "timestamp": n,
-        "expire_time": int(time.time()) + 600,
-        "body": body,
-        "received_at": time.time(),
-        **changes,
-    }
-    return Event(**fields)
 
 
 async def appended(log: EventLog, item: Event) -> Event:
