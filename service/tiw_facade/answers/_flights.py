@@ -252,11 +252,12 @@ class Flights:
             payload=response.SerializeToString(),
             terminal=_policy.is_terminal(key.action, response),
         )
-        self._note_content(key, entry.payload)
+        self._note_content(key, response)
         return entry
 
-    def _note_content(self, key: Key, payload: bytes) -> None:
-        digest = hashlib.blake2b(_policy.content(key.action, payload), digest_size=8).digest()
+    def _note_content(self, key: Key, response: Message) -> None:
+        # From the decoded answer: decoding its bytes again would cost every request a parse.
+        digest = hashlib.blake2b(_policy.content_of(response), digest_size=8).digest()
         before = self._last_content.pop(key, None)
         self._last_content[key] = digest
         if before is not None and before != digest:

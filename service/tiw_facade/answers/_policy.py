@@ -60,6 +60,14 @@ def invalidated_request(action: str, request: Message) -> tuple[str, Message] | 
 
 def content(action: str, payload: bytes) -> bytes:
     """What a watcher compares: the answer without its RequestId (new for every request)."""
-    response = RESPONSES[action].FromString(payload)
+    return content_of(RESPONSES[action].FromString(payload))
+
+
+def content_of(response: Message) -> bytes:
+    """``content`` of an answer already decoded (which is left as it was)."""
+    request_id = getattr(response, "request_id", "")
     response.ClearField("request_id")
-    return response.SerializeToString(deterministic=True)
+    try:
+        return response.SerializeToString(deterministic=True)
+    finally:
+        response.request_id = request_id  # type: ignore[attr-defined]
