@@ -95,3 +95,18 @@ async def test_while_callbacks_come_the_periodic_refresh_waits_longer() -> None:
     facade.monotonic.advance(61.0)  # no callback for a minute: back to 90% of TIW_MAX_STALENESS
     facade.wall.advance(1.0)
     assert await facade.answers.refresher.once(DESCRIBE) == 0.0
+
+
+async def test_an_answer_that_changed_is_counted_and_one_that_did_not_is_not() -> None:
+    """tiw_answer_changes_total: what TiwFacadeCallbacksStopped reads as "tasks keep changing"."""
+    facade = build()
+    facade.tiw.states["task"] = "Running"
+    await facade.describe("task")
+    facade.wall.advance(1.0)
+    await facade.describe("task", max_age=0)  # asked again: a new RequestId, the same answer
+    assert len(facade.tiw.calls) == 2
+    assert facade.counted("tiw_answer_changes_total", action=DESCRIBE) == 0
+    facade.tiw.states["task"] = "Finished"
+    facade.wall.advance(1.0)
+    await facade.describe("task", max_age=0)
+    assert facade.counted("tiw_answer_changes_total", action=DESCRIBE) == 1
